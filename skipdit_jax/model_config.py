@@ -1,0 +1,171 @@
+"""Model configuration: one frozen dataclass for DiT and Skip-DiT, plus the named presets.
+
+A `ModelConfig` fully determines the parameter tree of `skipdit_jax.models.DiT`; it is
+saved as JSON next to every checkpoint so a checkpoint can be loaded without guessing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from typing import Any
+
+import jax.numpy as jnp
+
+from skipdit_jax.errors import ConfigError
+
+# (depth, hidden_size, num_heads) of the DiT paper's model sizes.
+_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+SKIP_INITS = ("torch_default", "xavier")
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of a (Skip-)DiT.
+
+    Attributes:
+      input_size: side of the square input (latent) image, in pixels/latent cells.
+      patch_size: side of the square patches that become tokens.
+      in_channels: channels of the input image (4 for SD-VAE latents).
+      hidden_size: token width D.
+      depth: number of transformer blocks.
+      num_heads: attention heads (hidden_size must be divisible by it).
+      mlp_ratio: MLP hidden width / D.
+      num_classes: class labels 0..num_classes-1; label `num_classes` is the null label used
+        for classifier-free guidance. 0 means an unconditional model (no label table).
+      learn_sigma: the model also predicts the variance interpolation (ADM "learned range"),
+        doubling the output channels.
+      long_skip: Skip-DiT's long skip connections (decoder block i fuses the output of
+        encoder block depth-1-i).
+      skip_init: initialisation of the skip-fusion Linear. "torch_default" matches the
+        official class-to-image DiT_skip (kaiming-uniform(a=sqrt(5)) weight and
+        U(+-1/sqrt(fan_in)) bias, because its skip modules are created after DiT's
+        initialize_weights); "xavier" matches the official Latte class-to-video code
+        (xavier-uniform weight, zero bias).
+      dtype: compute dtype ("float32" or "bfloat16"); parameters always stay float32 and
+        layer norms, the timestep embedding and the output are computed in float32.
+      attention_impl: passed to `jax.nn.dot_product_attention` (None lets JAX choose;
+        "cudnn" forces the fused GPU kernel, "xla" the portable one).
+      remat: rematerialise each block in the backward pass (saves activation memory).
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    learn_sigma: bool = True
+    long_skip: bool = False
+    skip_init: str = "torch_default"
+    dtype: str = "float32"
+    attention_impl: str | None = None
+    remat: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_encoder_blocks(self) -> int:
+        """Blocks before the U-turn; the decoder has the rest (equal when depth is even)."""
+        return self.depth // 2
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    # ---- validation and (de)serialisation ----------------------------------------------
+    def validate(self) -> None:
+        def bad(msg):
+            raise ConfigError(f"invalid model config: {msg}")
+
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.input_size % self.patch_size:
+            bad(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            bad(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            bad(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
+        if self.long_skip and self.depth % 2:
+            bad(f"long skips pair block i with block depth-1-i, so depth must be even, got {self.depth}")
+        if self.depth < 2:
+            bad(f"depth must be >= 2, got {self.depth}")
+        if self.num_classes < 0:
+            bad(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.skip_init not in SKIP_INITS:
+            bad(f"skip_init must be one of {SKIP_INITS}, got {self.skip_init!r}")
+        if self.dtype not in COMPUTE_DTYPES:
+            bad(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if self.mlp_ratio <= 0:
+            bad(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ConfigError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "ModelConfig":
+        return cls.from_dict(json.loads(text))
+
+
+_PRESET_RE = re.compile(r"^(Skip-)?DiT-(S|B|L|XL)/(2|4|8)$")
+
+
+def preset_names() -> list[str]:
+    return [f"{s}DiT-{size}/{p}" for s in ("", "Skip-") for size in _SIZES for p in (2, 4, 8)]
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """`ModelConfig` of a named preset: "DiT-XL/2", "Skip-DiT-S/4", ...
+
+    The DiT presets are the DiT paper's ImageNet-256 latent models (32x32x4 input,
+    1000 classes, learned sigma); "Skip-" adds long skip connections.
+    """
+    m = _PRESET_RE.match(name)
+    if not m:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(preset_names())}")
+    depth, width, heads = _SIZES[m.group(2)]
+    kw = dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=int(m.group(3)), long_skip=bool(m.group(1)))
+    kw.update(overrides)
+    return ModelConfig(**kw)
