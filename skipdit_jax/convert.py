@@ -1,0 +1,344 @@
+"""Conversion between the official PyTorch (Skip-)DiT checkpoints and our parameters.
+
+PyTorch layouts exist only here: Linear weights (out, in) become Dense kernels (in, out),
+the OIHW patch conv becomes an HWIO kernel, and per-block tensors `blocks.N.*` are stacked
+into `encoder_blocks` / `decoder_blocks` (and `skip_*.j` into `skip_fusions`).
+
+Reading a checkpoint never runs code from it: `.pt` files go through
+`torch.load(weights_only=True)` with only `argparse.Namespace` allowed (the released
+DiT-XL-2-skip.pt stores its training args as one); `.safetensors` holds no code at all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import numpy as np
+
+from skipdit_jax.errors import CheckpointError
+from skipdit_jax.model_config import ModelConfig, preset as model_preset
+from skipdit_jax.models import get_2d_sincos_pos_embed
+
+# Per-block Linear layers: (torch name, flax path inside a block).
+_BLOCK_LINEARS = {
+    "attn.qkv": ("attn", "qkv"),
+    "attn.proj": ("attn", "proj"),
+    "mlp.fc1": ("mlp", "fc1"),
+    "mlp.fc2": ("mlp", "fc2"),
+    "adaLN_modulation.1": ("adaLN_modulation",),
+}
+_TOP_LINEARS = {
+    "t_embedder.mlp.0": ("t_embedder_mlp_0",),
+    "t_embedder.mlp.2": ("t_embedder_mlp_2",),
+    "final_layer.linear": ("final_layer", "linear"),
+    "final_layer.adaLN_modulation.1": ("final_layer", "adaLN_modulation"),
+}
+
+
+# ---- reading files ---------------------------------------------------------------------------
+def resolve_path(path: str) -> str:
+    """A local path, or `hf://org/repo/path/in/repo` downloaded through huggingface_hub."""
+    path = str(path)
+    if not path.startswith("hf://"):
+        return os.path.expanduser(path)
+    parts = path[len("hf://") :].split("/")
+    if len(parts) < 3:
+        raise CheckpointError(f"hf:// paths look like hf://org/repo/file.pt, got {path!r}")
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        from huggingface_hub import hf_hub_download
+
+        return hf_hub_download(repo_id=repo, filename=filename)
+    except Exception as e:  # network down, offline mode, missing repo or file
+        raise CheckpointError(
+            f"could not fetch {path} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+            "download the file elsewhere and pass its local path instead"
+        ) from None
+
+
+def _to_numpy(value) -> np.ndarray:
+    import torch
+
+    t = value.detach().cpu()
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.numpy()
+
+
+def _load_pt(path: str) -> Any:
+    try:
+        import torch
+    except ImportError:
+        raise CheckpointError(
+            f"reading PyTorch file {path} needs torch: pip install torch==2.13.0 (or convert it to .safetensors)"
+        ) from None
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise CheckpointError(
+            f"refusing to load {path}: it contains objects outside the allow-list, and unpickling them could run "
+            f"code ({first})"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {first}") from None
+
+
+def _load_safetensors(path: str) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        out = {}
+        with safe_open(path, framework="flax") as f:  # flax: handles bfloat16
+            for k in f.keys():
+                out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
+        return out
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+
+
+def _unwrap(obj: Any, path: str) -> dict:
+    """The model state dict inside a checkpoint: EMA weights when present."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} does not hold a state dict (found {type(obj).__name__})")
+    for key in ("ema", "model", "state_dict"):
+        if key in obj and isinstance(obj[key], dict):
+            return obj[key]
+    return obj
+
+
+def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
+    """Model weights of an official checkpoint as float32 numpy arrays.
+
+    Accepts a bare state dict (DiT-XL-2-256x256.pt), a training checkpoint
+    {"model", "ema", "opt", "args"} (returns "ema"), an {"ema": ...} file, or a
+    `.safetensors` file; `hf://org/repo/file` paths are fetched from the Hub.
+    """
+    local = resolve_path(path)
+    if not os.path.isfile(local):
+        raise CheckpointError(f"checkpoint file not found: {local}")
+    if local.endswith(".safetensors"):
+        return _load_safetensors(local)
+    state = _unwrap(_load_pt(local), local)
+    out = {}
+    for k, v in state.items():
+        if not hasattr(v, "detach"):
+            raise CheckpointError(f"{local}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
+            if k.startswith(prefix):
+                k = k[len(prefix) :]
+        out[k] = _to_numpy(v)
+    return out
+
+
+# ---- architecture inference ------------------------------------------------------------------
+def _count(state: dict, prefix: str, suffix: str) -> int:
+    n = 0
+    while f"{prefix}{n}{suffix}" in state:
+        n += 1
+    return n
+
+
+def infer_config(state: dict[str, np.ndarray], num_heads: int | None = None, preset: str | None = None) -> ModelConfig:
+    """Architecture from key names and shapes; num_heads from the argument or the preset."""
+    for key in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight"):
+        if key not in state:
+            raise CheckpointError(f"not a DiT checkpoint: missing key {key!r}")
+    d, in_ch, p, _ = state["x_embedder.proj.weight"].shape
+    depth = _count(state, "blocks.", ".attn.qkv.weight")
+    n_tokens = state["pos_embed"].shape[1]
+    grid = math.isqrt(n_tokens)
+    if grid * grid != n_tokens:
+        raise CheckpointError(f"pos_embed has {n_tokens} tokens, not a square grid")
+    out_ch = state["final_layer.linear.weight"].shape[0] // (p * p)
+    num_classes = state["y_embedder.embedding_table.weight"].shape[0] - 1 if "y_embedder.embedding_table.weight" in state else 0
+    mlp_hidden = state["blocks.0.mlp.fc1.weight"].shape[0] if "blocks.0.mlp.fc1.weight" in state else 4 * d
+    kw = dict(
+        input_size=grid * p,
+        patch_size=p,
+        in_channels=in_ch,
+        hidden_size=d,
+        depth=depth,
+        mlp_ratio=mlp_hidden / d,
+        num_classes=num_classes,
+        learn_sigma=out_ch == 2 * in_ch,
+        long_skip="skip_linears.0.linear.weight" in state,
+    )
+    if preset is not None:
+        ref = model_preset(preset)
+        for name in ("depth", "hidden_size", "patch_size"):
+            if getattr(ref, name) != kw[name]:
+                raise CheckpointError(
+                    f"checkpoint does not match preset {preset}: {name} is {kw[name]} in the file, {getattr(ref, name)} in the preset"
+                )
+        heads = ref.num_heads if num_heads is None else num_heads
+    elif num_heads is not None:
+        heads = num_heads
+    else:
+        raise CheckpointError("the number of attention heads cannot be read from the weights: pass num_heads or a preset")
+    if d % heads:
+        raise CheckpointError(f"hidden size {d} is not divisible by num_heads {heads}")
+    return ModelConfig(num_heads=int(heads), **kw)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every key of the official state dict of `config`, with its PyTorch shape."""
+    d, p = config.hidden_size, config.patch_size
+    h = int(d * config.mlp_ratio)
+    shapes = {
+        "x_embedder.proj.weight": (d, config.in_channels, p, p),
+        "x_embedder.proj.bias": (d,),
+        "pos_embed": (1, config.num_patches, d),
+        "t_embedder.mlp.0.weight": (d, 256),
+        "t_embedder.mlp.0.bias": (d,),
+        "t_embedder.mlp.2.weight": (d, d),
+        "t_embedder.mlp.2.bias": (d,),
+        "final_layer.linear.weight": (p * p * config.out_channels, d),
+        "final_layer.linear.bias": (p * p * config.out_channels,),
+        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
+        "final_layer.adaLN_modulation.1.bias": (2 * d,),
+    }
+    if config.num_classes:
+        shapes["y_embedder.embedding_table.weight"] = (config.num_classes + 1, d)
+    block = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d), "mlp.fc2": (d, h), "adaLN_modulation.1": (6 * d, d)}
+    for i in range(config.depth):
+        for name, (o, n_in) in block.items():
+            shapes[f"blocks.{i}.{name}.weight"] = (o, n_in)
+            shapes[f"blocks.{i}.{name}.bias"] = (o,)
+    if config.long_skip:
+        for j in range(config.num_encoder_blocks):
+            shapes[f"skip_norms.{j}.weight"] = (2 * d,)
+            shapes[f"skip_norms.{j}.bias"] = (2 * d,)
+            shapes[f"skip_linears.{j}.linear.weight"] = (d, 2 * d)
+            shapes[f"skip_linears.{j}.linear.bias"] = (d,)
+    return shapes
+
+
+def validate_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> None:
+    want = expected_shapes(config)
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {want[k]})" for k in sorted(want) if k in state and tuple(state[k].shape) != want[k]]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError("checkpoint does not fit the inferred architecture: " + "; ".join(problems))
+    ref = get_2d_sincos_pos_embed(config.hidden_size, config.grid_size)
+    err = float(np.abs(state["pos_embed"][0] - ref).max())
+    if err > 1e-4:
+        raise CheckpointError(f"pos_embed is not the standard 2-D sin-cos table (max deviation {err:.3g})")
+
+
+# ---- torch -> flax ---------------------------------------------------------------------------
+def _dense(state, name):
+    return {"kernel": state[f"{name}.weight"].T, "bias": state[f"{name}.bias"]}
+
+
+def _stack(trees: list) -> Any:
+    import jax
+
+    return jax.tree.map(lambda *xs: np.stack(xs), *trees)
+
+
+def _block(state, i):
+    tree: dict = {}
+    for torch_name, path in _BLOCK_LINEARS.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _dense(state, f"blocks.{i}.{torch_name}")
+    return tree
+
+
+def dit_from_torch(state_dict: dict[str, np.ndarray], num_heads: int | None = None, preset: str | None = None):
+    """(model_config, params) of an official (Skip-)DiT state dict (numpy arrays).
+
+    The architecture is inferred from the keys and shapes; num_heads comes from the
+    argument or a preset name ("DiT-XL/2"). Every shape is validated.
+    """
+    state = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+    config = infer_config(state, num_heads, preset)
+    validate_state_dict(state, config)
+    params: dict[str, Any] = {
+        "x_embedder": {"kernel": state["x_embedder.proj.weight"].transpose(2, 3, 1, 0), "bias": state["x_embedder.proj.bias"]},
+        "final_layer": {},
+    }
+    for torch_name, path in _TOP_LINEARS.items():
+        node = params
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _dense(state, torch_name)
+    if config.num_classes:
+        params["y_embedder"] = {"embedding": state["y_embedder.embedding_table.weight"]}
+    half = config.num_encoder_blocks
+    params["encoder_blocks"] = _stack([_block(state, i) for i in range(half)])
+    params["decoder_blocks"] = _stack([_block(state, i) for i in range(half, config.depth)])
+    if config.long_skip:
+        params["skip_fusions"] = _stack(
+            [
+                {
+                    "norm": {"scale": state[f"skip_norms.{j}.weight"], "bias": state[f"skip_norms.{j}.bias"]},
+                    "linear": _dense(state, f"skip_linears.{j}.linear"),
+                }
+                for j in range(half)
+            ]
+        )
+    return config, params
+
+
+# ---- flax -> torch ---------------------------------------------------------------------------
+def dit_to_torch(config: ModelConfig, params) -> dict[str, np.ndarray]:
+    """The official PyTorch state dict (numpy arrays) of our parameters: loads with
+    `load_state_dict` into the official DiT / DiT_skip of the same size."""
+    import jax
+
+    p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
+    out = {
+        "x_embedder.proj.weight": p["x_embedder"]["kernel"].transpose(3, 2, 0, 1),
+        "x_embedder.proj.bias": p["x_embedder"]["bias"],
+        "pos_embed": get_2d_sincos_pos_embed(config.hidden_size, config.grid_size)[None].astype(np.float32),
+    }
+
+    def put(name, dense):
+        out[f"{name}.weight"] = np.ascontiguousarray(dense["kernel"].T)
+        out[f"{name}.bias"] = dense["bias"]
+
+    for torch_name, path in _TOP_LINEARS.items():
+        node = p
+        for part in path:
+            node = node[part]
+        put(torch_name, node)
+    if config.num_classes:
+        out["y_embedder.embedding_table.weight"] = p["y_embedder"]["embedding"]
+    half = config.num_encoder_blocks
+    for i in range(config.depth):
+        stack, idx = (p["encoder_blocks"], i) if i < half else (p["decoder_blocks"], i - half)
+        for torch_name, path in _BLOCK_LINEARS.items():
+            node = stack
+            for part in path:
+                node = node[part]
+            put(f"blocks.{i}.{torch_name}", jax.tree.map(lambda a: a[idx], node))
+    if config.long_skip:
+        sf = p["skip_fusions"]
+        for j in range(half):
+            out[f"skip_norms.{j}.weight"] = sf["norm"]["scale"][j]
+            out[f"skip_norms.{j}.bias"] = sf["norm"]["bias"][j]
+            put(f"skip_linears.{j}.linear", jax.tree.map(lambda a: a[j], sf["linear"]))
+    return {k: np.ascontiguousarray(v) for k, v in out.items()}
+
+
+def save_torch_safetensors(config: ModelConfig, params, path: str) -> None:
+    """Export to a PyTorch-layout `.safetensors` file (model config in its metadata)."""
+    from safetensors.numpy import save_file
+
+    save_file(dit_to_torch(config, params), path, metadata={"skipdit_model_config": config.to_json()})
