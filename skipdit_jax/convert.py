@@ -15,6 +15,7 @@ import argparse
 import math
 import os
 import pickle
+import re
 import zipfile
 from typing import Any
 
@@ -81,10 +82,12 @@ def _load_pt(path: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        # torch names the offending global on a line like "Unsupported global: GLOBAL builtins.print ...".
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        what = f" ({found.group(1)})" if found else ""
         raise CheckpointError(
-            f"refusing to load {path}: it contains objects outside the allow-list, and unpickling them could run "
-            f"code ({first})"
+            f"refusing to load {path}: it references Python objects outside the allow-list{what}, and "
+            "unpickling them could run code"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

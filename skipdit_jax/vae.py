@@ -299,7 +299,9 @@ class Encoder(nn.Module):
         h = _conv(widths[0], 3, dt, "conv_in")(x)
         for i, width in enumerate(widths):
             resample = "down" if i < len(widths) - 1 else None
-            h = ResolutionBlock(width, cfg.layers_per_block, cfg.norm_num_groups, resample, dt, name=f"down_blocks_{i}")(h)
+            h = ResolutionBlock(
+                width, cfg.layers_per_block, cfg.norm_num_groups, resample, dt, name=f"down_blocks_{i}"
+            )(h)
         h = MidBlock(widths[-1], cfg.norm_num_groups, cfg.mid_block_add_attention, dt, name="mid_block")(h)
         h = nn.silu(_group_norm(h, cfg.norm_num_groups, "conv_norm_out"))
         return _conv(2 * cfg.latent_channels, 3, dt, "conv_out")(h)
@@ -322,7 +324,9 @@ class Decoder(nn.Module):
         h = MidBlock(widths[0], cfg.norm_num_groups, cfg.mid_block_add_attention, dt, name="mid_block")(h)
         for i, width in enumerate(widths):
             resample = "up" if i < len(widths) - 1 else None
-            h = ResolutionBlock(width, cfg.layers_per_block + 1, cfg.norm_num_groups, resample, dt, name=f"up_blocks_{i}")(h)
+            h = ResolutionBlock(
+                width, cfg.layers_per_block + 1, cfg.norm_num_groups, resample, dt, name=f"up_blocks_{i}"
+            )(h)
         h = nn.silu(_group_norm(h, cfg.norm_num_groups, "conv_norm_out"))
         return _conv(cfg.out_channels, 3, dt, "conv_out")(h)
 
@@ -582,7 +586,8 @@ def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str
                 "(config.json + diffusion_pytorch_model.safetensors) or a .safetensors file."
             ) from e
         raise
-    raise CheckpointError(f"Hub repo {repo_id!r}{' / ' + subfolder if subfolder else ''} has no {' or '.join(_WEIGHT_FILES)}")
+    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
+    raise CheckpointError(f"Hub repo {where!r} has no {' or '.join(_WEIGHT_FILES)}")
 
 
 def load_vae(

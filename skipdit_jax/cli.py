@@ -1,0 +1,80 @@
+"""The `skipdit` command line: `skipdit COMMAND [ARGS] [--flags]`.
+
+Each command lives in `skipdit_jax/commands/` and declares its own absl flags, so
+`skipdit COMMAND --help` lists only its flags. `--foo-bar` is accepted for `--foo_bar`.
+Errors the user can cause print one line on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+from absl import flags
+
+from skipdit_jax.errors import UserError
+
+COMMANDS = {
+    "convert": "convert an official PyTorch (Skip-)DiT checkpoint into a model directory",
+    "export": "export a model directory to an official-layout PyTorch .safetensors file",
+    "sample": "sample images (or latents) from a model, optionally with Skip-Cache",
+}
+
+
+def _usage() -> str:
+    lines = ["usage: skipdit COMMAND [ARGS] [--flags]   (skipdit COMMAND --help for its flags)", "", "commands:"]
+    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _normalise(argv: list[str]) -> list[str]:
+    """--foo-bar[=v] -> --foo_bar[=v] (absl flag names use underscores)."""
+    out = []
+    for a in argv:
+        if a.startswith("--") and len(a) > 2:
+            name, eq, value = a[2:].partition("=")
+            a = "--" + name.replace("-", "_") + eq + value
+        out.append(a)
+    return out
+
+
+def fail(message: str, code: int = 2) -> "None":
+    print(f"skipdit: error: {message}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+        print(_usage())
+        return 0
+    name = argv[1]
+    if name not in COMMANDS:
+        fail(f"unknown command {name!r}; commands: {', '.join(COMMANDS)}")
+    module = importlib.import_module(f"skipdit_jax.commands.{name.replace('-', '_')}")
+    fv = flags.FlagValues()
+    flags.DEFINE_bool("help", False, "show this command's flags", flag_values=fv)
+    module.define_flags(fv)
+    try:
+        positional = fv([f"skipdit {name}"] + _normalise(argv[2:]))[1:]
+    except flags.Error as e:
+        fail(str(e).splitlines()[0])
+    if fv.help:
+        print(f"usage: skipdit {name} {module.USAGE}\n\n{fv.get_help(include_special_flags=False)}")
+        return 0
+    # Libraries (e.g. grain's worker processes) expect the global absl flags to be parsed.
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS([argv[0]], known_only=True)
+    try:
+        return module.main(positional, fv) or 0
+    except UserError as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except KeyboardInterrupt:
+        fail("interrupted", 130)
+
+
+def run() -> None:
+    sys.exit(main(sys.argv))
+
+
+if __name__ == "__main__":
+    run()
