@@ -304,14 +304,19 @@ class DiT(nn.Module):
         return self.head(h, c)
 
 
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: ModelConfig):
+    x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels))
+    t = jnp.zeros((1,), jnp.int32)
+    y = jnp.zeros((1,), jnp.int32)
+    return jax.jit(lambda rng: DiT(config).init(rng, x, t, y)["params"])
+
+
 def init_params(config: ModelConfig, rng: jax.Array | int = 0):
     """Freshly initialised parameters (a plain pytree) for `config`."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
-    x = jnp.zeros((1, config.input_size, config.input_size, config.in_channels))
-    t = jnp.zeros((1,), jnp.int32)
-    y = jnp.zeros((1,), jnp.int32)
-    return jax.jit(functools.partial(DiT(config).init, x=x, t=t, y=y))(rng)["params"]
+    return _jitted_init(config)(rng)
 
 
 def count_params(params) -> int:

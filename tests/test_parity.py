@@ -12,9 +12,9 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import argparse  # noqa: E402
+import functools  # noqa: E402
 import sys  # noqa: E402
 
 import numpy as np  # noqa: E402
@@ -23,8 +23,6 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import torch_reference as ref  # noqa: E402
-
-torch.set_num_threads(2)
 
 # Tiny architectures shared by the tests.
 TINY = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=6, num_heads=2, num_classes=10)
@@ -372,12 +370,19 @@ def dit_pair():
     return model, *_jax_params(model)
 
 
-def _jax_forward(config, params, x_nchw, t, y):
-    import jax.numpy as jnp
+@functools.lru_cache(maxsize=None)
+def _jitted_apply(config):
+    import jax
 
     from skipdit_jax.models import DiT
 
-    out = DiT(config).apply({"params": params}, jnp.asarray(nhwc(x_nchw)), jnp.asarray(t), jnp.asarray(y))
+    return jax.jit(lambda params, x, t, y: DiT(config).apply({"params": params}, x, t, y))
+
+
+def _jax_forward(config, params, x_nchw, t, y):
+    import jax.numpy as jnp
+
+    out = _jitted_apply(config)(params, jnp.asarray(nhwc(x_nchw)), jnp.asarray(t), jnp.asarray(y))
     return nchw(np.asarray(out))
 
 
@@ -398,13 +403,21 @@ def test_forward_parity(which, skip_pair, dit_pair):
     assert rel_err(got, expect) < 2e-5, rel_err(got, expect)
 
 
-def _sampling_case(model, config, params, *, num_steps, cfg_scale=1.0, cfg_channels=None, cache=None, seed=0):
-    """Run the reference and skipdit_jax DDIM samplers on the same noise; returns
-    (jax NCHW, reference NCHW, jax full/cached schedule or None)."""
+_SAMPLE_MEMO: dict = {}
+
+
+def _sampling_case(pair, *, num_steps, cfg_scale=1.0, cfg_channels=None, cache=None, seed=0):
+    """Run the reference and skipdit_jax DDIM samplers on the same noise (memoised: the
+    uncached baselines are shared between tests). Returns (jax NCHW, reference NCHW, schedule
+    of the reference's full/cached forwards)."""
     import jax.numpy as jnp
 
     from skipdit_jax.sampling import sample, sampling_timesteps
 
+    model, config, params = pair
+    key = (id(model), num_steps, cfg_scale, cfg_channels, cache, seed)
+    if key in _SAMPLE_MEMO:
+        return _SAMPLE_MEMO[key]
     rng = np.random.default_rng(seed)
     noise = rng.standard_normal((2, 8, 8, 4)).astype(np.float32)  # NHWC
     labels = np.array([3, 7], dtype=np.int32)
@@ -420,7 +433,7 @@ def _sampling_case(model, config, params, *, num_steps, cfg_scale=1.0, cfg_chann
     got = sample(config, params, noise=jnp.asarray(noise), labels=jnp.asarray(labels), sampler="ddim",
                  num_steps=num_steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels, cache=cache)
     got = nchw(np.asarray(got))
-    jax_schedule = None
+    assert np.all(np.isfinite(got))
     if cache is not None:
         ts = sampling_timesteps("ddim", num_steps)
         assert list(ts) == list(ref.create_diffusion(f"ddim{num_steps}").timestep_map[::-1])
@@ -428,70 +441,77 @@ def _sampling_case(model, config, params, *, num_steps, cfg_scale=1.0, cfg_chann
         assert schedule == jax_schedule, (schedule, jax_schedule)
         assert 0 < schedule.count(False) < len(schedule)
     else:
-        assert all(schedule)
-    return got, expect, jax_schedule
+        assert all(schedule) and len(schedule) == num_steps
+    _SAMPLE_MEMO[key] = (got, expect, schedule)
+    return got, expect, schedule
 
 
-SAMPLE_TOL = 1e-4
+SAMPLE_TOL = 1e-4  # relative to the sample's max |value|; float32 JAX vs float64 diffusion
 
 
 def test_ddim_parity_no_cache(skip_pair):
-    model, config, params = skip_pair
-    got, expect, _ = _sampling_case(model, config, params, num_steps=10)
-    assert np.all(np.isfinite(got))
+    got, expect, _ = _sampling_case(skip_pair, num_steps=10)
     assert rel_err(got, expect) < SAMPLE_TOL, rel_err(got, expect)
 
 
 @pytest.mark.parametrize("interval,shallow,num_steps,start_t,close_t,cfg_scale,cfg_channels", [
     (2, 1, 10, 1000, 20, 1.0, None),
-    (3, 2, 20, 1000, 100, 4.0, 3),   # the close_t reset happens mid-trajectory (t=100)
+    (3, 2, 10, 1000, 300, 4.0, 3),   # reset after t=300 and t=200: t=200, 100 are full
     (2, 2, 10, 800, 20, 4.0, None),  # t >= start_t forces full steps (t=900, 800)
 ])
 def test_ddim_parity_skip_cache(skip_pair, interval, shallow, num_steps, start_t, close_t, cfg_scale, cfg_channels):
     from skipdit_jax.cache import SkipCache
 
-    model, config, params = skip_pair
     cache = SkipCache(interval=interval, shallow_blocks=shallow, start_t=start_t, close_t=close_t)
-    got, expect, schedule = _sampling_case(model, config, params, num_steps=num_steps, cfg_scale=cfg_scale,
-                                           cfg_channels=cfg_channels, cache=cache, seed=interval)
-    assert rel_err(got, expect) < SAMPLE_TOL, rel_err(got, expect)
+    kw = dict(num_steps=num_steps, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
+    got, expect, schedule = _sampling_case(skip_pair, cache=cache, **kw)
+    err = rel_err(got, expect)
+    print(f"cache {cache}: parity rel err {err:.2e}")
+    assert err < SAMPLE_TOL, err
+    ts = ref.create_diffusion(f"ddim{num_steps}").timestep_map[::-1]
+    assert all(schedule[i + 1] for i, t in enumerate(ts[:-1]) if t <= close_t)  # the close_t reset
+    if close_t == 300:
+        assert schedule == [True, False, False, True, False, False, True, True, True, True]
     if start_t < 1000:
-        ts = ref.create_diffusion(f"ddim{num_steps}").timestep_map[::-1]
         assert all(f for f, t in zip(schedule, ts) if t >= start_t)
-    # The cache changed the result (same noise, no cache), on both sides.
-    unc_got, unc_expect, _ = _sampling_case(model, config, params, num_steps=num_steps, cfg_scale=cfg_scale,
-                                            cfg_channels=cfg_channels, cache=None, seed=interval)
+        assert schedule[:3] == [True, True, True]
+    # The cache changed the result (same noise, no cache) on both sides, by far more than
+    # the parity error.
+    unc_got, unc_expect, _ = _sampling_case(skip_pair, **kw)
     assert rel_err(unc_got, unc_expect) < SAMPLE_TOL
-    assert rel_err(got, unc_got) > 1e-3, rel_err(got, unc_got)
+    change = rel_err(got, unc_got)
+    print(f"cache {cache}: cached vs uncached rel change {change:.2e}")
+    assert change > max(10 * err, 1e-4), (change, err)
+    assert rel_err(expect, unc_expect) > max(10 * err, 1e-4)
 
 
 def test_ddim_parity_cfg_channels(skip_pair):
     """CFG on 3 channels (official DiT) differs from CFG on all 4 eps channels; both match."""
-    model, config, params = skip_pair
-    got3, expect3, _ = _sampling_case(model, config, params, num_steps=10, cfg_scale=4.0, cfg_channels=3, seed=5)
-    got4, expect4, _ = _sampling_case(model, config, params, num_steps=10, cfg_scale=4.0, cfg_channels=None, seed=5)
+    got3, expect3, _ = _sampling_case(skip_pair, num_steps=10, cfg_scale=4.0, cfg_channels=3)
+    got4, expect4, _ = _sampling_case(skip_pair, num_steps=10, cfg_scale=4.0, cfg_channels=None)
     assert rel_err(got3, expect3) < SAMPLE_TOL, rel_err(got3, expect3)
     assert rel_err(got4, expect4) < SAMPLE_TOL, rel_err(got4, expect4)
-    assert rel_err(got3[:, :3], got4[:, :3]) > 1e-3 or rel_err(got3[:, 3], got4[:, 3]) > 1e-3
+    assert rel_err(got3, got4) > 1e-2
 
 
 def test_ddim_parity_shallow_cache_ablation_on_vanilla_dit(dit_pair):
     """The shallow/deep cache on a model without long skips (the ablation)."""
     from skipdit_jax.cache import ShallowCache, SkipCache
 
-    model, config, params = dit_pair
+    _, config, _ = dit_pair
     with pytest.raises(Exception):
         SkipCache(interval=2, shallow_blocks=1).check_model(config)  # SkipCache needs long skips
     cache = ShallowCache(interval=2, shallow_blocks=1)
-    got, expect, _ = _sampling_case(model, config, params, num_steps=10, cfg_scale=4.0, cfg_channels=3,
-                                    cache=cache, seed=9)
-    assert rel_err(got, expect) < SAMPLE_TOL, rel_err(got, expect)
+    got, expect, _ = _sampling_case(dit_pair, num_steps=10, cfg_scale=4.0, cfg_channels=3, cache=cache)
+    err = rel_err(got, expect)
+    print(f"shallow cache on DiT: parity rel err {err:.2e}")
+    assert err < SAMPLE_TOL, err
 
 
 # ---- diffusion maths ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("respacing", ["250", "10,10,5", "ddim50", "ddim10", "25"])
+@pytest.mark.parametrize("respacing", ["250", "10,10,5", "5,3,2", "ddim50", "ddim10", "25"])
 def test_diffusion_tables_match_reference(respacing):
     from skipdit_jax.diffusion import create_diffusion
 
@@ -542,7 +562,7 @@ def _jax_sampler_noises(seed: int, steps: int, shape) -> list[np.ndarray]:
 
 
 def test_ddpm_loop_parity_skip_cache_cfg(skip_pair):
-    """Full ancestral DDPM ("10,10,5" respacing), Skip-Cache(2, 1) and CFG 4 on 3 channels:
+    """Full ancestral DDPM ("5,3,2" respacing), Skip-Cache(2, 1) and CFG 4 on 3 channels:
     the official class-to-image recipe in miniature. The reference gets the per-step noise
     the JAX sampler draws from its rng."""
     import jax
@@ -555,19 +575,20 @@ def test_ddpm_loop_parity_skip_cache_cfg(skip_pair):
     cache = SkipCache(interval=2, shallow_blocks=1, close_t=100)
     noise = np.random.default_rng(11).standard_normal((2, 8, 8, 4)).astype(np.float32)
     labels = np.array([1, 8], dtype=np.int32)
-    steps = ref.create_diffusion("10,10,5").num_timesteps
+    steps = ref.create_diffusion("5,3,2").num_timesteps
     noises = [nchw(n) for n in _jax_sampler_noises(3, steps, noise.shape)]
     model.enable_cache(2, 1, close_t=100)
     try:
-        expect = ref.ddpm_sample_loop(model, nchw(noise), labels, "10,10,5", 4.0, 3, noises=noises)
+        expect = ref.ddpm_sample_loop(model, nchw(noise), labels, "5,3,2", 4.0, 3, noises=noises)
         schedule = list(model.schedule)
     finally:
         model.disable_cache()
     got = sample(config, params, noise=jnp.asarray(noise), labels=jnp.asarray(labels), sampler="ddpm",
-                 num_steps=None, respacing="10,10,5", cfg_scale=4.0, cfg_channels=3, cache=cache,
+                 num_steps=None, respacing="5,3,2", cfg_scale=4.0, cfg_channels=3, cache=cache,
                  rng=jax.random.key(3))
     got = nchw(np.asarray(got))
-    ts = ref.create_diffusion("10,10,5").timestep_map[::-1]
+    ts = ref.create_diffusion("5,3,2").timestep_map[::-1]
+    assert list(ts) == [999, 667, 666, 500, 334, 333, 250, 166, 83, 0]  # round(166.5) == 166
     assert schedule == [bool(f) for f in cache.full_steps(ts)] and schedule.count(False) > 0
     assert rel_err(got, expect) < SAMPLE_TOL, rel_err(got, expect)
 
