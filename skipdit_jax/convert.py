@@ -82,13 +82,16 @@ def _load_pt(path: str) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        # torch names the offending global on a line like "Unsupported global: GLOBAL builtins.print ...".
+        # torch names a refused object on a line like "Unsupported global: GLOBAL builtins.print ...";
+        # any other unpickling error means the bytes are not a checkpoint at all.
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
-        what = f" ({found.group(1)})" if found else ""
-        raise CheckpointError(
-            f"refusing to load {path}: it references Python objects outside the allow-list{what}, and "
-            "unpickling them could run code"
-        ) from None
+        if found or "Unsupported global" in str(e):
+            what = f" ({found.group(1)})" if found else ""
+            raise CheckpointError(
+                f"refusing to load {path}: it references Python objects outside the allow-list{what}, and "
+                "unpickling them could run code"
+            ) from None
+        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?)") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {first}") from None

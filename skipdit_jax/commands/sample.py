@@ -28,7 +28,9 @@ USAGE = "MODEL [--labels 207,360,...] [--sampler ddpm|ddim] [--steps N] [--cfg_s
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("labels", "207,360,387,974,88,979,417,279", "comma-separated class ids", flag_values=fv)
+    flags.DEFINE_string(
+        "labels", None, "comma-separated class ids (default: DiT's 8 demo classes for ImageNet, else 0..min(C,16)-1)", flag_values=fv
+    )
     flags.DEFINE_integer("seed", 0, "seed of the initial noise and the sampler's noise", flag_values=fv)
     flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "ancestral DDPM or DDIM (eta 0)", flag_values=fv)
     flags.DEFINE_integer("steps", 250, "sampling steps (ADM respacing 'N' for ddpm, 'ddimN' for ddim)", flag_values=fv)
@@ -54,6 +56,12 @@ def _parse_labels(text: str) -> np.ndarray:
         raise UserError(f"--labels must be comma-separated integers, got {text!r}") from None
 
 
+def _default_labels(num_classes: int) -> np.ndarray:
+    if num_classes == 1000:  # ImageNet: the classes of DiT's sample.py grid
+        return np.asarray([207, 360, 387, 974, 88, 979, 417, 279], np.int32)
+    return np.arange(max(1, min(num_classes, 16)), dtype=np.int32) % max(num_classes, 1)
+
+
 def _timed(fn, *args):
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
@@ -63,8 +71,8 @@ def _timed(fn, *args):
 def main(args: list[str], fv: flags.FlagValues) -> int:
     if len(args) != 1:
         raise UserError(f"expected one MODEL argument; usage: skipdit sample {USAGE}")
-    labels = _parse_labels(fv.labels)
-    if labels.size == 0:
+    labels = _parse_labels(fv.labels) if fv.labels is not None else None
+    if labels is not None and labels.size == 0:
         raise UserError("--labels is empty")
     if fv.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
@@ -72,6 +80,8 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     respacing = resolve_respacing(fv.sampler, fv.steps, None)
 
     config, params = checkpoints.load_model(args[0], num_heads=fv.num_heads, preset=fv.preset)
+    if labels is None:
+        labels = _default_labels(config.num_classes)
     if fv.dtype:
         config = config.replace(dtype=fv.dtype)
     vae = None

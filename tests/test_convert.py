@@ -1,0 +1,153 @@
+"""Checkpoint conversion: round trips, safe loading, and every malformed input."""
+
+import argparse
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+from skipdit_jax import checkpoints
+from skipdit_jax.convert import (
+    dit_from_torch,
+    dit_to_torch,
+    expected_shapes,
+    load_torch_checkpoint,
+    save_torch_safetensors,
+)
+from skipdit_jax.errors import CheckpointError
+
+from helpers import random_params, tiny_config
+
+CFG = tiny_config(depth=4, hidden_size=32, num_heads=4)
+PARAMS = random_params(CFG)
+
+
+def _state():
+    return dit_to_torch(CFG, PARAMS)
+
+
+def _tree_equal(a, b):
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("long_skip", [True, False])
+def test_round_trip_through_torch_layout(long_skip):
+    cfg = CFG.replace(long_skip=long_skip)
+    params = random_params(cfg)
+    state = dit_to_torch(cfg, params)
+    assert {k: tuple(v.shape) for k, v in state.items()} == expected_shapes(cfg)
+    cfg2, params2 = dit_from_torch(state, num_heads=cfg.num_heads)
+    assert cfg2 == cfg
+    assert _tree_equal(params, params2)
+
+
+def test_safetensors_export_round_trip(tmp_path):
+    path = str(tmp_path / "model.safetensors")
+    save_torch_safetensors(CFG, PARAMS, path)
+    cfg2, params2 = dit_from_torch(load_torch_checkpoint(path), num_heads=4)
+    assert cfg2 == CFG and _tree_equal(PARAMS, params2)
+
+
+def test_exported_weights_load_in_torch_strictly(tmp_path):
+    from safetensors.torch import load_file
+
+    from torch_reference import TorchDiT
+
+    path = str(tmp_path / "model.safetensors")
+    save_torch_safetensors(CFG, PARAMS, path)
+    ref = TorchDiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=4, num_classes=10, long_skip=True)
+    ref.load_state_dict(load_file(path), strict=True)
+
+
+def test_model_directory_round_trip(tmp_path):
+    checkpoints.save_model(tmp_path / "m", CFG, PARAMS)
+    cfg2, params2 = checkpoints.load_model(str(tmp_path / "m"))
+    assert cfg2 == CFG and _tree_equal(jax.tree.map(np.asarray, params2), PARAMS)
+    with pytest.raises(CheckpointError, match="not empty"):
+        checkpoints.save_model(tmp_path / "m", CFG, PARAMS)
+
+
+def test_crafted_pickle_is_refused_and_never_runs(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    path = tmp_path / "evil.pt"
+    torch.save({"ema": {k: torch.from_numpy(v) for k, v in _state().items()}, "x": Payload()}, path)
+    with pytest.raises(CheckpointError, match="refusing to load"):
+        load_torch_checkpoint(str(path))
+    assert not marker.exists()
+
+
+def test_namespace_args_are_allowed(tmp_path):
+    sd = {k: torch.from_numpy(v) for k, v in _state().items()}
+    path = tmp_path / "train.pt"
+    torch.save({"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model="DiT-XL/2", lr=1e-4)}, path)
+    assert set(load_torch_checkpoint(str(path))) == set(sd)
+
+
+@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
+def test_unreadable_files(tmp_path, content):
+    path = tmp_path / "bad.pt"
+    if content is None:  # a truncated real checkpoint
+        good = tmp_path / "good.pt"
+        torch.save({k: torch.from_numpy(v) for k, v in _state().items()}, good)
+        content = good.read_bytes()[: good.stat().st_size // 2]
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+        load_torch_checkpoint(str(path))
+
+
+def test_truncated_safetensors(tmp_path):
+    path = tmp_path / "m.safetensors"
+    save_torch_safetensors(CFG, PARAMS, str(path))
+    path.write_bytes(path.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="safetensors"):
+        load_torch_checkpoint(str(path))
+
+
+def test_missing_file_and_offline_hub(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_torch_checkpoint(str(tmp_path / "nope.pt"))
+    with pytest.raises(CheckpointError, match="Hugging Face Hub"):
+        load_torch_checkpoint("hf://facebook/DiT-XL-2-256/DiT-XL-2-256x256.pt")
+
+
+def test_missing_unexpected_and_misshaped_keys_are_named():
+    state = _state()
+    del state["blocks.1.mlp.fc2.bias"]
+    state["blocks.0.extra.weight"] = np.zeros(3, np.float32)
+    state["blocks.2.attn.proj.weight"] = np.zeros((32, 31), np.float32)
+    with pytest.raises(CheckpointError) as e:
+        dit_from_torch(state, num_heads=4)
+    msg = str(e.value)
+    assert "blocks.1.mlp.fc2.bias" in msg and "blocks.0.extra.weight" in msg and "blocks.2.attn.proj.weight (32, 31)" in msg
+
+
+def test_heads_are_required_and_presets_are_checked():
+    with pytest.raises(CheckpointError, match="num_heads or a preset"):
+        dit_from_torch(_state())
+    with pytest.raises(CheckpointError, match="does not match preset DiT-XL/2"):
+        dit_from_torch(_state(), preset="DiT-XL/2")
+    with pytest.raises(CheckpointError, match="not divisible"):
+        dit_from_torch(_state(), num_heads=5)
+
+
+def test_not_a_dit_and_bad_pos_embed():
+    with pytest.raises(CheckpointError, match="not a DiT checkpoint"):
+        dit_from_torch({"weight": np.zeros(3)}, num_heads=4)
+    state = _state()
+    state["pos_embed"] = state["pos_embed"] + 0.1
+    with pytest.raises(CheckpointError, match="pos_embed"):
+        dit_from_torch(state, num_heads=4)
+
+
+def test_architecture_inference():
+    cfg = tiny_config(depth=4, hidden_size=48, num_heads=3, patch_size=4, input_size=16, num_classes=7, learn_sigma=False, long_skip=False)
+    cfg2, _ = dit_from_torch(dit_to_torch(cfg, random_params(cfg)), num_heads=3)
+    assert cfg2 == cfg
