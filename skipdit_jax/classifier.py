@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -106,44 +107,50 @@ def holdout_split(labels: np.ndarray, fraction: float = HOLDOUT_FRACTION, seed: 
 
 
 class DigitClassifier(nn.Module):
-    """Three 3x3 conv blocks (GroupNorm + SiLU, 2x2 average pooling after the first two),
-    global average pooling, a dense penultimate layer and 10 logits.
+    """Three 3x3 conv blocks (GroupNorm + SiLU, 2x2 average pooling between them), global
+    average pooling, a dense penultimate layer and 10 logits.
 
     GroupNorm rather than BatchNorm keeps the model stateless (no batch statistics to
-    carry or to make predictions depend on batch composition). Global average pooling
-    makes the parameters independent of the input size; two poolings leave a 2x2 map at
-    the minimum size of 8, so spatial context survives into the last conv.
+    carry, and predictions do not depend on what else is in the batch). Global average
+    pooling makes the parameters independent of the input size. Inputs of 24 pixels or
+    more get a stride-2 first conv, so 32x32 digits cost about what 16x16 ones do; the
+    smallest maps are then 2x2 or larger for every input size >= 8.
     """
 
-    widths: tuple[int, int, int] = (32, 64, 128)
+    widths: tuple[int, ...] = (16, 32, 64)
     feature_dim: int = 128
     num_classes: int = 10
+    use_norm: bool = True
+    stem_stride: int = 0  # 0: automatic (2 for inputs >= 24 px, else 1)
 
-    def setup(self):
-        # setup() rather than @nn.compact: linen allows only one compact method, and both
-        # __call__ and features must share these layers.
-        self.convs = [nn.Conv(w, (3, 3), padding="SAME") for w in self.widths]
-        self.norms = [nn.GroupNorm(num_groups=8) for _ in self.widths]
-        self.penultimate = nn.Dense(self.feature_dim)
-        self.head = nn.Dense(self.num_classes)
+    @nn.compact
+    def __call__(self, x, features_only: bool = False):
+        stride = self.stem_stride or (2 if x.shape[1] >= 24 else 1)
+        for i, width in enumerate(self.widths):
+            if i > 0:
+                x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
+            x = nn.Conv(width, (3, 3), strides=(stride, stride) if i == 0 else (1, 1), padding="SAME", name=f"conv{i}")(x)
+            if self.use_norm:
+                x = nn.GroupNorm(num_groups=8, name=f"norm{i}")(x)
+            x = nn.silu(x)
+        x = jnp.mean(x, axis=(1, 2))
+        x = nn.silu(nn.Dense(self.feature_dim, name="penultimate")(x))
+        if features_only:
+            return x
+        return nn.Dense(self.num_classes, name="logits")(x)
 
     def features(self, x):
         """Penultimate activations, (N, feature_dim); what the classifier FID compares."""
-        for i, (conv, norm) in enumerate(zip(self.convs, self.norms)):
-            if i > 0:
-                x = nn.avg_pool(x, (2, 2), strides=(2, 2), padding="SAME")
-            x = nn.silu(norm(conv(x)))
-        x = jnp.mean(x, axis=(1, 2))
-        return nn.silu(self.penultimate(x))
+        return self(x, features_only=True)
 
-    def __call__(self, x):
-        return self.head(self.features(x))
+
+def _init(key, image_size: int):
+    return DigitClassifier().init(key, jnp.zeros((1, image_size, image_size, 1), jnp.float32))["params"]
 
 
 def init_classifier(seed: int = 0, image_size: int = 16) -> dict:
     """Fresh parameters (their shapes do not depend on `image_size`)."""
-    x = jnp.zeros((1, image_size, image_size, 1), jnp.float32)
-    return DigitClassifier().init(jax.random.PRNGKey(seed), x)["params"]
+    return jax.jit(_init, static_argnums=1)(jax.random.PRNGKey(seed), image_size)
 
 
 def _check_images(images) -> np.ndarray:
@@ -160,26 +167,74 @@ def _check_images(images) -> np.ndarray:
 # --------------------------------------------------------------------------------------
 
 
+def _shift_matrices(offsets, size: int):
+    """(N, size, size) 0/1 matrices M with (M @ v)[i] = v[i - offset] (0 where that falls
+    outside), one per offset."""
+    rows = jnp.arange(size)
+    return (rows[None, :, None] - offsets[:, None, None] == rows[None, None, :]).astype(jnp.float32)
+
+
 def _random_shift(key, images, max_shift: int):
     """Shift each image by an independent integer offset in [-max_shift, max_shift] on
-    each axis, filling with the background value -1. Digits in MNIST are centred by
-    centre of mass, but generated digits need not be; shifts make the classifier robust
-    to that and are the cheapest augmentation that helps with only ~4,000 training
-    digits."""
+    each axis, filling with the background value -1.
+
+    MNIST digits are centred by centre of mass, generated digits need not be; shifts make
+    the classifier robust to that, and are the cheapest augmentation that helps with only
+    ~4,000 training digits. Done as two batched matmuls with one-hot shift matrices on
+    (image + 1), whose background is 0: on CPU this is far cheaper than a per-image
+    dynamic slice (which XLA lowers to a gather)."""
     n, h, w, _ = images.shape
-    padded = jnp.pad(images, ((0, 0), (max_shift, max_shift), (max_shift, max_shift), (0, 0)), constant_values=-1.0)
-    offsets = jax.random.randint(key, (n, 2), 0, 2 * max_shift + 1)
-
-    def crop(img, off):
-        return jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, 1))
-
-    return jax.vmap(crop)(padded, offsets)
+    dy, dx = jnp.split(jax.random.randint(key, (n, 2), -max_shift, max_shift + 1), 2, axis=1)
+    sy = _shift_matrices(dy[:, 0], h)
+    sx = _shift_matrices(dx[:, 0], w)
+    shifted = jnp.einsum("nij,njk,nlk->nil", sy, images[..., 0] + 1.0, sx)
+    return (shifted - 1.0)[..., None]
 
 
 def _max_shift(image_size: int) -> int:
     # +-2 px at 32x32 (where the digit spans ~20 px), +-1 px at 16x16: the same fraction
     # of the digit, rather than a shift that pushes a small digit off its canvas.
     return max(1, round(image_size / 16))
+
+
+@partial(jax.jit, static_argnames=("batch_size", "max_shift"))
+def _train(images, labels, key, steps, lr, *, batch_size: int, max_shift: int):
+    """The whole training run as one XLA program: initialisation and a `fori_loop` over
+    the steps. One compilation per (data shape, batch size, shift), and no per-step
+    dispatch; `steps` and `lr` are traced, so changing them does not recompile."""
+    model = DigitClassifier()
+    k_init, k_loop = jax.random.split(key)
+    params = _init(k_init, images.shape[1])
+    # AdamW written out (rather than an optax schedule) so the step count can stay traced.
+    tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4))
+    opt_state = tx.init(params)
+    warmup = jnp.clip(steps // 10, 1, 50)
+    n = images.shape[0]
+
+    def body(i, carry):
+        params, opt_state = carry
+        k_idx, k_shift = jax.random.split(jax.random.fold_in(k_loop, i))
+        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
+        x, y = images[idx], labels[idx]
+        if max_shift:
+            x = _random_shift(k_shift, x, max_shift)
+
+        def loss_fn(p):
+            logits = model.apply({"params": p}, x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        grads = jax.grad(loss_fn)(params)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        # Linear warm-up, then cosine decay to 1% of lr: the decay's last steps at a small
+        # rate are what take held-out accuracy from ~0.95 to ~0.97 on this small data set.
+        t = i.astype(jnp.float32)
+        frac = t / jnp.maximum(steps - 1, 1).astype(jnp.float32)
+        rate = lr * jnp.minimum(1.0, (t + 1.0) / warmup) * (0.01 + 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+        updates = jax.tree.map(lambda u: -rate * u, updates)
+        return optax.apply_updates(params, updates), opt_state
+
+    params, _ = jax.lax.fori_loop(0, steps, body, (params, opt_state))
+    return params
 
 
 def train_classifier(
@@ -194,11 +249,10 @@ def train_classifier(
 ) -> dict:
     """Train a `DigitClassifier` on (images, labels) and return its parameters.
 
-    AdamW with a short linear warm-up and cosine decay. The whole training set lives on
-    the device; each jitted step draws its own batch (an epoch-free random sample) and
-    its own shifts from a PRNG key folded from `seed`, so one Python loop of `steps`
-    dispatches and nothing per step crosses the host boundary. Same seed and data, same
-    parameters.
+    AdamW (weight decay 1e-4) with a short linear warm-up and cosine decay. The training
+    set lives on the device; each step draws its own batch (uniformly, with replacement)
+    and its own random shifts from a PRNG key derived from `seed` and the step number,
+    so the same seed and data give the same parameters.
     """
     images = _check_images(images)
     labels = np.asarray(labels, dtype=np.int32)
@@ -206,38 +260,17 @@ def train_classifier(
         raise UserError(f"labels shape {labels.shape} does not match {images.shape[0]} images")
     if steps < 1 or batch_size < 1:
         raise UserError("steps and batch_size must be positive")
-    size = images.shape[1]
-    max_shift = _max_shift(size) if augment else 0
-
-    model = DigitClassifier()
-    params = init_classifier(seed, size)
-    warmup = min(50, max(1, steps // 10))
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(steps, warmup + 1), end_value=lr * 0.01)
-    tx = optax.adamw(schedule, weight_decay=1e-4)
-    opt_state = tx.init(params)
-    x_all = jnp.asarray(images)
-    y_all = jnp.asarray(labels)
-    n = x_all.shape[0]
-
-    @jax.jit
-    def step(params, opt_state, key):
-        k_idx, k_shift = jax.random.split(key)
-        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
-        x, y = x_all[idx], y_all[idx]
-        if max_shift:
-            x = _random_shift(k_shift, x, max_shift)
-
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        loss, grads = jax.value_and_grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        return optax.apply_updates(params, updates), opt_state, loss
-
-    base = jax.random.PRNGKey(seed + 1)  # distinct from the init key
-    for i in range(steps):
-        params, opt_state, _ = step(params, opt_state, jax.random.fold_in(base, i))
+    if labels.min() < 0 or labels.max() >= 10:
+        raise UserError("labels must be digits 0..9")
+    params = _train(
+        jnp.asarray(images),
+        jnp.asarray(labels),
+        jax.random.PRNGKey(seed),
+        jnp.int32(steps),
+        jnp.float32(lr),
+        batch_size=batch_size,
+        max_shift=_max_shift(images.shape[1]) if augment else 0,
+    )
     return jax.tree.map(np.asarray, params)
 
 

@@ -16,6 +16,8 @@ from skipdit_jax.errors import UserError
 
 COMMANDS = {
     "convert": "convert an official PyTorch (Skip-)DiT checkpoint into a model directory",
+    "extract-latents": "encode an image folder into VAE latent ArrayRecord shards for training",
+    "train": "train a DiT / Skip-DiT from a config file (skipdit train --config configs/NAME.py --workdir DIR)",
     "export": "export a model directory to an official-layout PyTorch .safetensors file",
     "sample": "sample images (or latents) from a model, optionally with Skip-Cache",
 }
@@ -23,7 +25,7 @@ COMMANDS = {
 
 def _usage() -> str:
     lines = ["usage: skipdit COMMAND [ARGS] [--flags]   (skipdit COMMAND --help for its flags)", "", "commands:"]
-    lines += [f"  {name:<10} {text}" for name, text in COMMANDS.items()]
+    lines += [f"  {name:<16} {text}" for name, text in COMMANDS.items()]
     return "\n".join(lines)
 
 

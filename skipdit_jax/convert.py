@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from skipdit_jax.errors import CheckpointError
+from skipdit_jax.errors import CheckpointError, HubUnavailableError
 from skipdit_jax.model_config import ModelConfig, preset as model_preset
 from skipdit_jax.models import get_2d_sincos_pos_embed
 
@@ -56,7 +56,7 @@ def resolve_path(path: str) -> str:
 
         return hf_hub_download(repo_id=repo, filename=filename)
     except Exception as e:  # network down, offline mode, missing repo or file
-        raise CheckpointError(
+        raise HubUnavailableError(
             f"could not fetch {path} from the Hugging Face Hub ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
             "download the file elsewhere and pass its local path instead"
         ) from None

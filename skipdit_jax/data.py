@@ -42,6 +42,7 @@ from typing import Any, Iterable, Mapping
 
 import grain
 import numpy as np
+from absl import flags
 from PIL import Image, UnidentifiedImageError
 
 from skipdit_jax.errors import ConfigError, UserError
@@ -53,6 +54,7 @@ __all__ = [
     "ImageFolderSource",
     "LatentSource",
     "write_latents",
+    "latents_exist",
     "make_train_iterator",
     "make_eval_batches",
     "iterator_state_save_args",
@@ -250,6 +252,17 @@ def _decode_record(data: bytes) -> dict[str, np.ndarray]:
         return {k: npz[k] for k in npz.files}
 
 
+def _existing_latent_files(out: Path) -> list[Path]:
+    meta = out / LATENTS_METADATA
+    return sorted(out.glob(_SHARD_GLOB)) + ([meta] if meta.exists() else [])
+
+
+def latents_exist(out_path: str | os.PathLike) -> bool:
+    """Whether `out_path` already holds (possibly partial) output of `write_latents`."""
+    out = Path(out_path).expanduser()
+    return out.is_dir() and bool(_existing_latent_files(out))
+
+
 def write_latents(
     out_path: str | os.PathLike,
     latents_iter: Iterable[Mapping[str, Any]],
@@ -277,7 +290,7 @@ def write_latents(
     out = Path(out_path).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"latent output {out} exists and is not a directory")
-    old = sorted(out.glob(_SHARD_GLOB)) + ([out / LATENTS_METADATA] if (out / LATENTS_METADATA).exists() else [])
+    old = _existing_latent_files(out) if out.is_dir() else []
     if old and not overwrite:
         raise UserError(f"{out} already holds latents ({len(old)} file(s)); pass overwrite=True (--overwrite) to replace them")
     out.mkdir(parents=True, exist_ok=True)
@@ -435,7 +448,8 @@ def make_train_iterator(
 
     Host parallelism: `read_threads` threads each assemble whole batches, keeping up to
     `prefetch_batches` ready; `worker_count` > 0 adds that many Grain worker processes
-    (each with `worker_buffer_size` batches). Neither changes the batches.
+    (each with `worker_buffer_size` batches). Neither changes the batches, but the state
+    layout depends on worker_count: restore with the worker_count that saved.
 
     `it.get_state()` is a JSON-serialisable dict; `it.set_state(state)` on an iterator built
     with the same arguments resumes exactly. Checkpoint it with `iterator_state_save_args`.
@@ -476,6 +490,10 @@ def make_train_iterator(
         grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=max(prefetch_batches, read_threads))
     )
     if worker_count:
+        # Grain's worker processes read absl flags (with their defaults) and fail when the
+        # program never parsed any, as a plain Python script or a notebook does not.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=worker_count, per_worker_buffer_size=worker_buffer_size)
         )

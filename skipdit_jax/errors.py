@@ -11,3 +11,7 @@ class ConfigError(UserError):
 
 class CheckpointError(UserError):
     """A checkpoint file that cannot be read, or whose contents do not fit the model."""
+
+
+class HubUnavailableError(CheckpointError, RuntimeError):
+    """A `hf://` path could not be fetched (no network, offline mode, or not cached)."""

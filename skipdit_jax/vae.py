@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from skipdit_jax.errors import CheckpointError, ConfigError
+from skipdit_jax.errors import CheckpointError, ConfigError, HubUnavailableError
 
 __all__ = [
     "VAEConfig",
@@ -580,11 +580,11 @@ def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str
                 return folder / prefix
     except Exception as e:
         if _is_network_error(e):
-            raise RuntimeError(
+            raise HubUnavailableError(
                 f"could not reach the Hugging Face Hub to fetch {repo_id!r} and it is not in the local cache "
-                f"({type(e).__name__}: {e}). Give a local path instead: a diffusers VAE directory "
-                "(config.json + diffusion_pytorch_model.safetensors) or a .safetensors file."
-            ) from e
+                f"({type(e).__name__}); give a local path instead: a diffusers VAE directory "
+                "(config.json + diffusion_pytorch_model.safetensors) or a .safetensors file"
+            ) from None
         raise
     where = f"{repo_id}/{subfolder}" if subfolder else repo_id
     raise CheckpointError(f"Hub repo {where!r} has no {' or '.join(_WEIGHT_FILES)}")
@@ -605,7 +605,8 @@ def load_vae(
       - a single .safetensors (or .bin) file: its config is a config.json beside it, else the
         SD VAE preset;
       - "hf://org/repo" or "hf://org/repo/subfolder" (e.g. "hf://stabilityai/sd-vae-ft-mse"),
-        fetched with huggingface_hub (only the config and one weight file). RuntimeError if the
+        fetched with huggingface_hub (only the config and one weight file). HubUnavailableError
+        (a RuntimeError and a UserError) if the
         Hub cannot be reached and the files are not cached.
     `dtype` is the compute dtype recorded in the returned config.
     """

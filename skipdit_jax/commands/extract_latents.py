@@ -73,8 +73,10 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         raise UserError(f"--read_threads must be >= 1, got {fv.read_threads}")
     start = time.perf_counter()
 
-    # Read the folder first: a wrong path should fail before a VAE download.
+    # Check the input and output first: a wrong path should fail before a VAE download.
     source = data.ImageFolderSource(folder, fv.image_size)
+    if not fv.overwrite and data.latents_exist(out_path):
+        raise UserError(f"{out_path} already holds latents; pass --overwrite to replace them")
     from skipdit_jax.vae import load_vae
 
     config, vae_params = load_vae(fv.vae)

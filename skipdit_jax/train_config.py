@@ -1,0 +1,137 @@
+"""The training config schema: defaults every `configs/*.py` starts from, and validation.
+
+Configs are `ml_collections.ConfigDict`s, locked after construction so a mistyped
+`--config.train.stpes=10` is an error instead of a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import os
+
+import ml_collections
+
+from skipdit_jax.errors import ConfigError
+from skipdit_jax.model_config import ModelConfig
+
+VAE_FACTOR = 8  # SD-VAE downsampling: 256x256 images -> 32x32x4 latents
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+
+    # Model: any ModelConfig field; input_size and in_channels come from the data.
+    c.model = ml_collections.ConfigDict(
+        dict(
+            depth=12,
+            hidden_size=384,
+            num_heads=6,
+            patch_size=2,
+            mlp_ratio=4.0,
+            long_skip=True,
+            learn_sigma=True,
+            skip_init="torch_default",
+            dtype="float32",
+            remat=False,
+            attention_impl=ml_collections.FieldReference(None, field_type=str),
+        )
+    )
+
+    c.data = ml_collections.ConfigDict(
+        dict(
+            name="mnist",  # mnist | folder | latents
+            path="",  # image folder root, or ArrayRecord latents path/glob
+            image_size=32,  # side of the square images (pixels; latents are image_size // 8)
+            num_classes=10,
+            flip=False,
+            mnist_resize="pad",  # 28x28 digits -> image_size by zero padding ("pad") or resizing
+        )
+    )
+
+    c.train = ml_collections.ConfigDict(
+        dict(
+            steps=1000,
+            global_batch_size=32,
+            log_every=50,
+            label_dropout=0.1,
+            ema_decay=0.9999,
+            grad_skip_threshold=ml_collections.FieldReference(None, field_type=float),
+            trainable="all",  # all | skip_only (stage 1 of the two-stage fine-tune)
+            init_from="",  # model dir / official checkpoint to start from (fresh skip modules if absent)
+            init_num_heads=ml_collections.FieldReference(None, field_type=int),
+            max_seconds=ml_collections.FieldReference(None, field_type=float),  # wall-clock budget
+        )
+    )
+
+    c.optimizer = ml_collections.ConfigDict(
+        dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, decay="constant", end_lr_factor=0.0, grad_clip=0.0)
+    )
+
+    c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
+
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+
+    # Periodic sample grids from the EMA weights, with the cached sampler.
+    c.sample = ml_collections.ConfigDict(
+        dict(every=0, num_per_class=1, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=1, clip_denoised=True, vae="")
+    )
+    return c
+
+
+def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    config.lock()
+    return config
+
+
+def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
+    """The ModelConfig a training config describes (input shape from the data)."""
+    d = config.data
+    if d.name == "latents":
+        if d.image_size % VAE_FACTOR:
+            raise ConfigError(f"data.image_size {d.image_size} must be divisible by {VAE_FACTOR} for VAE latents")
+        input_size, channels = d.image_size // VAE_FACTOR, 4
+    else:
+        input_size, channels = d.image_size, (1 if d.name == "mnist" else 3)
+    return ModelConfig(input_size=input_size, in_channels=channels, num_classes=d.num_classes, **config.model.to_dict())
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> ModelConfig:
+    """Every check that can fail on user input, before anything compiles."""
+    mc = model_config(config)  # depth parity, patch divisibility, widths
+    t = config.train
+    for name in ("steps", "global_batch_size", "log_every"):
+        if t[name] < 1:
+            raise ConfigError(f"train.{name} must be >= 1, got {t[name]}")
+    if not 0 <= t.label_dropout < 1:
+        raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
+    if not 0 <= t.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.trainable not in ("all", "skip_only"):
+        raise ConfigError(f"train.trainable must be 'all' or 'skip_only', got {t.trainable!r}")
+    if t.trainable == "skip_only" and not mc.long_skip:
+        raise ConfigError("train.trainable='skip_only' needs model.long_skip=True")
+    if config.checkpoint.every < 1 or config.checkpoint.keep < 1:
+        raise ConfigError("checkpoint.every and checkpoint.keep must be >= 1")
+    data, fsdp = config.mesh.data, config.mesh.fsdp
+    if data == -1 and fsdp == -1:
+        raise ConfigError("only one of mesh.data and mesh.fsdp may be -1")
+    d = data if data != -1 else (num_devices // fsdp if fsdp > 0 else 0)
+    f = fsdp if fsdp != -1 else (num_devices // data if data > 0 else 0)
+    if d < 1 or f < 1 or d * f != num_devices:
+        raise ConfigError(f"mesh data={data} x fsdp={fsdp} does not match the {num_devices} devices")
+    if t.global_batch_size % num_devices:
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by the {num_devices} data-parallel devices")
+    if t.global_batch_size % process_count:
+        raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by the {process_count} processes")
+    dn = config.data.name
+    if dn not in ("mnist", "folder", "latents"):
+        raise ConfigError(f"data.name must be mnist, folder or latents, got {dn!r}")
+    if dn in ("folder", "latents") and not config.data.path:
+        raise ConfigError(f"data.path is required for data.name={dn!r}")
+    if dn == "folder" and not os.path.isdir(os.path.expanduser(config.data.path)):
+        raise ConfigError(f"data folder not found: {config.data.path}")
+    if dn == "mnist" and config.data.num_classes != 10:
+        raise ConfigError("MNIST has 10 classes: data.num_classes must be 10")
+    if config.sample.every < 0:
+        raise ConfigError("sample.every must be >= 0 (0 = never)")
+    return mc
