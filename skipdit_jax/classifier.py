@@ -149,8 +149,33 @@ def _init(key, image_size: int):
 
 
 def init_classifier(seed: int = 0, image_size: int = 16) -> dict:
-    """Fresh parameters (their shapes do not depend on `image_size`)."""
-    return jax.jit(_init, static_argnums=1)(jax.random.PRNGKey(seed), image_size)
+    """Fresh parameters, as numpy arrays (their shapes do not depend on `image_size`).
+
+    Flax's own initialisation needs a compiled forward pass: 2-5 s of XLA compilation
+    on a small CPU, more than a short training run. So only the parameter *shapes* come
+    from Flax (`jax.eval_shape` traces without compiling) and the values are drawn here
+    with numpy, matching Flax's defaults for these layers: LeCun-normal kernels
+    (truncated at 2 standard deviations, variance 1/fan_in), zero biases, unit GroupNorm
+    scales.
+    """
+    abstract = jax.eval_shape(partial(_init, image_size=image_size), jax.random.PRNGKey(0))
+    rng = np.random.default_rng(seed)
+
+    def draw(path, leaf):
+        name = path[-1].key
+        if name == "kernel":
+            fan_in = int(np.prod(leaf.shape[:-1]))
+            # Truncated standard normal by rejection, rescaled so the variance is 1/fan_in
+            # (0.8796 is the std of a standard normal truncated to [-2, 2]).
+            z = rng.standard_normal(leaf.shape)
+            while np.any(bad := np.abs(z) > 2):
+                z[bad] = rng.standard_normal(int(bad.sum()))
+            return (z / 0.87962566 / np.sqrt(fan_in)).astype(leaf.dtype)
+        if name == "scale":
+            return np.ones(leaf.shape, leaf.dtype)
+        return np.zeros(leaf.shape, leaf.dtype)
+
+    return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
 def _check_images(images) -> np.ndarray:
@@ -197,44 +222,37 @@ def _max_shift(image_size: int) -> int:
     return max(1, round(image_size / 16))
 
 
-@partial(jax.jit, static_argnames=("batch_size", "max_shift"))
-def _train(images, labels, key, steps, lr, *, batch_size: int, max_shift: int):
-    """The whole training run as one XLA program: initialisation and a `fori_loop` over
-    the steps. One compilation per (data shape, batch size, shift), and no per-step
-    dispatch; `steps` and `lr` are traced, so changing them does not recompile."""
-    model = DigitClassifier()
-    k_init, k_loop = jax.random.split(key)
-    params = _init(k_init, images.shape[1])
-    # AdamW written out (rather than an optax schedule) so the step count can stay traced.
-    tx = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(1e-4))
-    opt_state = tx.init(params)
-    warmup = jnp.clip(steps // 10, 1, 50)
-    n = images.shape[0]
+_WEIGHT_DECAY = 1e-4
+_OPTIMIZER = optax.chain(optax.scale_by_adam(), optax.add_decayed_weights(_WEIGHT_DECAY))
 
-    def body(i, carry):
-        params, opt_state = carry
-        k_idx, k_shift = jax.random.split(jax.random.fold_in(k_loop, i))
-        idx = jax.random.randint(k_idx, (batch_size,), 0, n)
-        x, y = images[idx], labels[idx]
-        if max_shift:
-            x = _random_shift(k_shift, x, max_shift)
 
-        def loss_fn(p):
-            logits = model.apply({"params": p}, x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+@partial(jax.jit, static_argnames=("batch_size", "max_shift"), donate_argnums=(0, 1), compiler_options={"xla_backend_optimization_level": 3})
+def _train_step(params, opt_state, images, labels, key, step, steps, lr, *, batch_size: int, max_shift: int):
+    """One AdamW step on a batch drawn (uniformly, with replacement) from the training
+    set, which stays on the device. A module-level jit whose step number, step count and
+    learning rate are traced: repeated training runs at one image size and batch size
+    compile once."""
+    k_idx, k_shift = jax.random.split(jax.random.fold_in(key, step))
+    idx = jax.random.randint(k_idx, (batch_size,), 0, images.shape[0])
+    x, y = images[idx], labels[idx]
+    if max_shift:
+        x = _random_shift(k_shift, x, max_shift)
 
-        grads = jax.grad(loss_fn)(params)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        # Linear warm-up, then cosine decay to 1% of lr: the decay's last steps at a small
-        # rate are what take held-out accuracy from ~0.95 to ~0.97 on this small data set.
-        t = i.astype(jnp.float32)
-        frac = t / jnp.maximum(steps - 1, 1).astype(jnp.float32)
-        rate = lr * jnp.minimum(1.0, (t + 1.0) / warmup) * (0.01 + 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
-        updates = jax.tree.map(lambda u: -rate * u, updates)
-        return optax.apply_updates(params, updates), opt_state
+    def loss_fn(p):
+        logits = DigitClassifier().apply({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
-    params, _ = jax.lax.fori_loop(0, steps, body, (params, opt_state))
-    return params
+    grads = jax.grad(loss_fn)(params)
+    updates, opt_state = _OPTIMIZER.update(grads, opt_state, params)
+    # Linear warm-up, then cosine decay to 1% of lr, written out rather than as an optax
+    # schedule so that the step count can stay traced. The decay's final low-rate steps
+    # are worth about two points of held-out accuracy on this small data set.
+    t = step.astype(jnp.float32)
+    warmup = jnp.clip(steps // 10, 1, 50).astype(jnp.float32)
+    frac = t / jnp.maximum(steps - 1, 1).astype(jnp.float32)
+    rate = lr * jnp.minimum(1.0, (t + 1.0) / warmup) * (0.01 + 0.99 * 0.5 * (1.0 + jnp.cos(jnp.pi * frac)))
+    updates = jax.tree.map(lambda u: -rate * u, updates)
+    return optax.apply_updates(params, updates), opt_state
 
 
 def train_classifier(
@@ -262,15 +280,17 @@ def train_classifier(
         raise UserError("steps and batch_size must be positive")
     if labels.min() < 0 or labels.max() >= 10:
         raise UserError("labels must be digits 0..9")
-    params = _train(
-        jnp.asarray(images),
-        jnp.asarray(labels),
-        jax.random.PRNGKey(seed),
-        jnp.int32(steps),
-        jnp.float32(lr),
-        batch_size=batch_size,
-        max_shift=_max_shift(images.shape[1]) if augment else 0,
-    )
+    params = jax.tree.map(jnp.asarray, init_classifier(seed, images.shape[1]))
+    opt_state = _OPTIMIZER.init(params)
+    key_steps = jax.random.PRNGKey(seed)
+    x_all, y_all = jnp.asarray(images), jnp.asarray(labels)
+    max_shift = _max_shift(images.shape[1]) if augment else 0
+    n_steps, rate = jnp.int32(steps), jnp.float32(lr)
+    for i in range(steps):
+        params, opt_state = _train_step(
+            params, opt_state, x_all, y_all, key_steps, jnp.int32(i), n_steps, rate,
+            batch_size=batch_size, max_shift=max_shift,
+        )
     return jax.tree.map(np.asarray, params)
 
 

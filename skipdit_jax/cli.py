@@ -40,6 +40,11 @@ def _normalise(argv: list[str]) -> list[str]:
     return out
 
 
+def _one_line(e: BaseException) -> str:
+    text = str(e).replace("\\n", "\n").replace("\\'", "'")
+    return " ".join(part.strip().strip("'\"") for part in text.splitlines() if part.strip()) or type(e).__name__
+
+
 def fail(message: str, code: int = 2) -> "None":
     print(f"skipdit: error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -60,6 +65,9 @@ def main(argv: list[str]) -> int:
         positional = fv([f"skipdit {name}"] + _normalise(argv[2:]))[1:]
     except flags.Error as e:
         fail(str(e).splitlines()[0])
+    except (AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections config overrides (--config.a.b=v) report unknown keys and bad values this way.
+        fail(f"bad config override: {_one_line(e)}")
     if fv.help:
         print(f"usage: skipdit {name} {module.USAGE}\n\n{fv.get_help(include_special_flags=False)}")
         return 0
@@ -69,7 +77,7 @@ def main(argv: list[str]) -> int:
     try:
         return module.main(positional, fv) or 0
     except UserError as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(_one_line(e))
     except KeyboardInterrupt:
         fail("interrupted", 130)
 

@@ -34,8 +34,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if all(given):
         if not 0 <= process_id < num_processes:
             raise ConfigError(f"--process_id must be in 0..{num_processes - 1}, got {process_id}")
-        if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS", "") == "cpu":
-            jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        # Only affects the CPU backend: its cross-process collectives go through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address, num_processes, process_id)
     elif _auto_cluster():
         jax.distributed.initialize()

@@ -105,6 +105,18 @@ def _save(mngr, step: int, state: TrainState, rng: jax.Array, it, config) -> Non
     )
 
 
+def _set_aside(mngr, step: int) -> None:
+    """Rename a damaged step directory to STEP.damaged (kept for inspection, never deleted),
+    so the run can save that step again."""
+    if jax.process_index() == 0:
+        src = epath.Path(mngr.directory) / str(step)
+        dst = epath.Path(mngr.directory) / f"{step}.damaged"
+        if dst.exists():
+            dst = epath.Path(mngr.directory) / f"{step}.damaged.{int(time.time())}"
+        src.rename(dst)
+    mngr.reload()
+
+
 def _restore_latest(mngr, abstract_state, it):
     """Restore the newest readable checkpoint; a damaged one is skipped with a warning.
     Returns (state, rng) or None when there is no checkpoint."""
@@ -124,6 +136,7 @@ def _restore_latest(mngr, abstract_state, it):
             if i + 1 < len(steps):
                 logging.warning("checkpoint at step %d is unreadable (%s); falling back to step %d", step, first, steps[i + 1])
                 print(f"warning: checkpoint at step {step} is unreadable ({first}); falling back to step {steps[i + 1]}")
+                _set_aside(mngr, step)
                 continue
             raise CheckpointError(f"no readable checkpoint in {mngr.directory}: step {step} failed with {first}") from None
         return restored["state"], jax.random.wrap_key_data(jnp.asarray(restored["rng"]["key"]))
@@ -180,11 +193,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     abstract_params = jax.eval_shape(lambda: init_params(mc, init_rng))
     tx = optim.make_optimizer(_opt_cfg(config), abstract_params, t.trainable)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
+    shard = lambda tree: sharding.param_shardings(tree, mesh, min_shard_size=config.mesh.min_shard_size)  # noqa: E731
     state_shardings = TrainState(
         step=sharding.replicated(mesh),
-        params=sharding.param_shardings(abstract_state.params, mesh),
-        ema_params=sharding.param_shardings(abstract_state.ema_params, mesh),
-        opt_state=sharding.param_shardings(abstract_state.opt_state, mesh),
+        params=shard(abstract_state.params),
+        ema_params=shard(abstract_state.ema_params),
+        opt_state=shard(abstract_state.opt_state),
         skipped_updates=sharding.replicated(mesh),
     )
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)

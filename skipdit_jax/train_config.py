@@ -69,7 +69,9 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
 
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    # Devices along each mesh axis (-1 = the rest). Tensors under min_shard_size elements
+    # are replicated rather than FSDP-sharded.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
     # Periodic sample grids from the EMA weights, with the cached sampler.
     c.sample = ml_collections.ConfigDict(
