@@ -15,6 +15,7 @@ from absl import flags
 from skipdit_jax.errors import UserError
 
 COMMANDS = {
+    "demo": "train a small Skip-DiT on the embedded MNIST digits and compare sampling with and without Skip-Cache",
     "convert": "convert an official PyTorch (Skip-)DiT checkpoint into a model directory",
     "extract-latents": "encode an image folder into VAE latent ArrayRecord shards for training",
     "train": "train a DiT / Skip-DiT from a config file (skipdit train --config configs/NAME.py --workdir DIR)",

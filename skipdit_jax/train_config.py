@@ -77,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.sample = ml_collections.ConfigDict(
         dict(every=0, num_per_class=1, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=1, clip_denoised=True, vae="")
     )
+    # `skipdit demo` only: samples per class, and seconds kept back from the training budget
+    # for the classifier and the five timed sampling runs.
+    c.demo = ml_collections.ConfigDict(dict(samples_per_class=10, reserve_seconds=150.0))
     return c
 
 

@@ -1,0 +1,26 @@
+"""`skipdit demo [--out skipdit-demo] [--minutes 15]`: the main job on the embedded default."""
+
+from __future__ import annotations
+
+from absl import flags
+
+from skipdit_jax.errors import UserError
+
+USAGE = "[--out skipdit-demo] [--minutes 15] [--config configs/mnist_skipdit.py]"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("out", "skipdit-demo", "output directory", flag_values=fv)
+    flags.DEFINE_float("minutes", 15.0, "total time budget (training gets what the rest leaves)", flag_values=fv)
+    flags.DEFINE_string("config", None, "training config file (default: configs/mnist_skipdit.py)", flag_values=fv)
+
+
+def main(args: list[str], fv: flags.FlagValues) -> int:
+    if args:
+        raise UserError(f"unexpected arguments {args}; usage: skipdit demo {USAGE}")
+    if fv.minutes <= 0:
+        raise UserError(f"--minutes must be > 0, got {fv.minutes}")
+    from skipdit_jax import demo
+
+    demo.run_demo(fv.out, fv.minutes, fv.config or demo.DEFAULT_CONFIG)
+    return 0
