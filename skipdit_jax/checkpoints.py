@@ -73,13 +73,19 @@ def load_model_dir(path) -> tuple[ModelConfig, dict]:
     return config, params
 
 
-def load_model(spec: str, *, num_heads: int | None = None, preset: str | None = None) -> tuple[ModelConfig, dict]:
-    """(config, params) from a model directory, or from an official checkpoint file
-    (`.pt`, `.safetensors`, `hf://org/repo/file`), converted on the fly."""
+def load_model(spec: str, *, num_heads: int | None = None, preset: str | None = None, use_ema: bool = True) -> tuple[ModelConfig, dict]:
+    """(config, params) from a model directory, a training workdir (its latest checkpoint;
+    EMA weights unless use_ema=False), or an official checkpoint file (`.pt`,
+    `.safetensors`, `hf://org/repo/file`), converted on the fly."""
     from skipdit_jax import convert
 
     spec = str(spec)
     if not spec.startswith("hf://") and os.path.isdir(os.path.expanduser(spec)):
-        return load_model_dir(os.path.expanduser(spec))
+        path = os.path.expanduser(spec)
+        if os.path.isdir(os.path.join(path, "checkpoints")) and not is_model_dir(path):
+            from skipdit_jax.train import load_trained  # a training workdir
+
+            return load_trained(path, use_ema=use_ema)
+        return load_model_dir(path)
     state = convert.load_torch_checkpoint(spec)
     return convert.dit_from_torch(state, num_heads=num_heads, preset=preset)

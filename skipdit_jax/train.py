@@ -18,6 +18,7 @@ import signal
 import time
 from typing import Any
 
+import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -70,7 +71,8 @@ def initial_params(mc: ModelConfig, config: ml_collections.ConfigDict, rng: jax.
         return params
     from skipdit_jax.checkpoints import load_model
 
-    src_cfg, src_params = load_model(src, num_heads=config.train.init_num_heads or mc.num_heads)
+    # A training workdir hands over its raw parameters (stage 2 continues stage 1's weights).
+    src_cfg, src_params = load_model(src, num_heads=config.train.init_num_heads or mc.num_heads, use_ema=False)
     for name in ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "num_classes", "learn_sigma"):
         if getattr(src_cfg, name) != getattr(mc, name):
             raise ConfigError(f"train.init_from has {name}={getattr(src_cfg, name)} but the model has {getattr(mc, name)}")
@@ -331,11 +333,23 @@ def load_trained(workdir, use_ema: bool = True) -> tuple[ModelConfig, Any]:
     if not cfg_file.exists():
         raise CheckpointError(f"{workdir} is not a training workdir (no model_config.json)")
     mc = ModelConfig.from_json(cfg_file.read_text())
-    mngr = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(create=False))
+    mngr = ocp.CheckpointManager(
+        workdir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(create=False),
+        item_handlers={
+            "state": ocp.StandardCheckpointHandler(),
+            "rng": ocp.StandardCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(),
+            "data": grain.checkpoint.CheckpointHandler(),
+        },
+    )
     step = mngr.latest_step()
     if step is None:
         raise CheckpointError(f"no checkpoint in {workdir / 'checkpoints'}")
-    restored = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    state = restored["state"]
+    # Restore onto one local device whatever the mesh that saved it.
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    meta = mngr.item_metadata(step)["state"]
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
+    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     params = state["ema_params"] if use_ema else state["params"]
     return mc, params

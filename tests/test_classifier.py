@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from skipdit_jax import classifier as clf
+from skipdit_jax.data import mnist_source
 from skipdit_jax.errors import CheckpointError, UserError
 
 SIZE = 16
@@ -16,41 +17,14 @@ TEST_STEPS = 300  # ~0.96 held-out accuracy at 16x16; the default budget is 800
 
 @pytest.fixture(scope="module")
 def digits():
-    images, labels = clf.load_mnist_digits(SIZE)
-    train_idx, held_idx = clf.holdout_split(labels)
-    return images[train_idx], labels[train_idx], images[held_idx], labels[held_idx]
+    train, held = mnist_source(SIZE, split="train"), mnist_source(SIZE, split="heldout")
+    return train.images, train.labels, held.images, held.labels
 
 
 @pytest.fixture(scope="module")
 def trained(digits):
     x_tr, y_tr, _, _ = digits
     return clf.train_classifier(x_tr, y_tr, steps=TEST_STEPS, seed=0)
-
-
-def test_load_mnist_digits_format():
-    for size in (32, 16):
-        images, labels = clf.load_mnist_digits(size)
-        assert images.shape == (5000, size, size, 1) and images.dtype == np.float32
-        assert labels.shape == (5000,) and labels.dtype == np.int32
-        assert images.min() == -1.0 and images.max() <= 1.0 and images.max() > 0.9
-        assert sorted(np.unique(labels)) == list(range(10))
-    # 32x32 is the 28x28 digit zero-padded: the 2-pixel border is pure background.
-    images, _ = clf.load_mnist_digits(32)
-    border = np.ones((32, 32), bool)
-    border[2:30, 2:30] = False
-    assert np.all(images[:, border, 0] == -1.0)
-
-
-def test_holdout_split_is_disjoint_and_stratified():
-    labels = clf.load_mnist_digits(SIZE)[1]
-    train_idx, held_idx = clf.holdout_split(labels)
-    assert np.intersect1d(train_idx, held_idx).size == 0
-    assert train_idx.size + held_idx.size == labels.size
-    for c in range(10):
-        n_c = np.sum(labels == c)
-        assert abs(np.sum(labels[held_idx] == c) - 0.2 * n_c) <= 1
-    again = clf.holdout_split(labels)
-    assert np.array_equal(again[1], held_idx)
 
 
 def test_heldout_accuracy(trained, digits):
@@ -155,5 +129,12 @@ def test_bad_inputs_are_user_errors(trained):
         clf.predict(trained, np.zeros((2, 4, 4, 1), np.float32))
     with pytest.raises(UserError):
         clf.train_classifier(np.zeros((4, 16, 16, 1), np.float32), np.zeros(3, np.int32), steps=1)
-    with pytest.raises(UserError):
-        clf.load_mnist_digits(4)
+
+
+def test_fit_mnist_classifier_meta(digits):
+    # 5 steps: only the bookkeeping is under test (the step is already compiled).
+    params, meta = clf.fit_mnist_classifier(SIZE, steps=5)
+    assert meta["image_size"] == SIZE and meta["steps"] == 5
+    assert (meta["num_train"], meta["num_heldout"]) == (len(digits[1]), len(digits[3])) == (4000, 1000)
+    assert 0.0 <= meta["heldout_accuracy"] <= 1.0
+    assert meta["heldout_accuracy"] == clf.accuracy(params, digits[2], digits[3])

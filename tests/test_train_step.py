@@ -1,0 +1,131 @@
+"""The train step, optimizer pieces and sharding rules, in-process."""
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+
+from skipdit_jax import optim, sharding
+from skipdit_jax.errors import ConfigError
+from skipdit_jax.model_config import preset
+from skipdit_jax.models import init_params
+from skipdit_jax.train_step import init_train_state, make_train_step
+
+from helpers import random_params, tiny_config
+
+CFG = tiny_config(input_size=8, in_channels=1, depth=4, hidden_size=16, num_heads=2)
+
+
+def _opt(**kw):
+    c = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, decay="constant", end_lr_factor=0.0, grad_clip=0.0, steps=100))
+    c.update(kw)
+    return c
+
+
+def _batch(seed=0, nan=False):
+    rng = np.random.default_rng(seed)
+    image = rng.uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+    if nan:
+        image[0, 0, 0, 0] = np.nan
+    return {"image": jnp.asarray(image), "label": jnp.asarray([0, 1, 2, 3])}
+
+
+def _setup(trainable="all", threshold=None):
+    # Random non-zero weights: from DiT's zero-initialised head no gradient would reach the
+    # skip modules, which is not the situation of a fine-tune from a trained DiT.
+    params = jax.tree.map(jnp.asarray, random_params(CFG))
+    tx = optim.make_optimizer(_opt(), params, trainable)
+    state = init_train_state(params, tx)
+    step = jax.jit(make_train_step(CFG, tx, ema_decay=0.9, grad_skip_threshold=threshold))
+    return params, state, step
+
+
+def _changed(a, b):
+    return {path: not np.array_equal(x, y) for (path, x), (_, y) in zip(jax.tree_util.tree_leaves_with_path(a), jax.tree_util.tree_leaves_with_path(b))}
+
+
+def test_skip_only_changes_only_skip_modules():
+    params, state, step = _setup("skip_only")
+    for i in range(3):
+        state, _ = step(state, _batch(i), jax.random.key(0))
+    changed = _changed(params, state.params)
+    for path, did in changed.items():
+        is_skip = jax.tree_util.keystr(path).startswith("['skip_fusions']")
+        assert did == is_skip, jax.tree_util.keystr(path)
+
+
+def test_full_training_changes_everything_trainable():
+    params, state, step = _setup("all")
+    for i in range(3):
+        state, metrics = step(state, _batch(i), jax.random.key(0))
+    assert all(_changed(params, state.params).values())
+    assert int(metrics["skipped_updates"]) == 0 and int(state.step) == 3
+
+
+def test_non_finite_update_is_skipped_and_counted():
+    params, state, step = _setup()
+    state, metrics = step(state, _batch(0, nan=True), jax.random.key(0))
+    assert not np.isfinite(float(metrics["loss"]))
+    assert int(state.skipped_updates) == 1 and int(state.step) == 1
+    assert not any(_changed(params, state.params).values())
+    assert not any(_changed(params, state.ema_params).values())
+    state, metrics = step(state, _batch(1), jax.random.key(0))  # training goes on
+    assert int(state.skipped_updates) == 1 and any(_changed(params, state.params).values())
+
+
+def test_grad_norm_threshold_skips_updates():
+    params, state, step = _setup(threshold=1e-9)
+    state, metrics = step(state, _batch(0), jax.random.key(0))
+    assert float(metrics["grad_norm"]) > 1e-9 and int(state.skipped_updates) == 1
+    assert not any(_changed(params, state.params).values())
+
+
+def test_ema_follows_params():
+    params, state, step = _setup()
+    state, _ = step(state, _batch(0), jax.random.key(0))
+    for p0, p1, e in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
+        np.testing.assert_allclose(e, 0.9 * p0 + 0.1 * p1, rtol=1e-5, atol=1e-7)
+
+
+def test_skip_only_without_skips_is_an_error():
+    with pytest.raises(ConfigError, match="no skip modules"):
+        optim.make_optimizer(_opt(), init_params(CFG.replace(long_skip=False)), "skip_only")
+
+
+def test_schedules():
+    s = optim.learning_rate_schedule(_opt(warmup_steps=10, decay="cosine", end_lr_factor=0.1))
+    assert float(s(0)) == 0.0 and float(s(10)) == pytest.approx(1e-3) and float(s(100)) == pytest.approx(1e-4, rel=1e-3)
+    assert float(optim.learning_rate_schedule(_opt())(50)) == pytest.approx(1e-3)
+    with pytest.raises(ConfigError):
+        optim.learning_rate_schedule(_opt(decay="exp"))
+
+
+def test_logical_axes_rules():
+    assert sharding.logical_axes("encoder_blocks/attn/qkv/kernel", 3) == ("layers", "embed", "hidden")
+    assert sharding.logical_axes("decoder_blocks/mlp/fc2/kernel", 3) == ("layers", "hidden", "embed")
+    # Optimizer state shards like its parameter.
+    assert sharding.logical_axes("0/mu/decoder_blocks/mlp/fc2/kernel", 3) == ("layers", "hidden", "embed")
+    assert sharding.logical_axes("something/else", 2) == (None, None)
+
+
+def test_fsdp_specs_shard_the_width_of_big_tensors():
+    abstract = jax.eval_shape(lambda: init_params(preset("Skip-DiT-S/2")))
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
+    # With fsdp size 1 nothing is sharded; the rule engine still runs over the whole tree.
+    assert all(s == jax.sharding.PartitionSpec(*(None,) * len(s)) or s == jax.sharding.PartitionSpec() for s in jax.tree.leaves(sharding.param_partition_specs(abstract, mesh), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+
+
+def test_mesh_validation():
+    with pytest.raises(ConfigError):
+        sharding.make_mesh(data=2, fsdp=1)  # one CPU device here
+    mesh = sharding.make_mesh(-1, 1)
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 1}
+
+
+def test_optax_frozen_params_carry_no_moments():
+    params = init_params(CFG, 0)
+    tx = optim.make_optimizer(_opt(), params, "skip_only")
+    n_state = sum(x.size for x in jax.tree.leaves(tx.init(params)))
+    n_skip = sum(x.size for x in jax.tree.leaves(params["skip_fusions"]))
+    assert n_state < 3 * n_skip + 10  # mu and nu for the skip modules only (+ counters)
