@@ -84,5 +84,5 @@ def ema_update(ema_params, params, decay: float):
 
 
 def global_norm(tree) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda g: g.astype(jnp.float32), tree))
 
