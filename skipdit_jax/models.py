@@ -178,8 +178,24 @@ def _stacked_init(module: nn.Module, count: int, *example_args):
     return init
 
 
-def _take(tree, lo: int, hi: int):
-    return jax.tree.map(lambda a: a[lo:hi], tree)
+def _scan_blocks(body, h, stacked, lo: int, hi: int, extra_xs=None):
+    """`lax.scan` of `body(h, block_params, extra) -> (h, y)` over blocks lo..hi-1 of
+    `stacked` (a pytree with a leading block axis).
+
+    Over the whole stack the weights are the scan's xs. Over part of it (the cached passes)
+    the loop indexes the full stack instead: slicing `stacked[lo:hi]` first would copy
+    those weights on every call, which on CPU costs as much as several blocks' compute.
+    Only sampling scans part of a stack, so the index path needs no efficient gradient.
+    """
+    count = jax.tree.leaves(stacked)[0].shape[0]
+    if lo == 0 and hi == count:
+        return jax.lax.scan(lambda h, xs: body(h, *xs), h, (stacked, extra_xs))
+
+    def step(h, xs):
+        i, extra = xs
+        return body(h, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked), extra)
+
+    return jax.lax.scan(step, h, (jnp.arange(lo, hi), extra_xs))
 
 
 class DiT(nn.Module):
@@ -251,11 +267,11 @@ class DiT(nn.Module):
         block = self._block_fn()
         keep = self.config.long_skip
 
-        def step(h, p):
+        def step(h, p, _):
             h = block(p, h, c)
             return h, (h if keep else None)
 
-        return jax.lax.scan(step, h, _take(self.encoder_blocks, lo, hi))
+        return _scan_blocks(step, h, self.encoder_blocks, lo, hi)
 
     def run_decoder(self, h, c, lo: int, hi: int, skips):
         """Decoder blocks half+lo..half+hi-1. `skips` are the outputs of encoder blocks
@@ -264,15 +280,15 @@ class DiT(nn.Module):
             return h
         block = self._block_fn()
         if not self.config.long_skip:
-            return jax.lax.scan(lambda h, p: (block(p, h, c), None), h, _take(self.decoder_blocks, lo, hi))[0]
+            return _scan_blocks(lambda h, p, _: (block(p, h, c), None), h, self.decoder_blocks, lo, hi)[0]
         fuse = lambda p, a, b: SkipFusion(self.config, parent=None).apply({"params": p}, a, b)  # noqa: E731
 
-        def step(h, xs):
-            p_block, p_fuse, skip = xs
+        def step(h, p, skip):
+            p_block, p_fuse = p
             return block(p_block, fuse(p_fuse, h, skip), c), None
 
-        xs = (_take(self.decoder_blocks, lo, hi), _take(self.skip_fusions, lo, hi), skips[::-1])
-        return jax.lax.scan(step, h, xs)[0]
+        stacked = (self.decoder_blocks, self.skip_fusions)
+        return _scan_blocks(step, h, stacked, lo, hi, extra_xs=skips[::-1])[0]
 
     def head(self, h, c):
         return self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)
