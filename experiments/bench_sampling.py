@@ -31,6 +31,7 @@ from absl import app, flags
 from skipdit_jax.cache import SkipCache
 from skipdit_jax.model_config import ModelConfig
 from skipdit_jax.models import init_params
+from skipdit_jax.xla_tuning import tune_xla_cpu_flags
 from skipdit_jax.sampling import build_sampler, sampling_timesteps
 
 flags.DEFINE_integer("depth", 28, "transformer blocks")
@@ -45,6 +46,8 @@ flags.DEFINE_integer("repeats", 3, "timed runs per setting (median reported)")
 flags.DEFINE_bool("torch", True, "also time the PyTorch reference")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype")
 flags.DEFINE_string("json_out", None, "write the results as JSON here")
+flags.DEFINE_integer("scan_unroll", 1, "model.scan_unroll: blocks per loop iteration (0 = unrolled)")
+flags.DEFINE_bool("xla_tuning", True, "set skipdit_jax.xla_tuning's XLA CPU flags (as the skipdit command does)")
 FLAGS = flags.FLAGS
 
 
@@ -131,6 +134,8 @@ def bench_torch(config, caches, noise, labels):
 
 
 def main(_):
+    if FLAGS.xla_tuning:
+        tune_xla_cpu_flags()  # before the first JAX computation starts the backend
     config = ModelConfig(
         input_size=32,
         patch_size=2,
@@ -141,6 +146,7 @@ def main(_):
         num_classes=1000,
         long_skip=True,
         dtype=FLAGS.dtype,
+        scan_unroll=FLAGS.scan_unroll,
     )
     caches = {"full": None} | {f"N={n}": SkipCache(int(n), FLAGS.shallow_blocks) for n in FLAGS.intervals}
     timesteps = sampling_timesteps("ddim", FLAGS.steps)
@@ -156,7 +162,8 @@ def main(_):
         torch_threads = torch.get_num_threads()
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, JAX backend {jax.default_backend()} ({jax.devices()[0].device_kind})"
     print(f"\nDDIM-{FLAGS.steps}, cfg {FLAGS.cfg_scale}, batch {FLAGS.batch}, Skip-DiT depth {config.depth} width {config.hidden_size} "
-          f"{config.num_heads} heads, {FLAGS.dtype}; {machine}" + (f"; torch threads {torch_threads}" if FLAGS.torch else ""))
+          f"{config.num_heads} heads, {FLAGS.dtype}, scan_unroll {config.scan_unroll}; {machine}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}"
+          + (f"; torch threads {torch_threads}" if FLAGS.torch else ""))
     header = "| setting | predicted | JAX s | JAX speedup |" + (" PyTorch s | PyTorch speedup | JAX speedup / PyTorch speedup |" if FLAGS.torch else "")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

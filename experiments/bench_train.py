@@ -1,6 +1,6 @@
 """Benchmark: train-step speed, compile time and FSDP memory.
 
-    python experiments/bench_train.py speed     # JAX vs PyTorch reference, fp32, batch 8, 256 tokens
+    python experiments/bench_train.py speed     # JAX (loop / unrolled blocks) vs PyTorch reference, fp32, batch 8, 256 tokens
     python experiments/bench_train.py xl        # (Skip-)DiT-XL/2 compile time and step time at batch 2
     python experiments/bench_train.py memory    # per-device params+optimizer bytes at 1/2/4/8 simulated devices
 
@@ -9,6 +9,9 @@ latents with patch 2 (256 tokens), float32, for Skip-DiT-S/2 and a depth-28 widt
 4-head Skip-DiT, timed beside the tests' PyTorch reference of the official model
 (`tests/torch_reference.py`, fused SDPA attention) running the same step with
 `torch.optim.AdamW` and the same hybrid loss. Median of --repeats steps after warm-up.
+JAX runs twice: blocks in a `lax.scan` loop (`model.scan_unroll=1`, compile time flat in
+depth) and fully unrolled (`scan_unroll=0`). With --xla_tuning (default, as the `skipdit`
+command does) XLA's CPU flags from `skipdit_jax.xla_tuning` are set first.
 
 memory: the compiled train step's argument bytes per device (parameters, EMA, AdamW state,
 batch) from XLA's memory analysis, for Skip-DiT-XL/2 over a ('data', 'fsdp') = (1, n) mesh of
@@ -33,6 +36,7 @@ from absl import app, flags
 from skipdit_jax import optim, sharding
 from skipdit_jax.model_config import ModelConfig, preset
 from skipdit_jax.models import count_params, init_params
+from skipdit_jax.xla_tuning import tune_xla_cpu_flags
 from skipdit_jax.train_step import TrainState, init_train_state, make_train_step
 
 flags.DEFINE_integer("repeats", 3, "timed steps (median)")
@@ -40,6 +44,7 @@ flags.DEFINE_integer("batch", 8, "batch size for `speed`")
 flags.DEFINE_bool("torch", True, "time the PyTorch reference in `speed`")
 flags.DEFINE_string("json_out", None, "append results as JSON lines here")
 flags.DEFINE_integer("devices", 0, "internal: device count of a `memory` worker")
+flags.DEFINE_bool("xla_tuning", True, "set skipdit_jax.xla_tuning's XLA CPU flags (as the skipdit command does)")
 FLAGS = flags.FLAGS
 
 
@@ -141,10 +146,12 @@ def speed():
     }
     for name, mc in models.items():
         j, c = jax_step_time(mc, FLAGS.batch, FLAGS.repeats)
-        row = dict(bench="train_step", model=name, params=count_params(jax.eval_shape(lambda: init_params(mc))), batch=FLAGS.batch, jax_seconds=j, jax_compile_seconds=c)
+        ju, cu = jax_step_time(mc.replace(scan_unroll=0), FLAGS.batch, FLAGS.repeats)
+        row = dict(bench="train_step", model=name, params=count_params(jax.eval_shape(lambda: init_params(mc))), batch=FLAGS.batch,
+                   xla_flags=os.environ.get("XLA_FLAGS", ""), jax_seconds=j, jax_compile_seconds=c, jax_unrolled_seconds=ju, jax_unrolled_compile_seconds=cu)
         if FLAGS.torch:
             t, threads = torch_step_time(mc, FLAGS.batch, FLAGS.repeats)
-            row.update(torch_seconds=t, torch_threads=threads, jax_speedup_over_torch=t / j)
+            row.update(torch_seconds=t, torch_threads=threads, jax_speedup_over_torch=t / j, jax_unrolled_speedup_over_torch=t / ju)
         _emit(row)
 
 
@@ -182,6 +189,8 @@ def memory():
 
 
 def main(argv):
+    if FLAGS.xla_tuning:
+        tune_xla_cpu_flags()  # before the first JAX computation starts the backend
     what = argv[1] if len(argv) > 1 else "speed"
     if what == "memory_worker":
         return memory_worker(FLAGS.devices)

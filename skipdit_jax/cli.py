@@ -84,6 +84,9 @@ def main(argv: list[str]) -> int:
 
 
 def run() -> None:
+    from skipdit_jax.xla_tuning import tune_xla_cpu_flags
+
+    tune_xla_cpu_flags()  # before any JAX backend starts
     sys.exit(main(sys.argv))
 
 

@@ -54,6 +54,10 @@ class ModelConfig:
       attention_impl: passed to `jax.nn.dot_product_attention` (None lets JAX choose;
         "cudnn" forces the fused GPU kernel, "xla" the portable one).
       remat: rematerialise each block in the backward pass (saves activation memory).
+      scan_unroll: blocks per iteration of the loops over blocks; 0 unrolls them completely.
+        1 (a real loop) keeps compile time independent of depth. Full unrolling compiles
+        slower but trains faster on CPU: the loop's stacked residual buffers (zero-filled
+        every step) and per-iteration slicing disappear (see BENCHMARKS.md).
     """
 
     input_size: int = 32
@@ -70,6 +74,7 @@ class ModelConfig:
     dtype: str = "float32"
     attention_impl: str | None = None
     remat: bool = False
+    scan_unroll: int = 1
 
     def __post_init__(self):
         self.validate()
@@ -124,6 +129,8 @@ class ModelConfig:
             bad(f"skip_init must be one of {SKIP_INITS}, got {self.skip_init!r}")
         if self.dtype not in COMPUTE_DTYPES:
             bad(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
+        if int(self.scan_unroll) != self.scan_unroll or self.scan_unroll < 0:
+            bad(f"scan_unroll must be an integer >= 0 (0 = unroll completely), got {self.scan_unroll}")
         if self.mlp_ratio <= 0:
             bad(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 

@@ -178,7 +178,7 @@ def _stacked_init(module: nn.Module, count: int, *example_args):
     return init
 
 
-def _scan_blocks(body, h, stacked, lo: int, hi: int, extra_xs=None):
+def _scan_blocks(body, h, stacked, lo: int, hi: int, extra_xs=None, unroll: int = 1):
     """`lax.scan` of `body(h, block_params, extra) -> (h, y)` over blocks lo..hi-1 of
     `stacked` (a pytree with a leading block axis).
 
@@ -188,14 +188,15 @@ def _scan_blocks(body, h, stacked, lo: int, hi: int, extra_xs=None):
     Only sampling scans part of a stack, so the index path needs no efficient gradient.
     """
     count = jax.tree.leaves(stacked)[0].shape[0]
+    unroll = True if unroll == 0 else unroll
     if lo == 0 and hi == count:
-        return jax.lax.scan(lambda h, xs: body(h, *xs), h, (stacked, extra_xs))
+        return jax.lax.scan(lambda h, xs: body(h, *xs), h, (stacked, extra_xs), unroll=unroll)
 
     def step(h, xs):
         i, extra = xs
         return body(h, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked), extra)
 
-    return jax.lax.scan(step, h, (jnp.arange(lo, hi), extra_xs))
+    return jax.lax.scan(step, h, (jnp.arange(lo, hi), extra_xs), unroll=unroll)
 
 
 class DiT(nn.Module):
@@ -271,7 +272,7 @@ class DiT(nn.Module):
             h = block(p, h, c)
             return h, (h if keep else None)
 
-        return _scan_blocks(step, h, self.encoder_blocks, lo, hi)
+        return _scan_blocks(step, h, self.encoder_blocks, lo, hi, unroll=self.config.scan_unroll)
 
     def run_decoder(self, h, c, lo: int, hi: int, skips):
         """Decoder blocks half+lo..half+hi-1. `skips` are the outputs of encoder blocks
@@ -280,7 +281,9 @@ class DiT(nn.Module):
             return h
         block = self._block_fn()
         if not self.config.long_skip:
-            return _scan_blocks(lambda h, p, _: (block(p, h, c), None), h, self.decoder_blocks, lo, hi)[0]
+            return _scan_blocks(
+                lambda h, p, _: (block(p, h, c), None), h, self.decoder_blocks, lo, hi, unroll=self.config.scan_unroll
+            )[0]
         fuse = lambda p, a, b: SkipFusion(self.config, parent=None).apply({"params": p}, a, b)  # noqa: E731
 
         def step(h, p, skip):
@@ -288,7 +291,7 @@ class DiT(nn.Module):
             return block(p_block, fuse(p_fuse, h, skip), c), None
 
         stacked = (self.decoder_blocks, self.skip_fusions)
-        return _scan_blocks(step, h, stacked, lo, hi, extra_xs=skips[::-1])[0]
+        return _scan_blocks(step, h, stacked, lo, hi, extra_xs=skips[::-1], unroll=self.config.scan_unroll)[0]
 
     def head(self, h, c):
         return self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)

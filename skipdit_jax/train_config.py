@@ -33,6 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
             skip_init="torch_default",
             dtype="float32",
             remat=False,
+            scan_unroll=1,
             attention_impl=ml_collections.FieldReference(None, field_type=str),
         )
     )

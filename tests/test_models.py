@@ -119,6 +119,27 @@ def test_remat_same_values_and_grads():
     chex.assert_trees_all_close((v1, g1), (v2, g2), atol=1e-6)
 
 
+@pytest.mark.parametrize("unroll", [0, 2])
+def test_unrolled_blocks_same_values_and_grads(unroll):
+    cfg = tiny_config(depth=8)
+    params = random_params(cfg)
+    x, t, y = _inputs(cfg)
+
+    def loss(p, c):
+        return jnp.mean(DiT(c).apply({"params": p}, x, t, y) ** 2)
+
+    v1, g1 = jax.value_and_grad(loss)(params, cfg)
+    v2, g2 = jax.value_and_grad(loss)(params, cfg.replace(scan_unroll=unroll))
+    chex.assert_trees_all_close((v1, g1), (v2, g2), atol=1e-6)
+    # The cached passes (partial block ranges) too.
+    for c in (cfg, cfg.replace(scan_unroll=unroll)):
+        out, deep = DiT(c).apply({"params": params}, x, t, y, 3, method=DiT.forward_full)
+        shallow = DiT(c).apply({"params": params}, x, t, y, deep * 0.9, 3, method=DiT.forward_shallow)
+        if c.scan_unroll == 1:
+            ref = (out, deep, shallow)
+    chex.assert_trees_all_close((out, deep, shallow), ref, atol=1e-6)
+
+
 def test_unconditional_model():
     cfg = tiny_config(num_classes=0)
     params = random_params(cfg)
@@ -135,6 +156,7 @@ def test_unconditional_model():
         (dict(hidden_size=30, num_heads=4), "num_heads"),
         (dict(skip_init="ones"), "skip_init"),
         (dict(dtype="float16"), "dtype"),
+        (dict(scan_unroll=-1), "scan_unroll"),
     ],
 )
 def test_bad_model_config(kwargs, match):
