@@ -26,11 +26,11 @@ from skipdit_jax.train_config import default_config, finalize
 
 def get_config(arg: str | None = None):
     c = default_config()
-    c.model.update(depth=12, hidden_size=96, num_heads=4, patch_size=2, long_skip=arg != "dit", learn_sigma=False)
+    c.model.update(depth=12, hidden_size=128, num_heads=4, patch_size=4, long_skip=arg != "dit", learn_sigma=False, scan_unroll=0)
     c.data.update(name="mnist", image_size=16, num_classes=10, mnist_resize="resize")
-    c.train.update(steps=3000, global_batch_size=64, log_every=50, ema_decay=0.999)
+    c.train.update(steps=4500, global_batch_size=64, log_every=50, ema_decay=0.999, ema_warmup=True, min_snr_gamma=5.0)
     c.optimizer.update(lr=1e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05)
     c.checkpoint.update(every=500, keep=2)
-    c.sample.update(every=1000, sampler="ddim", num_steps=50, cfg_scale=2.0, cache_interval=2, shallow_blocks=2, clip_denoised=True)
+    c.sample.update(every=1000, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=2, clip_denoised=True)
     c.demo.update(samples_per_class=10, reserve_seconds=150.0)
     return finalize(c)

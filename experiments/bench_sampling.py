@@ -6,7 +6,10 @@
 Times DDIM-50 (ADM "ddim50", eta 0), guidance scale 4 (batch doubled), batch 1, 32x32x4
 latents, patch 2, for a Skip-DiT of the given depth/width, without cache and with
 Skip-Cache N=2,3,4 (k=4, start 1000, close 20: the class-to-image settings), and prints
-the measured speedup beside the block-count prediction.
+the measured speedup beside the block-count prediction. With --baselines (default) it then
+times the other cache methods (shallow cache, FORA, PAB, Delta-DiT, TeaCache) on a DiT of
+the same size without long skips, each beside the block-count prediction of its realised
+schedule: a method that computed both branches or synced with the host would fall short.
 
 The PyTorch column runs the tests' reference implementation of the official DiT_skip /
 DiT_cache (`tests/torch_reference.py`: same modules, module-held cache counter, timm-style
@@ -28,7 +31,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from skipdit_jax.cache import SkipCache
+from skipdit_jax.cache import ShallowCache, SkipCache
+from skipdit_jax.cache_baselines import FORA, PAB, DeltaDiT, TeaCache, plan_from_schedule
 from skipdit_jax.model_config import ModelConfig
 from skipdit_jax.models import init_params
 from skipdit_jax.xla_tuning import tune_xla_cpu_flags
@@ -47,6 +51,8 @@ flags.DEFINE_bool("torch", True, "also time the PyTorch reference")
 flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "JAX compute dtype")
 flags.DEFINE_string("json_out", None, "write the results as JSON here")
 flags.DEFINE_integer("scan_unroll", 1, "model.scan_unroll: blocks per loop iteration (0 = unrolled)")
+flags.DEFINE_bool("baselines", True, "also time FORA, PAB, Delta-DiT, TeaCache and the shallow cache on a DiT")
+flags.DEFINE_list("teacache", ["0.1", "0.3"], "TeaCache thresholds (identity polynomial) for --baselines")
 flags.DEFINE_bool("xla_tuning", True, "set skipdit_jax.xla_tuning's XLA CPU flags (as the skipdit command does)")
 FLAGS = flags.FLAGS
 
@@ -60,7 +66,7 @@ def _median_time(fn, repeats):
     return float(np.median(times))
 
 
-def bench_jax(config, caches, noise, labels):
+def bench_jax(config, caches, noise, labels, with_schedule=False):
     params = init_params(config, 0)
     # Non-zero adaLN/final weights so the computation is not trivially sparse.
     params = jax.tree.map(lambda a: a + 0.01 * jax.random.normal(jax.random.key(1), a.shape, a.dtype), params)
@@ -68,16 +74,39 @@ def bench_jax(config, caches, noise, labels):
     scale, rng = jnp.float32(FLAGS.cfg_scale), jax.random.key(0)
     out = {}
     for name, cache in caches.items():
-        fn = build_sampler(config, "ddim", respacing, FLAGS.cfg_scale != 1, None, cache, 0.0, False)
+        fn = build_sampler(config, "ddim", respacing, FLAGS.cfg_scale != 1, None, cache, 0.0, False, return_schedule=True)
         t0 = time.perf_counter()
         compiled = fn.lower(params, noise, labels, scale, rng).compile()
         compile_s = time.perf_counter() - t0
-        jax.block_until_ready(compiled(params, noise, labels, scale, rng))  # warm-up
+        _, full = jax.block_until_ready(compiled(params, noise, labels, scale, rng))  # warm-up
         out[name] = dict(
             seconds=_median_time(lambda: jax.block_until_ready(compiled(params, noise, labels, scale, rng)), FLAGS.repeats),
             compile_seconds=compile_s,
+            full=np.asarray(full),
         )
     return out
+
+
+def bench_baselines(config, noise, labels):
+    """The other cache methods on a DiT of the same size without long skips (JAX only)."""
+    dit = config.replace(long_skip=False)
+    caches = {"full": None} | {f"shallow N={n}": ShallowCache(int(n), FLAGS.shallow_blocks) for n in FLAGS.intervals}
+    caches |= {f"FORA N={n}": FORA(int(n)) for n in FLAGS.intervals}
+    caches |= {"PAB N=2": PAB(2), "PAB N=3": PAB(3), "Delta-DiT N=2": DeltaDiT(2), "Delta-DiT N=3": DeltaDiT(3)}
+    caches |= {f"TeaCache {th}": TeaCache(float(th)) for th in FLAGS.teacache}
+    res = bench_jax(dit, caches, noise, labels)
+    print("\nCache baselines on a DiT without long skips (same size), JAX; predicted = block count of the realised schedule")
+    print("| method | full/cached steps | predicted | JAX s | speedup | speedup / predicted |")
+    print("|---|---|---|---|---|---|")
+    rows = []
+    for name, cache in caches.items():
+        r = res[name]
+        full = r["full"]
+        pred = 1.0 if cache is None else plan_from_schedule(full, dit.depth, cache.cached_blocks(dit)).predicted_speedup
+        sp = res["full"]["seconds"] / r["seconds"]
+        print(f"| {name} | {int(full.sum())}/{int((~full).sum())} | {pred:.2f}x | {r['seconds']:.2f} | {sp:.2f}x | {sp / pred:.3f} |")
+        rows.append(dict(method=name, full_steps=int(full.sum()), predicted_speedup=pred, jax_seconds=r["seconds"], jax_speedup=sp))
+    return rows
 
 
 def bench_torch(config, caches, noise, labels):
@@ -180,9 +209,11 @@ def main(_):
             line += f" {tt:.2f} | {ts:.2f}x | {js / ts:.3f} |"
         rows.append(row)
         print(line)
+    baseline_rows = bench_baselines(config, noise, labels) if FLAGS.baselines else []
     if FLAGS.json_out:
         with open(FLAGS.json_out, "w") as f:
-            json.dump({"machine": machine, "config": config.to_dict(), "steps": FLAGS.steps, "batch": FLAGS.batch, "rows": rows}, f, indent=2)
+            json.dump({"machine": machine, "xla_flags": os.environ.get("XLA_FLAGS", ""), "config": config.to_dict(), "steps": FLAGS.steps,
+                       "batch": FLAGS.batch, "rows": rows, "baselines": baseline_rows}, f, indent=2)
 
 
 if __name__ == "__main__":

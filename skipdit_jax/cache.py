@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -96,6 +95,10 @@ class SkipCache:
             if t <= self.close_t:
                 counter, empty = 0, True
         return np.asarray(full, bool)
+
+    def cached_blocks(self, config: ModelConfig | None = None) -> int:
+        """Blocks a cached step runs: the first k and the last k."""
+        return 2 * self.shallow_blocks
 
     def plan(self, timesteps: Sequence[int], depth: int) -> CachePlan:
         """The schedule and its block-count speedup: depth blocks per full step, 2k per

@@ -21,6 +21,7 @@ COMMANDS = {
     "train": "train a DiT / Skip-DiT from a config file (skipdit train --config configs/NAME.py --workdir DIR)",
     "export": "export a model directory to an official-layout PyTorch .safetensors file",
     "sample": "sample images (or latents) from a model, optionally with Skip-Cache",
+    "calibrate": "fit TeaCache's rescaling polynomial for a DiT (a cache baseline)",
 }
 
 

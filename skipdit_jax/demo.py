@@ -18,7 +18,6 @@ Writes samples_full.png, samples_cache{N}.png (one row per class), loss.png and 
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 

@@ -179,6 +179,11 @@ class Diffusion:
         return mean + nonzero * sigma * noise
 
     # ---- training loss ---------------------------------------------------------------------
+    def snr(self, t):
+        """Signal-to-noise ratio abar_t / (1 - abar_t) of (respaced-index) timesteps t."""
+        abar = jnp.asarray(self._tables["alphas_cumprod"])[t]
+        return abar / (1.0 - abar)
+
     def training_losses(self, model_fn, x0, t, noise):
         """Per-example hybrid loss of ADM/DiT: {"loss", "mse", "vb"}, float32, shape (B,).
 

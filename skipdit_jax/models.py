@@ -112,20 +112,36 @@ class Mlp(nn.Module):
 
 
 class DiTBlock(nn.Module):
-    """adaLN-Zero block: x += g1 * Attn(mod(LN(x))); x += g2 * MLP(mod(LN(x)))."""
+    """adaLN-Zero block: x += g1 * Attn(mod(LN(x))); x += g2 * MLP(mod(LN(x))).
+
+    Besides the plain call, the block exposes its pieces for the cache baselines
+    (`skipdit_jax.cache_baselines`): the adaLN modulation and the raw (pre-gate) outputs
+    of its attention and MLP branches.
+    """
 
     config: ModelConfig
 
-    @nn.compact
-    def __call__(self, x, c):
+    def setup(self):
         cfg = self.config
         dt = cfg.compute_dtype
-        mod = nn.Dense(6 * cfg.hidden_size, dtype=dt, kernel_init=_zeros, name="adaLN_modulation")(nn.silu(c))
-        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
-        attn = Attention(cfg.num_heads, dt, cfg.attention_impl, name="attn")
-        x = x + gate_msa[:, None] * attn(modulate(layer_norm(x), shift_msa, scale_msa))
-        mlp = Mlp(int(cfg.hidden_size * cfg.mlp_ratio), dt, name="mlp")
-        return x + gate_mlp[:, None] * mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        self.adaLN_modulation = nn.Dense(6 * cfg.hidden_size, dtype=dt, kernel_init=_zeros)
+        self.attn = Attention(cfg.num_heads, dt, cfg.attention_impl)
+        self.mlp = Mlp(int(cfg.hidden_size * cfg.mlp_ratio), dt)
+
+    def modulation(self, c):
+        """(shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp), each (B, D)."""
+        return tuple(jnp.split(self.adaLN_modulation(nn.silu(c)), 6, axis=-1))
+
+    def forward_with_branches(self, x, c):
+        """(output, (attention, MLP) branch outputs before their gates, (gate_msa, gate_mlp))."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.modulation(c)
+        attn = self.attn(modulate(layer_norm(x), shift_msa, scale_msa))
+        x = x + gate_msa[:, None] * attn
+        mlp = self.mlp(modulate(layer_norm(x), shift_mlp, scale_mlp))
+        return x + gate_mlp[:, None] * mlp, (attn, mlp), (gate_msa, gate_mlp)
+
+    def __call__(self, x, c):
+        return self.forward_with_branches(x, c)[0]
 
 
 class SkipFusion(nn.Module):

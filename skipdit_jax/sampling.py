@@ -55,15 +55,20 @@ def build_sampler(
     cache: SkipCache | None,
     eta: float = 0.0,
     clip_denoised: bool = False,
+    return_schedule: bool = False,
 ):
     """A jitted `fn(params, noise, labels, cfg_scale, rng) -> x_0`, one per setting.
 
+    `cache` is any cache strategy (`SkipCache`, or one of `skipdit_jax.cache_baselines`).
+    With `return_schedule` it returns `(x_0, full)`: the realised full (True) / cached
+    decision of every step, which an adaptive strategy (TeaCache) makes on the device.
     Cached so repeated calls with the same setting reuse the compiled program.
     """
     diffusion = Diffusion(respacing, learn_sigma=config.learn_sigma)
     indices = np.arange(diffusion.num_steps, dtype=np.int32)[::-1]
     timesteps = diffusion.timestep_map[indices]
     full = cache.full_steps(timesteps) if cache is not None else np.ones(len(indices), bool)
+    adaptive = getattr(cache, "adaptive", False)
     needs_noise = sampler == "ddpm" or eta > 0
 
     def denoise(params, x, labels, cfg_scale, t_orig, is_full, carry):
@@ -72,6 +77,8 @@ def build_sampler(
         if cache is None:
             out = DiT(config).apply({"params": params}, x_in, t, y)
         else:
+            if adaptive:  # one scalar decision per step, from the step's own input
+                is_full, carry = cache.decide(config, params, x_in, t, y, is_full, carry)
             out, carry = jax.lax.cond(
                 is_full,
                 lambda c: cache.full_pass(config, params, x_in, t, y, c),
@@ -80,7 +87,7 @@ def build_sampler(
             )
         if guided:
             out = guide(out, cfg_scale, config.in_channels, cfg_channels)
-        return out, carry
+        return out, carry, is_full
 
     def run(params, noise, labels, cfg_scale, rng):
         if guided:
@@ -91,7 +98,7 @@ def build_sampler(
         def step(state, xs):
             x, carry, key = state
             i, t_orig, is_full = xs
-            out, carry = denoise(params, x, labels, cfg_scale, t_orig, is_full, carry)
+            out, carry, is_full = denoise(params, x, labels, cfg_scale, t_orig, is_full, carry)
             t = jnp.full((x.shape[0],), i, jnp.int32)
             if needs_noise:
                 key, sub = jax.random.split(key)
@@ -102,11 +109,11 @@ def build_sampler(
                 x = diffusion.ddpm_step(out, x, t, z, clip_denoised)
             else:
                 x = diffusion.ddim_step(out, x, t, z, eta, clip_denoised)
-            return (x, carry, key), None
+            return (x, carry, key), is_full
 
         xs = (jnp.asarray(indices), jnp.asarray(timesteps, jnp.int32), jnp.asarray(full))
-        (x, _, _), _ = jax.lax.scan(step, (noise.astype(jnp.float32), carry, rng), xs)
-        return x
+        (x, _, _), realised = jax.lax.scan(step, (noise.astype(jnp.float32), carry, rng), xs)
+        return (x, realised) if return_schedule else x
 
     return jax.jit(run)
 

@@ -222,7 +222,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     writer = MetricWriter(workdir, resume_step=start_step)
 
     # -- compile the step once -------------------------------------------------------------------
-    step_fn = make_train_step(mc, tx, ema_decay=t.ema_decay, label_dropout=t.label_dropout, grad_skip_threshold=t.grad_skip_threshold)
+    step_fn = make_train_step(
+        mc, tx, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup, label_dropout=t.label_dropout,
+        grad_skip_threshold=t.grad_skip_threshold, min_snr_gamma=t.min_snr_gamma,
+    )
     batch_sharding = sharding.batch_sharding(mesh)
     jitted = jax.jit(
         step_fn,

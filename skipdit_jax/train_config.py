@@ -56,6 +56,8 @@ def default_config() -> ml_collections.ConfigDict:
             log_every=50,
             label_dropout=0.1,
             ema_decay=0.9999,
+            ema_warmup=False,  # decay min(ema_decay, (1+n)/(10+n)): for short runs; DiT uses none
+            min_snr_gamma=ml_collections.FieldReference(None, field_type=float),  # Min-SNR-gamma eps-MSE weighting; DiT uses none
             grad_skip_threshold=ml_collections.FieldReference(None, field_type=float),
             trainable="all",  # all | skip_only (stage 1 of the two-stage fine-tune)
             init_from="",  # model dir / official checkpoint to start from (fresh skip modules if absent)
@@ -112,6 +114,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
     if not 0 <= t.ema_decay < 1:
         raise ConfigError(f"train.ema_decay must be in [0, 1), got {t.ema_decay}")
+    if t.min_snr_gamma is not None and not t.min_snr_gamma > 0:
+        raise ConfigError(f"train.min_snr_gamma must be > 0 (or None), got {t.min_snr_gamma}")
     if t.trainable not in ("all", "skip_only"):
         raise ConfigError(f"train.trainable must be 'all' or 'skip_only', got {t.trainable!r}")
     if t.trainable == "skip_only" and not mc.long_skip:

@@ -1,6 +1,5 @@
 """The Skip-Cache schedule, validated against the official counter semantics."""
 
-import numpy as np
 import pytest
 
 from skipdit_jax.cache import ShallowCache, SkipCache, parse_cache_spec

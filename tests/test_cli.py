@@ -1,7 +1,6 @@
 """`skipdit convert`, `sample` and `export` end to end, and one-line errors."""
 
 import json
-import os
 import subprocess
 import sys
 

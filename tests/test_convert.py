@@ -1,7 +1,6 @@
 """Checkpoint conversion: round trips, safe loading, and every malformed input."""
 
 import argparse
-import os
 
 import jax
 import numpy as np

@@ -106,21 +106,9 @@ def test_bfloat16_compute_close_to_float32():
     assert float(jnp.abs(bf16 - f32).max()) > 0  # it really ran in bfloat16
 
 
-def test_remat_same_values_and_grads():
-    cfg = tiny_config()
-    params = random_params(cfg)
-    x, t, y = _inputs(cfg)
-
-    def loss(p, c):
-        return jnp.mean(DiT(c).apply({"params": p}, x, t, y) ** 2)
-
-    v1, g1 = jax.value_and_grad(loss)(params, cfg)
-    v2, g2 = jax.value_and_grad(loss)(params, cfg.replace(remat=True))
-    chex.assert_trees_all_close((v1, g1), (v2, g2), atol=1e-6)
-
-
-@pytest.mark.parametrize("unroll", [0, 2])
-def test_unrolled_blocks_same_values_and_grads(unroll):
+@pytest.mark.parametrize("change", [dict(remat=True), dict(scan_unroll=0), dict(scan_unroll=2)], ids=str)
+def test_execution_options_keep_values_and_grads(change):
+    """Rematerialisation and unrolled block loops change how, not what, is computed."""
     cfg = tiny_config(depth=8)
     params = random_params(cfg)
     x, t, y = _inputs(cfg)
@@ -128,16 +116,13 @@ def test_unrolled_blocks_same_values_and_grads(unroll):
     def loss(p, c):
         return jnp.mean(DiT(c).apply({"params": p}, x, t, y) ** 2)
 
-    v1, g1 = jax.value_and_grad(loss)(params, cfg)
-    v2, g2 = jax.value_and_grad(loss)(params, cfg.replace(scan_unroll=unroll))
-    chex.assert_trees_all_close((v1, g1), (v2, g2), atol=1e-6)
-    # The cached passes (partial block ranges) too.
-    for c in (cfg, cfg.replace(scan_unroll=unroll)):
+    def cached_passes(c):  # partial block ranges
         out, deep = DiT(c).apply({"params": params}, x, t, y, 3, method=DiT.forward_full)
-        shallow = DiT(c).apply({"params": params}, x, t, y, deep * 0.9, 3, method=DiT.forward_shallow)
-        if c.scan_unroll == 1:
-            ref = (out, deep, shallow)
-    chex.assert_trees_all_close((out, deep, shallow), ref, atol=1e-6)
+        return out, deep, DiT(c).apply({"params": params}, x, t, y, deep * 0.9, 3, method=DiT.forward_shallow)
+
+    other = cfg.replace(**change)
+    chex.assert_trees_all_close(jax.value_and_grad(loss)(params, cfg), jax.value_and_grad(loss)(params, other), atol=1e-6)
+    chex.assert_trees_all_close(cached_passes(cfg), cached_passes(other), atol=1e-6)
 
 
 def test_unconditional_model():

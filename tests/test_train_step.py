@@ -88,6 +88,19 @@ def test_ema_follows_params():
         np.testing.assert_allclose(e, 0.9 * p0 + 0.1 * p1, rtol=1e-5, atol=1e-7)
 
 
+def test_ema_warmup_forgets_the_initialisation():
+    params = jax.tree.map(jnp.asarray, random_params(CFG))
+    tx = optim.make_optimizer(_opt(), params)
+    step = jax.jit(make_train_step(CFG, tx, ema_decay=0.999, ema_warmup=True))
+    state, _ = step(init_train_state(params, tx), _batch(0), jax.random.key(0))  # n = 0: decay 1/10
+    for p0, p1, e in zip(jax.tree.leaves(params), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
+        np.testing.assert_allclose(e, 0.1 * p0 + 0.9 * p1, rtol=1e-5, atol=1e-7)
+    ema1 = state.ema_params
+    state, _ = step(state, _batch(1), jax.random.key(0))  # n = 1: decay 2/11
+    for e1, p2, e2 in zip(jax.tree.leaves(ema1), jax.tree.leaves(state.params), jax.tree.leaves(state.ema_params)):
+        np.testing.assert_allclose(e2, 2 / 11 * e1 + 9 / 11 * p2, rtol=1e-5, atol=1e-7)
+
+
 def test_skip_only_without_skips_is_an_error():
     with pytest.raises(ConfigError, match="no skip modules"):
         optim.make_optimizer(_opt(), init_params(CFG.replace(long_skip=False)), "skip_only")
@@ -129,3 +142,23 @@ def test_optax_frozen_params_carry_no_moments():
     n_state = sum(x.size for x in jax.tree.leaves(tx.init(params)))
     n_skip = sum(x.size for x in jax.tree.leaves(params["skip_fusions"]))
     assert n_state < 3 * n_skip + 10  # mu and nu for the skip modules only (+ counters)
+
+
+def test_min_snr_weighting_downweights_low_noise_steps():
+    from skipdit_jax.diffusion import Diffusion
+
+    d = Diffusion(None, learn_sigma=False)
+    snr = np.asarray(d.snr(jnp.array([0, 100, 500, 999])))
+    assert (np.diff(snr) < 0).all() and snr[0] > 1000 and snr[-1] < 1e-3
+    # Same data and randomness: the weighted loss is smaller (weights <= 1), the mse metric equal.
+    params = jax.tree.map(jnp.asarray, random_params(CFG))
+    tx = optim.make_optimizer(_opt(), params)
+    out = {}
+    for gamma in (None, 5.0):
+        step = jax.jit(make_train_step(CFG, tx, ema_decay=0.9, min_snr_gamma=gamma))
+        out[gamma] = step(init_train_state(params, tx), _batch(0), jax.random.key(3))[1]
+    assert float(out[5.0]["mse"]) == pytest.approx(float(out[None]["mse"]))
+    assert float(out[5.0]["loss"]) <= float(out[None]["loss"]) + 1e-7
+    from skipdit_jax.train_step import min_snr_weight
+
+    np.testing.assert_allclose(min_snr_weight(jnp.array([100.0, 5.0, 0.5]), 5.0), [0.05, 1.0, 1.0], rtol=1e-6)

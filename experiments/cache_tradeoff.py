@@ -1,0 +1,172 @@
+"""Quality vs measured speedup of every cache method, against the uncached samples from the
+same noise (the paper's comparative claim).
+
+    python experiments/cache_tradeoff.py --out runs/cache_tradeoff                # MNIST, CPU, ~30 min with training
+    python experiments/cache_tradeoff.py --out runs/ct --skipdit runs/mnist_skipdit --dit runs/mnist_dit
+
+Models: a Skip-DiT for Skip-Cache, and a DiT of the same size for the baselines (FORA,
+PAB, Delta-DiT, TeaCache) and for the shallow cache without skips (the ablation). Without
+--skipdit/--dit the two are trained with configs/mnist_skipdit.py's settings for
+--train_minutes each and kept in OUT/models (a second run reuses them).
+
+Every class is sampled --per_class times with DDIM from one fixed noise; each method's
+samples are compared with its own model's uncached samples: PSNR, SSIM (LPIPS on RGB
+images only, so null on MNIST), and class accuracy under the MNIST classifier. Speedup is
+measured (compiled ahead of time, then timed; median of --repeats) beside the block-count
+prediction of the realised schedule. TeaCache's rescaling polynomial is first fitted to
+the DiT (`calibrate_teacache`) unless --teacache_identity.
+
+Writes OUT/results.json ({"rows": [{"method", "setting", "predicted_speedup", "speedup",
+"psnr_db", "ssim", "lpips", "class_accuracy"}], ...}) and OUT/tradeoff.png.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import sys
+from pathlib import Path
+
+import numpy as np
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _common import define_model_flags  # noqa: E402
+
+define_model_flags("runs/cache_tradeoff")
+flags.DEFINE_integer("per_class", 10, "samples per class")
+flags.DEFINE_integer("steps", 50, "DDIM steps")
+flags.DEFINE_float("cfg_scale", 2.0, "guidance scale")
+flags.DEFINE_integer("repeats", 3, "timed runs per setting (median)")
+flags.DEFINE_list("skip_cache", ["2", "3", "4", "5"], "Skip-Cache intervals N")
+flags.DEFINE_list("shallow_cache", ["2", "3", "4"], "shallow cache on DiT (ablation) intervals N")
+flags.DEFINE_list("fora", ["2", "3", "4"], "FORA intervals N")
+flags.DEFINE_list("pab", ["2", "3"], "PAB intervals N")
+flags.DEFINE_list("delta_dit", ["2", "3"], "Delta-DiT intervals N")
+flags.DEFINE_list("teacache", ["0.1", "0.2", "0.4"], "TeaCache thresholds")
+flags.DEFINE_bool("teacache_identity", False, "skip calibration: TeaCache with the identity polynomial")
+flags.DEFINE_integer("shallow_blocks", 0, "k for the static caches (0: the model config's sample.shallow_blocks, 2 for the MNIST models)")
+flags.DEFINE_integer("classifier_steps", 800, "training steps of the MNIST classifier")
+FLAGS = flags.FLAGS
+
+
+def plot(rows, path: Path) -> None:
+    from _common import figure, save_figure
+
+    plt, fig, axes = figure(2)
+    methods = sorted({r["method"] for r in rows if r["method"] != "none"})
+    for method in methods:
+        pts = sorted((r for r in rows if r["method"] == method), key=lambda r: r["speedup"])
+        sp = [r["speedup"] for r in pts]
+        axes[0].plot(sp, [min(r["psnr_db"], 60) for r in pts], "o-", label=method)
+        axes[1].plot(sp, [r["class_accuracy"] for r in pts], "o-", label=method)
+    full = [r for r in rows if r["method"] == "none"]
+    for r in full:
+        axes[1].axhline(r["class_accuracy"], ls=":", c="gray")
+    axes[0].set(xlabel="measured speedup", ylabel="PSNR vs uncached (dB)", title="fidelity to the uncached samples")
+    axes[1].set(xlabel="measured speedup", ylabel="class accuracy", title="sample quality (dotted: uncached)")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    save_figure(plt, fig, path)
+
+
+def main(_):
+    from skipdit_jax.xla_tuning import tune_xla_cpu_flags
+
+    tune_xla_cpu_flags()
+    import jax
+
+    from _common import class_noise, ensure_classifier, load_models, timed_sample
+    from skipdit_jax import classifier, metrics
+    from skipdit_jax.cache_baselines import calibrate_teacache, make_cache, plan_from_schedule
+    from skipdit_jax.demo import DEFAULT_CONFIG, load_config_file
+    from skipdit_jax.errors import UserError
+
+    try:
+        settings = {name: [float(v) for v in getattr(FLAGS, name)] for name in ("skip_cache", "shallow_cache", "fora", "pab", "delta_dit", "teacache")}
+    except ValueError as e:
+        raise UserError(f"bad setting list: {e}") from None
+    base = load_config_file(DEFAULT_CONFIG)
+    k = FLAGS.shallow_blocks or base.sample.shallow_blocks
+    # Every (model, method, setting) is built -- and so validated -- before anything trains.
+    plan = [("skipdit", "none", None), ("dit", "none", None)]
+    plan += [("skipdit", "skip-cache", n) for n in settings["skip_cache"]]
+    plan += [("dit", "shallow-cache", n) for n in settings["shallow_cache"]]
+    plan += [("dit", m.replace("_", "-"), n) for m in ("fora", "pab", "delta_dit") for n in settings[m]]
+    for kind, method, setting in plan:
+        if setting is not None:
+            make_cache(method, setting, shallow_blocks=k)
+    for th in settings["teacache"]:
+        make_cache("teacache", th)
+
+    out = Path(FLAGS.out)
+    out.mkdir(parents=True, exist_ok=True)
+    models = load_models(out, FLAGS)
+    mc_skip = models["skipdit"][0]
+    for kind, method, setting in plan:
+        if setting is not None:
+            make_cache(method, setting, shallow_blocks=k).check_model(models[kind][0])
+    clf, clf_meta = ensure_classifier(out, mc_skip.input_size, base.data.mnist_resize, FLAGS.classifier_steps) if mc_skip.in_channels == 1 else (None, None)
+    rgb = mc_skip.in_channels == 3
+
+    sample_kw = dict(sampler="ddim", num_steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale, clip=True, repeats=FLAGS.repeats)
+    rows, references = [], {}
+
+    def score(kind, method, setting, cache):
+        mc, params = models[kind]
+        noise, labels = class_noise(mc, FLAGS.per_class)
+        x, secs, full = timed_sample(mc, params, cache, noise, labels, **sample_kw)
+        cached_blocks = 0 if cache is None else cache.cached_blocks(mc)
+        if cache is None:
+            references[kind] = (x, secs)
+        ref, ref_secs = references[kind]
+        row = {
+            "method": method,
+            "model": kind,
+            "setting": setting,
+            "full_steps": int(full.sum()),
+            "cached_steps": int((~full).sum()),
+            "predicted_speedup": round(plan_from_schedule(full, mc.depth, cached_blocks).predicted_speedup, 3),
+            "seconds": round(secs, 3),
+            "speedup": round(ref_secs / secs, 3),
+            "psnr_db": None if cache is None else round(metrics.psnr(x, ref), 2),
+            "ssim": None if cache is None else round(metrics.ssim(x, ref), 4),
+            "lpips": round(float(metrics.lpips(x, ref).mean()), 4) if rgb and cache is not None else None,
+            "class_accuracy": None if clf is None else float(np.mean(classifier.predict(clf, x) == np.asarray(labels))),
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    for kind, method, setting in plan:
+        score(kind, method, setting, None if setting is None else make_cache(method, setting, shallow_blocks=k))
+    coeffs = None
+    if settings["teacache"] and not FLAGS.teacache_identity:
+        mc, params = models["dit"]
+        noise, labels = class_noise(mc, 2, seed=7)  # calibration noise differs from the test noise
+        coeffs = calibrate_teacache(mc, params, noise, labels, num_steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale)
+        print(f"TeaCache polynomial fitted to the DiT: {coeffs}")
+    for th in settings["teacache"]:
+        score("dit", "teacache", th, make_cache("teacache", th, coefficients=coeffs))
+
+    result = {
+        "rows": rows,
+        "teacache_coefficients": coeffs,
+        "classifier_heldout_accuracy": clf_meta and clf_meta["heldout_accuracy"],
+        "sampler": f"ddim{FLAGS.steps}",
+        "cfg_scale": FLAGS.cfg_scale,
+        "samples": 10 * FLAGS.per_class,
+        "shallow_blocks": k,
+        "models": {kind: {f: getattr(mc, f) for f in ("depth", "hidden_size", "num_heads", "patch_size", "long_skip", "input_size")} for kind, (mc, _) in models.items()},
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, {jax.devices()[0].device_kind}",
+    }
+    (out / "results.json").write_text(json.dumps(result, indent=2))
+    plot(rows, out / "tradeoff.png")
+    print(f"wrote {out / 'results.json'} and {out / 'tradeoff.png'}")
+
+
+if __name__ == "__main__":
+    from _common import run_experiment
+
+    run_experiment(main, "cache_tradeoff")

@@ -1,0 +1,131 @@
+"""Every experiment runs end to end in a tiny configuration (tiny models trained through
+the trainer once and shared), writes its results.json and plot, and refuses bad flags
+with one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ",".join(
+    [
+        "model.depth=4",
+        "model.hidden_size=32",
+        "model.num_heads=2",
+        "model.scan_unroll=1",
+        "data.image_size=8",
+        "train.steps=6",
+        "train.global_batch_size=8",
+        "train.log_every=3",
+        "checkpoint.every=6",
+        "optimizer.warmup_steps=0",
+        "sample.shallow_blocks=1",
+    ]
+)
+
+
+def run(script, *args, timeout=600, expect_ok=True):
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    if expect_ok:
+        assert res.returncode == 0, res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """Tiny Skip-DiT and DiT workdirs, trained by the spectral experiment (cheapest)."""
+    out = tmp_path_factory.mktemp("exp")
+    run("spectral.py", f"--out={out / 'spectral'}", f"--overrides={TINY}", "--timesteps=100,900", "--samples=1", "--iters=3")
+    res = json.loads((out / "spectral" / "results.json").read_text())
+    assert set(res["models"]) == {"skipdit", "dit"}
+    for r in res["models"].values():
+        assert all(v > 0 for v in r["jacobian_spectral_norm"])
+        assert len(r["weight_spectral_norms"]["mlp/fc1/kernel"]) == 4
+    assert "skip_fusion/linear/kernel" in res["models"]["skipdit"]["weight_spectral_norms"]
+    assert (out / "spectral" / "spectral.png").stat().st_size > 0
+    m = out / "spectral" / "models"
+    assert (m / "skipdit" / "experiment_done.json").exists()
+    return str(m / "skipdit"), str(m / "dit"), out
+
+
+def test_cache_tradeoff(models):
+    skip, dit, out = models
+    res_dir = out / "tradeoff"
+    run(
+        "cache_tradeoff.py", f"--out={res_dir}", f"--skipdit={skip}", f"--dit={dit}", "--per_class=1", "--steps=6", "--repeats=1",
+        "--skip_cache=2", "--shallow_cache=2", "--fora=2", "--pab=2", "--delta_dit=2", "--teacache=0.5", "--classifier_steps=10", "--shallow_blocks=1",
+    )
+    res = json.loads((res_dir / "results.json").read_text())
+    rows = {r["method"]: r for r in res["rows"]}
+    assert set(rows) == {"none", "skip-cache", "shallow-cache", "fora", "pab", "delta-dit", "teacache"}
+    for r in res["rows"]:
+        assert set(r) >= {"method", "setting", "predicted_speedup", "speedup", "psnr_db", "ssim", "lpips", "class_accuracy"}
+        assert r["lpips"] is None  # grayscale digits
+        assert 0 <= r["class_accuracy"] <= 1
+        if r["method"] != "none":
+            assert r["cached_steps"] > 0 and r["predicted_speedup"] > 1 and r["ssim"] <= 1
+    assert rows["fora"]["full_steps"] == 3 and rows["fora"]["predicted_speedup"] == 2.0
+    assert len(res["teacache_coefficients"]) >= 2
+    assert (res_dir / "tradeoff.png").stat().st_size > 0
+
+
+def test_feature_similarity(models):
+    skip, dit, out = models
+    run("feature_similarity.py", f"--out={out / 'fs'}", f"--skipdit={skip}", f"--dit={dit}", "--steps=6", "--per_class=1", "--shallow_blocks=1")
+    res = json.loads((out / "fs" / "results.json").read_text())
+    assert set(res["cached_vs_fresh"]) == {"Skip-DiT, Skip-Cache", "DiT, shallow cache", "DiT, FORA"}
+    for name, s in res["cached_vs_fresh"].items():
+        assert len(s) == 6 and s[0] == 1.0
+        assert -1 <= res["mean_over_cached_steps"][name] < 1
+    assert (out / "fs" / "feature_similarity.png").stat().st_size > 0
+
+
+def test_perturbation(models):
+    skip, dit, out = models
+    for target in ("input", "weights"):
+        d = out / f"pert_{target}"
+        run("perturbation.py", f"--out={d}", f"--skipdit={skip}", f"--dit={dit}", f"--target={target}", "--grid=3", "--samples=2")
+        res = json.loads((d / "results.json").read_text())
+        for s in res["surfaces"].values():
+            assert abs(s[1][1] - 1.0) < 1e-5  # alpha = beta = 0 is the unperturbed model
+            assert min(min(r) for r in s) < 1.0
+        assert (d / "perturbation.png").stat().st_size > 0
+
+
+def test_convergence(tmp_path):
+    run(
+        "convergence.py", f"--out={tmp_path}", f"--overrides={TINY}", "--total_steps=4", "--eval_every=2", "--per_class=2",
+        "--sample_steps=3", "--heldout=20", "--classifier_steps=10",
+    )
+    res = json.loads((tmp_path / "results.json").read_text())
+    for kind in ("dit", "skipdit"):
+        assert [r["step"] for r in res["curves"][kind]] == [2, 4]
+        assert all(r["heldout_loss"] > 0 and r["classifier_fid"] >= 0 for r in res["curves"][kind])
+    assert set(res["summary"]) == {"heldout_loss", "classifier_fid"}
+    assert (tmp_path / "convergence.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "script,args,match",
+    [
+        ("cache_tradeoff.py", ["--fora=0"], "interval"),
+        ("cache_tradeoff.py", ["--teacache=-1"], "threshold"),
+        ("cache_tradeoff.py", ["--pab=two"], "bad setting"),
+        ("spectral.py", ["--timesteps=5000"], "0..999"),
+        ("perturbation.py", ["--radius=0"], "radius"),
+        ("feature_similarity.py", ["--interval=1"], "interval"),
+        ("convergence.py", ["--eval_every=0"], "eval_every"),
+    ],
+)
+def test_bad_flags_one_line(script, args, match, models):
+    skip, dit, out = models
+    model_flags = [] if script == "convergence.py" else [f"--skipdit={skip}", f"--dit={dit}"]
+    res = run(script, f"--out={out / 'bad'}", *model_flags, *args, expect_ok=False, timeout=300)
+    assert res.returncode != 0
+    lines = [line for line in res.stderr.strip().splitlines() if line.strip() and "libtpu" not in line and "xla_bridge" not in line]
+    assert len(lines) == 1 and match in lines[0], res.stderr[-2000:]
+    assert "Traceback" not in res.stderr
