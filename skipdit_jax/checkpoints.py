@@ -28,6 +28,15 @@ CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 
 
+def absolute_path(path) -> epath.Path:
+    """An absolute `epath.Path` (Orbax refuses relative ones); cloud paths (`gs://...`)
+    are absolute already and are left as they are."""
+    text = os.fspath(path) if not isinstance(path, str) else path
+    if "://" in text:
+        return epath.Path(text)
+    return epath.Path(os.path.abspath(os.path.expanduser(text)))
+
+
 def is_model_dir(path) -> bool:
     p = epath.Path(path)
     return p.is_dir() and (p / CONFIG_FILE).exists() and (p / PARAMS_DIR).exists()
@@ -35,7 +44,7 @@ def is_model_dir(path) -> bool:
 
 def save_model(path, config: ModelConfig, params, *, overwrite: bool = False, extra: dict | None = None) -> None:
     """Write `params` and `config` to the model directory `path`."""
-    out = epath.Path(path).absolute()
+    out = absolute_path(path)
     if out.exists() and any(out.iterdir()):
         if not overwrite:
             raise CheckpointError(f"output directory {out} already exists and is not empty")
@@ -54,7 +63,7 @@ def save_model(path, config: ModelConfig, params, *, overwrite: bool = False, ex
 
 def load_model_dir(path) -> tuple[ModelConfig, dict]:
     """(config, params) of a model directory written by `save_model`."""
-    p = epath.Path(path).absolute()
+    p = absolute_path(path)
     if not is_model_dir(p):
         raise CheckpointError(f"{p} is not a model directory (expected {CONFIG_FILE} and {PARAMS_DIR}/ inside)")
     try:

@@ -29,7 +29,7 @@ from etils import epath
 from tqdm import tqdm
 
 from skipdit_jax import data as data_lib
-from skipdit_jax import images, optim, sharding, train_config
+from skipdit_jax import checkpoints, images, optim, sharding, train_config
 from skipdit_jax.cache import SkipCache
 from skipdit_jax.errors import CheckpointError, ConfigError
 from skipdit_jax.metric_logging import MetricWriter
@@ -168,7 +168,7 @@ def sample_grid(mc: ModelConfig, params, config, path: epath.Path, step: int, wr
 
 # ---- the trainer ------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> TrainResult:
-    workdir = epath.Path(workdir)
+    workdir = checkpoints.absolute_path(workdir)  # Orbax needs absolute paths
     t_start = time.perf_counter()
 
     # -- validate (before anything compiles) -------------------------------------------------
@@ -331,7 +331,7 @@ def _opt_cfg(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def load_trained(workdir, use_ema: bool = True) -> tuple[ModelConfig, Any]:
     """(model_config, params) of the latest checkpoint in a training workdir (EMA by default)."""
-    workdir = epath.Path(workdir)
+    workdir = checkpoints.absolute_path(workdir)
     cfg_file = workdir / "model_config.json"
     if not cfg_file.exists():
         raise CheckpointError(f"{workdir} is not a training workdir (no model_config.json)")

@@ -1,0 +1,47 @@
+"""The demo end to end on a tiny model: classifier, training through the trainer,
+sampling with and without Skip-Cache, the report and images; and its bad input."""
+
+import json
+import subprocess
+import sys
+
+from skipdit_jax.demo import CACHE_INTERVALS, run_demo
+
+TINY = {
+    "model.depth": 6,
+    "model.hidden_size": 32,
+    "model.num_heads": 2,
+    "model.scan_unroll": 1,
+    "data.image_size": 8,
+    "train.steps": 8,
+    "train.global_batch_size": 16,
+    "train.log_every": 4,
+    "checkpoint.every": 8,
+    "optimizer.warmup_steps": 0,
+    "sample.every": 0,
+    "sample.num_steps": 5,
+    "demo.reserve_seconds": 10.0,
+}
+
+
+def test_demo_end_to_end(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path.parent)  # a relative --out, as in the Quickstart
+    report = run_demo(tmp_path.name, minutes=3, samples_per_class=1, overrides=TINY)
+    on_disk = json.loads((tmp_path / "report.json").read_text())
+    assert on_disk["train"] == report["train"] and on_disk["train"]["steps"] == 8
+    assert set(on_disk) >= {"train", "classifier_test_accuracy", "full", "cache"}
+    assert set(on_disk["train"]) == {"steps", "seconds", "final_loss"}
+    assert on_disk["classifier_test_accuracy"] > 0.5  # a real classifier, even at 8x8
+    assert 0 <= on_disk["full"]["class_accuracy"] <= 1 and on_disk["full"]["seconds"] > 0
+    assert [row["interval"] for row in on_disk["cache"]] == list(CACHE_INTERVALS)
+    for row in on_disk["cache"]:
+        assert set(row) == {"interval", "seconds", "speedup", "predicted_speedup", "psnr_db", "class_accuracy"}
+        assert row["predicted_speedup"] > 1 and row["psnr_db"] > 0
+    for name in ["samples_full.png", "loss.png"] + [f"samples_cache{n}.png" for n in CACHE_INTERVALS]:
+        assert (tmp_path / name).stat().st_size > 0
+
+
+def test_demo_bad_minutes_is_one_line(tmp_path):
+    res = subprocess.run([sys.executable, "-m", "skipdit_jax.cli", "demo", f"--out={tmp_path}", "--minutes=0"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["skipdit: error: --minutes must be > 0, got 0.0"]
