@@ -2,6 +2,7 @@
 
     python experiments/bench_train.py speed     # JAX (loop / unrolled blocks) vs PyTorch reference, fp32, batch 8, 256 tokens
     python experiments/bench_train.py xl        # (Skip-)DiT-XL/2 compile time and step time at batch 2
+    python experiments/bench_train.py xl --dtype bfloat16 --batch 32 --peak_tflops 989   # MFU on a GPU
     python experiments/bench_train.py memory    # per-device params+optimizer bytes at 1/2/4/8 simulated devices
 
 speed: one full training step (forward, hybrid loss, backward, AdamW, EMA) on 32x32x4
@@ -44,6 +45,8 @@ flags.DEFINE_integer("batch", 8, "batch size for `speed`")
 flags.DEFINE_bool("torch", True, "time the PyTorch reference in `speed`")
 flags.DEFINE_string("json_out", None, "append results as JSON lines here")
 flags.DEFINE_integer("devices", 0, "internal: device count of a `memory` worker")
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype (parameters stay float32)")
+flags.DEFINE_float("peak_tflops", 0.0, "the device's peak TFLOP/s at --dtype, to report MFU (e.g. 989 for an H100 SXM in bf16)")
 flags.DEFINE_bool("xla_tuning", True, "set skipdit_jax.xla_tuning's XLA CPU flags (as the skipdit command does)")
 FLAGS = flags.FLAGS
 
@@ -70,6 +73,9 @@ def jax_step_time(mc: ModelConfig, batch: int, repeats: int):
     t0 = time.perf_counter()
     compiled = step.lower(state, b, key).compile()
     compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    jax_step_time.last_flops = float((cost or {}).get("flops", 0.0))
     state, m = compiled(state, b, key)
     jax.block_until_ready(m)
     times = []
@@ -156,10 +162,16 @@ def speed():
 
 
 def xl():
+    batch = FLAGS.batch if FLAGS.batch != 8 else 2  # --batch for an accelerator run; 2 on CPU
     for name in ("DiT-XL/2", "Skip-DiT-XL/2"):
-        mc = preset(name)
-        j, c = jax_step_time(mc, 2, max(1, FLAGS.repeats - 1))
-        _emit(dict(bench="xl_train_step", model=name, batch=2, jax_seconds=j, jax_compile_seconds=c))
+        mc = preset(name, dtype=FLAGS.dtype)
+        j, c = jax_step_time(mc, batch, max(1, FLAGS.repeats - 1))
+        tflops = jax_step_time.last_flops / j / 1e12
+        row = dict(bench="xl_train_step", model=name, batch=batch, dtype=FLAGS.dtype, device=jax.devices()[0].device_kind,
+                   jax_seconds=j, jax_compile_seconds=c, xla_flops_per_step=jax_step_time.last_flops, achieved_tflops=tflops)
+        if FLAGS.peak_tflops > 0:
+            row["mfu"] = tflops / FLAGS.peak_tflops
+        _emit(row)
 
 
 def memory_worker(n: int):

@@ -104,7 +104,7 @@ class SkipCache:
         """The schedule and its block-count speedup: depth blocks per full step, 2k per
         cached step (embedders and final layer are ignored)."""
         full = self.full_steps(timesteps)
-        cost = full.sum() * depth + (~full).sum() * 2 * self.shallow_blocks
+        cost = full.sum() * depth + (~full).sum() * self.cached_blocks()
         return CachePlan(full=full, predicted_speedup=float(len(full) * depth / cost))
 
     # ---- device-side passes ----------------------------------------------------------------
@@ -128,6 +128,13 @@ class ShallowCache(SkipCache):
 
     name = "shallow-cache"
     requires_long_skip = False
+
+    def cached_blocks(self, config: ModelConfig | None = None) -> int:
+        """Without long skips nothing reads the first k blocks' outputs on a cached step (the
+        decoder starts from the cached deep feature), so XLA drops them: k blocks run."""
+        if config is not None and config.long_skip:
+            return 2 * self.shallow_blocks
+        return self.shallow_blocks
 
 
 def parse_cache_spec(spec: str | None) -> SkipCache | None:

@@ -87,3 +87,12 @@ def test_parse_cache_spec():
         parse_cache_spec("2,x")
     with pytest.raises(ConfigError):
         parse_cache_spec("1,2,3")
+
+
+def test_shallow_cache_on_dit_costs_only_the_last_blocks():
+    # Without fusions the first k blocks' outputs are unused on a cached step: k blocks run.
+    ts = sampling_timesteps("ddim", 50)
+    plan = ShallowCache(2, 4).plan(ts, depth=28)
+    assert (plan.num_full, plan.num_cached) == (26, 24)
+    assert plan.predicted_speedup == pytest.approx(50 * 28 / (26 * 28 + 24 * 4))
+    assert ShallowCache(2, 4).cached_blocks(tiny_config(depth=8, long_skip=True)) == 8

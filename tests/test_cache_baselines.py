@@ -149,3 +149,10 @@ def test_block_branches_rebuild_the_hidden_states():
     for k in (1, 3):
         _, deep = DiT(DIT).apply({"params": PARAMS}, x, t, y, k, method=DiT.forward_full)
         np.testing.assert_allclose(h0 + branches[: DIT.depth - k].sum(0), deep, atol=1e-5)
+
+
+def test_teacache_negative_polynomial_values_do_not_shrink_the_accumulator():
+    # A polynomial that is negative everywhere must behave like "no change": cache all
+    # but the forced steps, never reset by a shrinking sum.
+    _, full = _run(TeaCache(0.5, (-1.0, -1.0)))
+    assert full.sum() == 2 and full[0] and full[-1]

@@ -57,7 +57,7 @@ def test_cache_tradeoff(models):
     res_dir = out / "tradeoff"
     run(
         "cache_tradeoff.py", f"--out={res_dir}", f"--skipdit={skip}", f"--dit={dit}", "--per_class=1", "--steps=6", "--repeats=1",
-        "--skip_cache=2", "--shallow_cache=2", "--fora=2", "--pab=2", "--delta_dit=2", "--teacache=0.5", "--classifier_steps=10", "--shallow_blocks=1",
+        "--skip_cache=2", "--shallow_cache=2", "--fora=2", "--pab=2", "--delta_dit=2", "--teacache=0.5", "--teacache_calibrate", "--classifier_steps=10", "--shallow_blocks=1",
     )
     res = json.loads((res_dir / "results.json").read_text())
     rows = {r["method"]: r for r in res["rows"]}

@@ -26,7 +26,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("steps", 50, "DDIM steps", flag_values=fv)
     flags.DEFINE_float("cfg_scale", 4.0, "guidance scale (1 = none)", flag_values=fv)
     flags.DEFINE_integer("num", 8, "trajectories (random classes)", flag_values=fv)
-    flags.DEFINE_integer("degree", 4, "polynomial degree", flag_values=fv)
+    flags.DEFINE_integer("degree", 1, "polynomial degree (4 overfits one short run; see calibrate_teacache)", flag_values=fv)
     flags.DEFINE_integer("seed", 0, "noise and label seed", flag_values=fv)
     flags.DEFINE_string("out", None, "write the coefficients as JSON here", flag_values=fv)
     flags.DEFINE_integer("num_heads", None, "heads, for official checkpoints of a non-preset width", flag_values=fv)
