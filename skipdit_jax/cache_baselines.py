@@ -287,6 +287,8 @@ class TeaCache(_Baseline):
         return modulate(layer_norm(h), shift, scale).astype(jnp.float32)
 
     def decide(self, config, params, x, t, y, forced_full, carry):
+        # The embedding computed here is computed again by the pass that follows; it is a
+        # patch conv and two small MLPs, negligible beside one block.
         acc, prev, residual = carry
         mod = self.modulated_input(config, params, x, t, y)
         rel = jnp.mean(jnp.abs(mod - prev)) / jnp.maximum(jnp.mean(jnp.abs(prev)), 1e-12)
