@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from skipdit_jax import checkpoints, classifier
-from skipdit_jax.demo import DEFAULT_CONFIG, load_config_file
+from skipdit_jax.demo import DEFAULT_CONFIG, apply_overrides, load_config_file
 from skipdit_jax.sampling import build_sampler, resolve_respacing
 
 MODEL_KINDS = ("skipdit", "dit")
@@ -113,16 +113,6 @@ def load_models(out_dir: Path, flag_values) -> dict:
     if not models["skipdit"][0].long_skip or models["dit"][0].long_skip:
         raise UserError("--skipdit must be a model with long skips and --dit one without")
     return models
-
-
-def apply_overrides(config, overrides: dict) -> None:
-    """Set dotted keys of an (unlocked) ml_collections config."""
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
 
 
 def figure(ncols: int = 2, **kw):

@@ -81,12 +81,14 @@ class _Baseline:
                 "(method 'skip-cache'), or give a DiT checkpoint"
             )
 
-    def cached_blocks(self, config: ModelConfig) -> int:
+    def blocks_per_cached_step(self, depth: int) -> int:
         return 0
 
-    def plan(self, timesteps: Sequence[int], depth: int, config: ModelConfig | None = None) -> CachePlan:
-        full = self.full_steps(timesteps)
-        return plan_from_schedule(full, depth, self.cached_blocks(config) if config is not None else 0)
+    def cached_blocks(self, config: ModelConfig) -> int:
+        return self.blocks_per_cached_step(config.depth)
+
+    def plan(self, timesteps: Sequence[int], depth: int) -> CachePlan:
+        return plan_from_schedule(self.full_steps(timesteps), depth, self.blocks_per_cached_step(depth))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,16 +200,16 @@ class DeltaDiT(_IntervalBaseline):
             raise ConfigError(f"delta-dit blocks must be an integer >= 1, got {self.blocks}")
 
     def m(self, config: ModelConfig) -> int:
-        return self.blocks if self.blocks is not None else max(1, config.depth // 4)
+        return self.blocks_per_cached_step(config.depth)
+
+    def blocks_per_cached_step(self, depth: int) -> int:
+        return self.blocks if self.blocks is not None else max(1, depth // 4)
 
     def check_model(self, config):
         super().check_model(config)
         half = config.num_encoder_blocks
         if not 1 <= self.m(config) <= min(half, config.depth - half):
             raise ConfigError(f"delta-dit blocks must be in 1..{half} for depth {config.depth}, got {self.m(config)}")
-
-    def cached_blocks(self, config):
-        return self.m(config)
 
     def full_steps(self, timesteps):
         return _pab_cadence(timesteps, self.interval)
@@ -273,7 +275,7 @@ class TeaCache(_Baseline):
         full[[0, -1]] = True
         return full
 
-    def plan(self, timesteps, depth, config=None):
+    def plan(self, timesteps, depth):
         raise ConfigError("TeaCache decides while sampling; its plan comes from the realised schedule (plan_from_schedule)")
 
     def init_carry(self, config: ModelConfig, batch: int):

@@ -47,6 +47,16 @@ def load_config_file(path, arg: str | None = None):
     return module.get_config(arg) if arg is not None else module.get_config()
 
 
+def apply_overrides(config, overrides: dict) -> None:
+    """Set dotted keys ("train.steps": 10) of an ml_collections config in place."""
+    for dotted, value in overrides.items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+
+
 def _time(fn, *args) -> tuple[np.ndarray, float]:
     start = time.perf_counter()
     out = jax.block_until_ready(fn(*args))
@@ -74,12 +84,7 @@ def run_demo(out: str, minutes: float = 15.0, config_path=DEFAULT_CONFIG, sample
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     config = load_config_file(config_path)
-    for dotted, value in (overrides or {}).items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
+    apply_overrides(config, overrides or {})
     size, s = config.data.image_size, config.sample
     per_class = samples_per_class or config.demo.samples_per_class
 

@@ -1,11 +1,12 @@
 """The training state and the pure, jitted train step.
 
 One step: sample t ~ U{0..999} and noise, drop labels to the null label with probability
-`label_dropout` (for classifier-free guidance), compute the hybrid loss in float32, take
-the gradient, and apply AdamW and the EMA (optionally with warm-up) -- unless the update guard trips (gradient norm
-not finite, or above `grad_skip_threshold`), in which case the state is kept and the
-skip is counted. Randomness comes from `fold_in(rng, step)`, so a resumed run draws exactly
-what an uninterrupted one would, whatever the device count.
+`label_dropout` (for classifier-free guidance), compute the hybrid loss in float32
+(optionally Min-SNR weighted), take the gradient, and apply AdamW and the EMA (optionally
+with warm-up) -- unless the update guard trips (gradient norm not finite, or above
+`grad_skip_threshold`), in which case the state is kept and the skip is counted.
+Randomness comes from `fold_in(rng, step)`, so a resumed run draws exactly what an
+uninterrupted one would, whatever the device count.
 """
 
 from __future__ import annotations
@@ -80,7 +81,7 @@ def make_train_step(
                 # Min-SNR-gamma weighting of the eps-MSE (Hang et al. 2023): weight
                 # min(SNR, gamma) / SNR, so the many easy low-noise steps stop dominating
                 # the gradient; the vb term is unchanged. Not in the official recipe.
-                loss = loss - terms["mse"] + min_snr_weight(diffusion.snr(t), min_snr_gamma) * terms["mse"]
+                loss = loss + (min_snr_weight(diffusion.snr(t), min_snr_gamma) - 1.0) * terms["mse"]
             return loss.mean(), terms
 
         (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

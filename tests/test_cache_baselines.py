@@ -60,9 +60,9 @@ def test_schedules_follow_their_definitions():
     # Block-count plans: FORA's cached steps run no block, Delta-DiT's m = depth // 4.
     assert FORA(2).plan(ts, 28).predicted_speedup == pytest.approx(50 / 25)
     d = DeltaDiT(2)
-    cfg = tiny_config(depth=28, long_skip=False)
     full = d.full_steps(ts)
-    assert d.plan(ts, 28, cfg).predicted_speedup == pytest.approx(50 * 28 / (full.sum() * 28 + (~full).sum() * 7))
+    assert d.cached_blocks(tiny_config(depth=28, long_skip=False)) == 7
+    assert d.plan(ts, 28).predicted_speedup == pytest.approx(50 * 28 / (full.sum() * 28 + (~full).sum() * 7))
 
 
 def test_delta_dit_uses_both_regimes():
