@@ -16,7 +16,7 @@ Stage 1 uses the recipe's update guard: an update whose gradient norm is not fin
 `train.grad_skip_threshold` is skipped and counted.
 """
 
-from skipdit_jax.train_config import default_config, finalize
+from skipdit_jax.training.config import default_config, finalize
 
 
 def get_config(arg: str | None = "stage1"):

@@ -7,13 +7,8 @@ Identical to configs/imagenet256_skipdit_xl2.py but for `model.long_skip=False` 
 DiT paper's 7M steps (FID-50K about 19.5 at 400k steps and 9.6 at 7M without guidance).
 """
 
-import importlib.util
-import os
+from skipdit_jax.training.recipes import imagenet256_xl2
 
 
 def get_config(arg: str | None = None):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "imagenet256_skipdit_xl2.py")
-    spec = importlib.util.spec_from_file_location("imagenet256_skipdit_xl2", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("dit")
+    return imagenet256_xl2("dit")

@@ -3,17 +3,11 @@ configs/mnist_skipdit.py, identical but for `model.long_skip=False`.
 
     skipdit train --config configs/mnist_dit.py --workdir runs/mnist_dit
 
-Produces the same outputs as configs/mnist_skipdit.py; comparing the two metrics.jsonl
-files shows the convergence difference long skips make at this scale.
+Comparing the two runs' metrics.jsonl shows the convergence difference long skips make.
 """
 
-import importlib.util
-import os
+from skipdit_jax.demo import config as _mnist
 
 
 def get_config(arg: str | None = None):
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mnist_skipdit.py")
-    spec = importlib.util.spec_from_file_location("mnist_skipdit", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config("dit")
+    return _mnist.get_config("dit")

@@ -12,27 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skipdit_jax import checkpoints, classifier
-from skipdit_jax.demo import DEFAULT_CONFIG, apply_overrides, load_config_file
+from skipdit_jax import model_store
+from skipdit_jax.evaluation import mnist_classifier as classifier
+from skipdit_jax.config_utils import apply_overrides, parse_overrides  # noqa: F401 (re-exported to the scripts)
+from skipdit_jax.demo.config import get_config as demo_config
+from skipdit_jax.models import family_of
 from skipdit_jax.sampling import build_sampler, resolve_respacing
 
 MODEL_KINDS = ("skipdit", "dit")
-
-
-def parse_overrides(text: str) -> dict:
-    """"a.b=1,c.d=\"x\"" -> {"a.b": 1, "c.d": "x"} (values are JSON)."""
-    from skipdit_jax.errors import UserError
-
-    out = {}
-    for item in filter(None, text.split(",")):
-        key, eq, value = item.partition("=")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            raise UserError(f"bad override {item!r}: expected key=JSON value") from None
-        if not eq:
-            raise UserError(f"bad override {item!r}: expected key=value")
-    return out
 
 
 def ensure_model(kind: str, out_dir: Path, model_path: str | None = None, train_minutes: float = 10.0, overrides: dict | None = None):
@@ -41,11 +28,12 @@ def ensure_model(kind: str, out_dir: Path, model_path: str | None = None, train_
     of configs/mnist_skipdit.py (its "dit" variant for DiT) into OUT/models/KIND, where a
     finished or interrupted run is resumed rather than repeated."""
     if model_path:
-        return checkpoints.load_model(model_path)
-    from skipdit_jax.train import load_trained, train_and_evaluate
+        return model_store.load_model(model_path)
+    from skipdit_jax.training.checkpoints import load_trained
+    from skipdit_jax.training.train import train_and_evaluate
 
     workdir = out_dir / "models" / kind
-    config = load_config_file(DEFAULT_CONFIG, "dit" if kind == "dit" else None)
+    config = demo_config("dit" if kind == "dit" else None)
     with config.unlocked():
         config.train.max_seconds = train_minutes * 60
         config.sample.every = 0  # no sample grids: the experiment samples itself
@@ -81,7 +69,7 @@ def timed_sample(mc, params, cache, noise, labels, *, sampler="ddim", num_steps=
     """(samples, median seconds excluding compilation, realised full/cached schedule)."""
     respacing = resolve_respacing(sampler, num_steps, None)
     if cache is not None:
-        cache.check_model(mc)
+        cache.check_model(family_of(mc))
     fn = build_sampler(mc, sampler, respacing, cfg_scale != 1, None, cache, 0.0, clip, return_schedule=True)
     args = (params, noise, labels, jnp.float32(cfg_scale), jax.random.key(0))
     compiled = fn.lower(*args).compile()

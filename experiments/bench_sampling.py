@@ -32,8 +32,8 @@ import numpy as np
 from absl import app, flags
 
 from skipdit_jax.cache import ShallowCache, SkipCache
-from skipdit_jax.cache_baselines import FORA, PAB, DeltaDiT, TeaCache, plan_from_schedule
-from skipdit_jax.model_config import ModelConfig
+from skipdit_jax.cache import FORA, PAB, DeltaDiT, TeaCache, plan_from_schedule
+from skipdit_jax.models.config import ModelConfig
 from skipdit_jax.models import init_params
 from skipdit_jax.xla_tuning import tune_xla_cpu_flags
 from skipdit_jax.sampling import build_sampler, sampling_timesteps
@@ -102,7 +102,7 @@ def bench_baselines(config, noise, labels):
     for name, cache in caches.items():
         r = res[name]
         full = r["full"]
-        pred = 1.0 if cache is None else plan_from_schedule(full, dit.depth, cache.cached_blocks(dit)).predicted_speedup
+        pred = 1.0 if cache is None else plan_from_schedule(full, dit.depth, cache.units_per_cached_step(dit)).predicted_speedup
         sp = res["full"]["seconds"] / r["seconds"]
         print(f"| {name} | {int(full.sum())}/{int((~full).sum())} | {pred:.2f}x | {r['seconds']:.2f} | {sp:.2f}x | {sp / pred:.3f} |")
         rows.append(dict(method=name, full_steps=int(full.sum()), predicted_speedup=pred, jax_seconds=r["seconds"], jax_speedup=sp))

@@ -34,11 +34,12 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from skipdit_jax import optim, sharding
-from skipdit_jax.model_config import ModelConfig, preset
+from skipdit_jax import sharding
+from skipdit_jax.training import optim
+from skipdit_jax.models.config import ModelConfig, preset
 from skipdit_jax.models import count_params, init_params
 from skipdit_jax.xla_tuning import tune_xla_cpu_flags
-from skipdit_jax.train_step import TrainState, init_train_state, make_train_step
+from skipdit_jax.training.train_step import TrainState, init_train_state, make_train_step
 
 flags.DEFINE_integer("repeats", 3, "timed steps (median)")
 flags.DEFINE_integer("batch", 8, "batch size for `speed`")

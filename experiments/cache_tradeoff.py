@@ -80,16 +80,17 @@ def main(_):
     import jax
 
     from _common import class_noise, ensure_classifier, load_models, timed_sample
-    from skipdit_jax import classifier, metrics
-    from skipdit_jax.cache_baselines import calibrate_teacache, make_cache, plan_from_schedule
-    from skipdit_jax.demo import DEFAULT_CONFIG, load_config_file
+    from skipdit_jax.evaluation import image_metrics as metrics, mnist_classifier as classifier
+    from skipdit_jax.cache import calibrate_teacache, make_cache, plan_from_schedule
+    from skipdit_jax.models import family_of
+    from skipdit_jax.demo.config import get_config as demo_config
     from skipdit_jax.errors import UserError
 
     try:
         settings = {name: [float(v) for v in getattr(FLAGS, name)] for name in ("skip_cache", "shallow_cache", "fora", "pab", "delta_dit", "teacache")}
     except ValueError as e:
         raise UserError(f"bad setting list: {e}") from None
-    base = load_config_file(DEFAULT_CONFIG)
+    base = demo_config()
     k = FLAGS.shallow_blocks or base.sample.shallow_blocks
     # Every (model, method, setting) is built -- and so validated -- before anything trains.
     plan = [("skipdit", "none", None), ("dit", "none", None)]
@@ -108,7 +109,7 @@ def main(_):
     mc_skip = models["skipdit"][0]
     for kind, method, setting in plan:
         if setting is not None:
-            make_cache(method, setting, shallow_blocks=k).check_model(models[kind][0])
+            make_cache(method, setting, shallow_blocks=k).check_model(family_of(models[kind][0]))
     clf, clf_meta = ensure_classifier(out, mc_skip.input_size, base.data.mnist_resize, FLAGS.classifier_steps) if mc_skip.in_channels == 1 else (None, None)
     rgb = mc_skip.in_channels == 3
 
@@ -119,7 +120,7 @@ def main(_):
         mc, params = models[kind]
         noise, labels = class_noise(mc, FLAGS.per_class)
         x, secs, full = timed_sample(mc, params, cache, noise, labels, **sample_kw)
-        cached_blocks = 0 if cache is None else cache.cached_blocks(mc)
+        cached_blocks = 0 if cache is None else cache.units_per_cached_step(mc)
         if cache is None:
             references[kind] = (x, secs)
         ref, ref_secs = references[kind]

@@ -59,12 +59,14 @@ def main(_):
     import jax.numpy as jnp
 
     from _common import apply_overrides, class_noise, ensure_classifier, parse_overrides, timed_sample
-    from skipdit_jax import classifier, data, metrics
-    from skipdit_jax.demo import DEFAULT_CONFIG, load_config_file
+    from skipdit_jax import data
+    from skipdit_jax.evaluation import image_metrics as metrics, mnist_classifier as classifier
+    from skipdit_jax.demo.config import get_config as demo_config
     from skipdit_jax.diffusion import Diffusion
     from skipdit_jax.errors import UserError
     from skipdit_jax.models import DiT
-    from skipdit_jax.train import load_trained, train_and_evaluate
+    from skipdit_jax.training.checkpoints import load_trained
+    from skipdit_jax.training.train import train_and_evaluate
 
     if FLAGS.eval_every < 1 or FLAGS.total_steps < FLAGS.eval_every:
         raise UserError("need 1 <= --eval_every <= --total_steps")
@@ -73,7 +75,7 @@ def main(_):
     overrides = parse_overrides(FLAGS.overrides)
 
     def config_for(kind, steps):
-        c = load_config_file(DEFAULT_CONFIG, "dit" if kind == "dit" else None)
+        c = demo_config("dit" if kind == "dit" else None)
         with c.unlocked():
             c.train.steps = steps
             c.optimizer.decay = "constant"

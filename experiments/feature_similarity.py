@@ -44,9 +44,10 @@ def trajectory_features(mc, params, noise, labels, steps: int, cfg_scale: float,
     import jax
     import jax.numpy as jnp
 
-    from skipdit_jax.cache_baselines import FORA
+    from skipdit_jax.cache import FORA
+    from skipdit_jax.models import family_of
     from skipdit_jax.diffusion import Diffusion
-    from skipdit_jax.models import DiT
+    from skipdit_jax.models import family_of
     from skipdit_jax.sampling import guide
 
     diffusion = Diffusion(f"ddim{steps}", learn_sigma=mc.learn_sigma)
@@ -54,6 +55,7 @@ def trajectory_features(mc, params, noise, labels, steps: int, cfg_scale: float,
     timesteps = diffusion.timestep_map[indices]
     y = jnp.concatenate([labels, jnp.full_like(labels, mc.null_label)])
     fora = FORA(1)
+    family = family_of(mc)
 
     @jax.jit
     def run(params, noise):
@@ -61,11 +63,11 @@ def trajectory_features(mc, params, noise, labels, steps: int, cfg_scale: float,
             i, t_orig = xs
             x_in = jnp.concatenate([x, x])
             t = jnp.full((x_in.shape[0],), t_orig, jnp.int32)
-            out, deep = DiT(mc).apply({"params": params}, x_in, t, y, k, method=DiT.forward_full)
-            h0, _ = DiT(mc).apply({"params": params}, x_in, t, y, method=DiT.embed)
+            out, deep = family.forward_full(params, x_in, t, y, k)
+            h0, _ = family.embed(params, x_in, t, y)
             branches = None
             if not mc.long_skip:
-                branches = fora.full_pass(mc, params, x_in, t, y, fora.init_carry(mc, x_in.shape[0]))[1]
+                branches = fora.full_pass(family, params, x_in, t, y, fora.init_carry(family, x_in.shape[0]))[1]
                 branches = jnp.concatenate(branches)  # (depth, B, N, D)
             x = diffusion.ddim_step(guide(out, cfg_scale, mc.in_channels, None), x, jnp.full((x.shape[0],), i, jnp.int32), None, 0.0, True)
             return x, (h0, deep, branches)
@@ -100,8 +102,9 @@ def main(_):
     tune_xla_cpu_flags()
     from _common import class_noise, load_models
     from skipdit_jax.cache import ShallowCache, SkipCache
-    from skipdit_jax.cache_baselines import FORA
-    from skipdit_jax.demo import DEFAULT_CONFIG, load_config_file
+    from skipdit_jax.cache import FORA
+    from skipdit_jax.models import family_of
+    from skipdit_jax.demo.config import get_config as demo_config
     from skipdit_jax.errors import UserError
 
     if FLAGS.interval < 2 or FLAGS.steps < 2:
@@ -109,11 +112,11 @@ def main(_):
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(out, FLAGS)
-    k = FLAGS.shallow_blocks or load_config_file(DEFAULT_CONFIG).sample.shallow_blocks
+    k = FLAGS.shallow_blocks or demo_config().sample.shallow_blocks
     n = FLAGS.interval
     feats = {}
     for kind, (mc, params) in models.items():
-        SkipCache(n, k).check_model(mc.replace(long_skip=True))  # k in range for this depth
+        SkipCache(n, k).check_model(family_of(mc.replace(long_skip=True)))  # k in range for this depth
         noise, labels = class_noise(mc, FLAGS.per_class)
         feats[kind] = trajectory_features(mc, params, noise, labels, FLAGS.steps, FLAGS.cfg_scale, k)
     ts = feats["skipdit"][0]

@@ -38,7 +38,7 @@ def surface(mc, params, x, t, y, target: str, alphas, seed: int = 0) -> np.ndarr
     import jax
     import jax.numpy as jnp
 
-    from skipdit_jax.metrics import cosine_similarity
+    from skipdit_jax.evaluation.image_metrics import cosine_similarity
     from skipdit_jax.models import DiT
 
     def apply(p, xin):
@@ -80,7 +80,7 @@ def main(_):
 
     from _common import load_models
     from skipdit_jax import data
-    from skipdit_jax.demo import DEFAULT_CONFIG, load_config_file
+    from skipdit_jax.demo.config import get_config as demo_config
     from skipdit_jax.diffusion import Diffusion
     from skipdit_jax.errors import UserError
 
@@ -89,7 +89,7 @@ def main(_):
     out = Path(FLAGS.out)
     out.mkdir(parents=True, exist_ok=True)
     models = load_models(out, FLAGS)
-    base = load_config_file(DEFAULT_CONFIG)
+    base = demo_config()
     mc0 = models["skipdit"][0]
     src = data.mnist_source(mc0.input_size, split="heldout", resize=base.data.mnist_resize)
     n = FLAGS.samples

@@ -81,7 +81,7 @@ def main(_):
 
     from _common import load_models
     from skipdit_jax import data
-    from skipdit_jax.demo import DEFAULT_CONFIG, load_config_file
+    from skipdit_jax.demo.config import get_config as demo_config
     from skipdit_jax.diffusion import Diffusion
     from skipdit_jax.errors import UserError
 
@@ -94,7 +94,7 @@ def main(_):
     if not all(0 <= t <= 999 for t in ts) or FLAGS.iters < 1 or FLAGS.samples < 1:
         raise UserError("--timesteps must lie in 0..999, --iters and --samples must be >= 1")
     models = load_models(out, FLAGS)
-    base = load_config_file(DEFAULT_CONFIG)
+    base = demo_config()
     mc0 = models["skipdit"][0]
     if mc0.in_channels == 1:
         src = data.mnist_source(mc0.input_size, split="heldout", resize=base.data.mnist_resize)

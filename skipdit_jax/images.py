@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import math
-import os
 
 import numpy as np
 from PIL import Image
+
+from skipdit_jax import paths
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
@@ -36,13 +37,13 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.n
     return grid
 
 
-def save_grid(images: np.ndarray, path: str, nrow: int | None = None, upscale: int = 1) -> None:
-    """Save [-1, 1] images (B, H, W, C), C in {1, 3}, as one PNG grid."""
+def save_grid(images: np.ndarray, path: paths.PathLike, nrow: int | None = None, upscale: int = 1) -> None:
+    """Save [-1, 1] images (B, H, W, C), C in {1, 3}, as one PNG grid (local or remote
+    path, written atomically)."""
     grid = make_grid(to_uint8(images), nrow)
     if grid.shape[-1] == 1:
         grid = grid[..., 0]
     img = Image.fromarray(grid)
     if upscale > 1:
         img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path)
+    paths.save_png(path, img)

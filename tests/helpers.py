@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from skipdit_jax.model_config import ModelConfig
+from skipdit_jax.models.config import ModelConfig
 from skipdit_jax.models import init_params
 
 

@@ -95,4 +95,5 @@ def test_shallow_cache_on_dit_costs_only_the_last_blocks():
     plan = ShallowCache(2, 4).plan(ts, depth=28)
     assert (plan.num_full, plan.num_cached) == (26, 24)
     assert plan.predicted_speedup == pytest.approx(50 * 28 / (26 * 28 + 24 * 4))
-    assert ShallowCache(2, 4).cached_blocks(tiny_config(depth=8, long_skip=True)) == 8
+    assert ShallowCache(2, 4).cached_blocks(has_long_skips=True) == 8  # on a Skip-DiT the fusions read them
+    assert ShallowCache(2, 4).cached_blocks(has_long_skips=False) == 4

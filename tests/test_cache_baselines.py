@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from skipdit_jax.cache import ShallowCache, SkipCache
-from skipdit_jax.cache_baselines import FORA, PAB, DeltaDiT, TeaCache, make_cache, plan_from_schedule
+from skipdit_jax.cache import FORA, PAB, DeltaDiT, TeaCache, make_cache, plan_from_schedule
 from skipdit_jax.errors import ConfigError
 from skipdit_jax.sampling import build_sampler, sampling_timesteps
 
@@ -61,7 +61,7 @@ def test_schedules_follow_their_definitions():
     assert FORA(2).plan(ts, 28).predicted_speedup == pytest.approx(50 / 25)
     d = DeltaDiT(2)
     full = d.full_steps(ts)
-    assert d.cached_blocks(tiny_config(depth=28, long_skip=False)) == 7
+    assert d.blocks_per_cached_step(28) == 7
     assert d.plan(ts, 28).predicted_speedup == pytest.approx(50 * 28 / (full.sum() * 28 + (~full).sum() * 7))
 
 
@@ -137,11 +137,12 @@ def test_methods_refuse_the_wrong_model():
 def test_block_branches_rebuild_the_hidden_states():
     # FORA's stored gated branch outputs, summed onto the embedding, give the hidden state
     # after any number of blocks: the plumbing FORA and PAB rely on.
-    from skipdit_jax.models import DiT
+    from skipdit_jax.models import DiT, family_of
 
     x = jax.random.normal(jax.random.key(3), (2, 8, 8, 4))
     t, y = jnp.array([300, 700]), jnp.array([2, 10])
-    out, stored = FORA(1).full_pass(DIT, PARAMS, x, t, y, FORA(1).init_carry(DIT, 2))
+    fam = family_of(DIT)
+    out, stored = FORA(1).full_pass(fam, PARAMS, x, t, y, FORA(1).init_carry(fam, 2))
     full = DiT(DIT).apply({"params": PARAMS}, x, t, y)
     np.testing.assert_allclose(out, full, atol=1e-5)
     h0, _ = DiT(DIT).apply({"params": PARAMS}, x, t, y, method=DiT.embed)

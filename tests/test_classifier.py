@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from skipdit_jax import classifier as clf
+from skipdit_jax.evaluation import mnist_classifier as clf
 from skipdit_jax.data import mnist_source
 from skipdit_jax.errors import CheckpointError, UserError
 

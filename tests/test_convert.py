@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from skipdit_jax import checkpoints
+from skipdit_jax import model_store
 from skipdit_jax.convert import (
     dit_from_torch,
     dit_to_torch,
@@ -62,11 +62,11 @@ def test_exported_weights_load_in_torch_strictly(tmp_path):
 
 
 def test_model_directory_round_trip(tmp_path):
-    checkpoints.save_model(tmp_path / "m", CFG, PARAMS)
-    cfg2, params2 = checkpoints.load_model(str(tmp_path / "m"))
+    model_store.save_model(tmp_path / "m", CFG, PARAMS)
+    cfg2, params2 = model_store.load_model(str(tmp_path / "m"))
     assert cfg2 == CFG and _tree_equal(jax.tree.map(np.asarray, params2), PARAMS)
     with pytest.raises(CheckpointError, match="not empty"):
-        checkpoints.save_model(tmp_path / "m", CFG, PARAMS)
+        model_store.save_model(tmp_path / "m", CFG, PARAMS)
 
 
 def test_crafted_pickle_is_refused_and_never_runs(tmp_path):

@@ -313,7 +313,7 @@ def test_extract_latents_command(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from skipdit_jax.commands import extract_latents
-    from skipdit_jax.vae import encode_to_latents, load_vae
+    from skipdit_jax.encoders.vae import encode_to_latents, load_vae
 
     torch.manual_seed(0)
     diffusers.AutoencoderKL(

@@ -5,7 +5,7 @@ import json
 import subprocess
 import sys
 
-from skipdit_jax.demo import CACHE_INTERVALS, run_demo
+from skipdit_jax.demo.image import CACHE_INTERVALS, run_demo
 
 TINY = {
     "model.depth": 6,

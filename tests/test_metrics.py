@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.linalg
 
-from skipdit_jax import metrics
+from skipdit_jax.evaluation import image_metrics as metrics
 from skipdit_jax.errors import UserError
 
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from skipdit_jax.errors import ConfigError
-from skipdit_jax.model_config import ModelConfig, preset
+from skipdit_jax.models.config import ModelConfig, preset
 from skipdit_jax.models import DiT, count_params, get_2d_sincos_pos_embed, init_params
 
 from helpers import random_params, tiny_config
@@ -106,7 +106,7 @@ def test_bfloat16_compute_close_to_float32():
     assert float(jnp.abs(bf16 - f32).max()) > 0  # it really ran in bfloat16
 
 
-@pytest.mark.parametrize("change", [dict(remat=True), dict(scan_unroll=0), dict(scan_unroll=2)], ids=str)
+@pytest.mark.parametrize("change", [dict(remat_policy="nothing_saveable"), dict(remat_policy="dots_saveable"), dict(scan_unroll=0), dict(scan_unroll=2)], ids=str)
 def test_execution_options_keep_values_and_grads(change):
     """Rematerialisation and unrolled block loops change how, not what, is computed."""
     cfg = tiny_config(depth=4)

@@ -85,8 +85,13 @@ def test_bad_inputs(kw, err, match):
 
 def test_guidance_on_unconditional_model_is_refused():
     cfg = tiny_config(num_classes=0)
-    with pytest.raises(ConfigError, match="class-conditional"):
-        sample(cfg, random_params(cfg), noise=NOISE, labels=jnp.zeros(2, jnp.int32), sampler="ddim", num_steps=5, cfg_scale=2.0)
+    params = random_params(cfg)
+    with pytest.raises(ConfigError, match="unconditional"):
+        sample(cfg, params, noise=NOISE, labels=None, sampler="ddim", num_steps=5, cfg_scale=2.0)
+    with pytest.raises(UserError, match="unconditional"):  # labels for a model that has none
+        sample(cfg, params, noise=NOISE, labels=jnp.zeros(2, jnp.int32), sampler="ddim", num_steps=5)
+    out = sample(cfg, params, noise=NOISE, sampler="ddim", num_steps=5)
+    assert out.shape == NOISE.shape and np.isfinite(np.asarray(out)).all()
 
 
 SHARDED_SCRIPT = textwrap.dedent(

@@ -6,11 +6,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from skipdit_jax import optim, sharding
+from skipdit_jax import sharding
+from skipdit_jax.training import optim
 from skipdit_jax.errors import ConfigError
-from skipdit_jax.model_config import preset
+from skipdit_jax.models.config import preset
 from skipdit_jax.models import init_params
-from skipdit_jax.train_step import init_train_state, make_train_step
+from skipdit_jax.training.train_step import init_train_state, make_train_step
 
 from helpers import random_params, tiny_config
 
@@ -159,6 +160,6 @@ def test_min_snr_weighting_downweights_low_noise_steps():
         out[gamma] = step(init_train_state(params, tx), _batch(0), jax.random.key(3))[1]
     assert float(out[5.0]["mse"]) == pytest.approx(float(out[None]["mse"]))
     assert float(out[5.0]["loss"]) <= float(out[None]["loss"]) + 1e-7
-    from skipdit_jax.train_step import min_snr_weight
+    from skipdit_jax.training.train_step import min_snr_weight
 
     np.testing.assert_allclose(min_snr_weight(jnp.array([100.0, 5.0, 0.5]), 5.0), [0.05, 1.0, 1.0], rtol=1e-6)

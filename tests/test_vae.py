@@ -20,7 +20,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from skipdit_jax.errors import CheckpointError  # noqa: E402
-from skipdit_jax.vae import (  # noqa: E402
+from skipdit_jax.encoders.vae import (  # noqa: E402
     AutoencoderKL,
     VAEConfig,
     decode_latents,

@@ -6,13 +6,13 @@ from absl import flags
 
 from skipdit_jax.errors import UserError
 
-USAGE = "[--out skipdit-demo] [--minutes 15] [--config configs/mnist_skipdit.py]"
+USAGE = "[--out skipdit-demo] [--minutes 15] [--config CONFIG.py[:arg]]"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("out", "skipdit-demo", "output directory", flag_values=fv)
     flags.DEFINE_float("minutes", 15.0, "total time budget (training gets what the rest leaves)", flag_values=fv)
-    flags.DEFINE_string("config", None, "training config file (default: configs/mnist_skipdit.py)", flag_values=fv)
+    flags.DEFINE_string("config", None, "training config file (default: the built-in settings, = configs/mnist_skipdit.py)", flag_values=fv)
 
 
 def main(args: list[str], fv: flags.FlagValues) -> int:
@@ -20,7 +20,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         raise UserError(f"unexpected arguments {args}; usage: skipdit demo {USAGE}")
     if fv.minutes <= 0:
         raise UserError(f"--minutes must be > 0, got {fv.minutes}")
-    from skipdit_jax import demo
+    from skipdit_jax.demo.image import run_demo
 
-    demo.run_demo(fv.out, fv.minutes, fv.config or demo.DEFAULT_CONFIG)
+    run_demo(fv.out, fv.minutes, fv.config)
     return 0

@@ -45,7 +45,7 @@ def define_flags(fv: flags.FlagValues) -> None:
 
 def _build_encoder(vae_params, config, flip: bool, mesh):
     """A jitted (params, images, key) -> (latents, flipped latents or None), batch-sharded."""
-    from skipdit_jax.vae import encode_to_latents
+    from skipdit_jax.encoders.vae import encode_to_latents
 
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
@@ -77,7 +77,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     source = data.ImageFolderSource(folder, fv.image_size)
     if not fv.overwrite and data.latents_exist(out_path):
         raise UserError(f"{out_path} already holds latents; pass --overwrite to replace them")
-    from skipdit_jax.vae import load_vae
+    from skipdit_jax.encoders.vae import load_vae
 
     config, vae_params = load_vae(fv.vae)
     f = config.downsample_factor

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 
 import jax
@@ -19,10 +18,11 @@ import numpy as np
 from absl import flags
 from tqdm import tqdm
 
-from skipdit_jax import checkpoints, images
+from skipdit_jax import images, model_store, paths
 from skipdit_jax.cache import parse_cache_spec
 from skipdit_jax.errors import UserError
-from skipdit_jax.sampling import build_sampler, resolve_respacing, sampling_timesteps, validate_inputs
+from skipdit_jax.models.families import family_of
+from skipdit_jax.sampling import build_sampler, check_settings, resolve_respacing, sampling_timesteps, validate_inputs
 
 USAGE = "MODEL [--labels 207,360,...] [--sampler ddpm|ddim] [--steps N] [--cfg_scale S] [--cache N[,k[,start,close]]] [--vae SPEC] [--out DIR]"
 
@@ -42,6 +42,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("vae", None, "SD VAE to decode latents: a diffusers folder, .safetensors or hf://org/repo", flag_values=fv)
     flags.DEFINE_string("out", "samples", "output directory", flag_values=fv)
     flags.DEFINE_integer("batch_size", 8, "samples per device call", flag_values=fv)
+    flags.DEFINE_integer("num", 8, "samples to draw from an unconditional model", flag_values=fv)
     flags.DEFINE_integer("num_heads", None, "attention heads, for an official checkpoint file", flag_values=fv)
     flags.DEFINE_string("preset", None, "model preset, for an official checkpoint file (e.g. DiT-XL/2)", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)", flag_values=fv)
@@ -79,47 +80,49 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     cache = parse_cache_spec(fv.cache)
     respacing = resolve_respacing(fv.sampler, fv.steps, None)
 
-    config, params = checkpoints.load_model(args[0], num_heads=fv.num_heads, preset=fv.preset)
-    if labels is None:
-        labels = _default_labels(config.num_classes)
+    config, params = model_store.load_model(args[0], num_heads=fv.num_heads, preset=fv.preset)
     if fv.dtype:
         config = config.replace(dtype=fv.dtype)
+    family = family_of(config)
+    if not family.is_conditional and fv.labels is not None:
+        raise UserError("this model is unconditional: drop --labels (use --num for the sample count)")
+    if labels is None:
+        labels = _default_labels(config.num_classes) if family.is_conditional else np.zeros((fv.num,), np.int32)
     vae = None
     if fv.vae:
-        from skipdit_jax import vae as vae_lib
+        from skipdit_jax.encoders import vae as vae_lib
 
         vae = vae_lib.load_vae(fv.vae)
 
     key = jax.random.key(fv.seed)
     noise_key, sample_key = jax.random.split(key)
-    shape = (labels.size, config.input_size, config.input_size, config.in_channels)
+    num = labels.size
+    shape = (num, *family.sample_shape)
     noise = jax.random.normal(noise_key, shape, jnp.float32)
-    validate_inputs(config, noise, jnp.asarray(labels))
-    if cache is not None:
-        cache.check_model(config)
-    guided = fv.cfg_scale != 1.0
-    if guided and not config.num_classes:
-        raise UserError("--cfg_scale needs a class-conditional model; pass --cfg_scale 1")
+    cond = labels if family.is_conditional else None
+    validate_inputs(config, noise, cond)
+    guided = check_settings(config, cache=cache, cfg_scale=fv.cfg_scale, cfg_channels=fv.cfg_channels)
     make = lambda c: build_sampler(config, fv.sampler, respacing, guided, fv.cfg_channels, c, 0.0, fv.clip_denoised)  # noqa: E731
     scale = jnp.float32(fv.cfg_scale)
 
-    bs = min(fv.batch_size, labels.size)
-    batches = [(noise[i : i + bs], jnp.asarray(labels[i : i + bs])) for i in range(0, labels.size, bs)]
+    bs = min(fv.batch_size, num)
+    batches = [(noise[i : i + bs], None if cond is None else jnp.asarray(cond[i : i + bs])) for i in range(0, num, bs)]
     t0 = time.perf_counter()
     compiled = {}
-    for n in sorted({len(b[1]) for b in batches}):
-        compiled[n] = make(cache).lower(params, noise[:n], jnp.asarray(labels[:n]), scale, sample_key).compile()
+    for z, y in batches:
+        if len(z) not in compiled:
+            compiled[len(z)] = make(cache).lower(params, z, y, scale, sample_key).compile()
     compile_s = time.perf_counter() - t0
 
     outs, sample_s = [], 0.0
     for i, (z, y) in enumerate(tqdm(batches, desc="sampling", unit="batch")):
-        x, dt = _timed(compiled[len(y)], params, z, y, scale, jax.random.fold_in(sample_key, i))
+        x, dt = _timed(compiled[len(z)], params, z, y, scale, jax.random.fold_in(sample_key, i))
         outs.append(np.asarray(x))
         sample_s += dt
     samples = np.concatenate(outs)
     report = {
         "model": args[0],
-        "labels": labels.tolist(),
+        "labels": None if cond is None else labels.tolist(),
         "seed": fv.seed,
         "sampler": fv.sampler,
         "respacing": respacing,
@@ -129,39 +132,38 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         "compile_seconds": round(compile_s, 3),
         "sampling_seconds": round(sample_s, 3),
     }
-    print(f"sampled {labels.size} x {shape[1:]} in {sample_s:.2f} s ({compile_s:.1f} s compiling)")
+    print(f"sampled {num} x {shape[1:]} in {sample_s:.2f} s ({compile_s:.1f} s compiling)")
 
     if cache is not None:
-        plan = cache.plan(sampling_timesteps(fv.sampler, fv.steps), config.depth)
+        plan = cache.plan(sampling_timesteps(fv.sampler, fv.steps), family.depth_units)
         report.update(full_steps=plan.num_full, cached_steps=plan.num_cached, predicted_speedup=round(plan.predicted_speedup, 3))
         line = f"Skip-Cache N={cache.interval} k={cache.shallow_blocks}: {plan.num_full} full / {plan.num_cached} cached steps, predicted speedup {plan.predicted_speedup:.2f}x"
         if fv.compare:
             z, y = batches[0]
             full_fn = make(None).lower(params, z, y, scale, sample_key).compile()
             _, t_full = _timed(full_fn, params, z, y, scale, sample_key)
-            _, t_cached = _timed(compiled[len(y)], params, z, y, scale, sample_key)
+            _, t_cached = _timed(compiled[len(z)], params, z, y, scale, sample_key)
             report.update(measured_speedup=round(t_full / t_cached, 3), full_seconds_first_batch=round(t_full, 3))
             line += f", measured {t_full / t_cached:.2f}x ({t_full:.2f} s full vs {t_cached:.2f} s cached, first batch)"
         print(line)
 
-    os.makedirs(fv.out, exist_ok=True)
-    np.save(os.path.join(fv.out, "samples.npy"), samples)
+    out = paths.as_path(fv.out)
     if vae is not None:
-        from skipdit_jax import vae as vae_lib
+        from skipdit_jax.encoders import vae as vae_lib
 
         vae_config, vae_params = vae
         pictures = np.concatenate(
             [np.asarray(vae_lib.decode_latents(vae_params, vae_config, jnp.asarray(samples[i : i + bs]))) for i in range(0, len(samples), bs)]
         )
         note = "decoded with the VAE"
-    elif config.in_channels in (1, 3):
+    elif family.eps_channels in (1, 3):
         pictures, note = samples, "pixel-space samples"
     else:
         pictures, note = images.latents_for_display(samples), "latent channels 0-2, NOT decoded images (pass --vae to decode)"
-    grid_path = os.path.join(fv.out, "samples.png")
-    images.save_grid(pictures, grid_path, upscale=max(1, 128 // pictures.shape[1]))
     report["grid"] = note
-    with open(os.path.join(fv.out, "samples.json"), "w") as f:
-        json.dump(report, f, indent=2)
-    print(f"wrote {grid_path} ({note}), {os.path.join(fv.out, 'samples.npy')} (raw samples, NHWC float32) and samples.json")
+    # Everything is computed before the first write, and each file is written atomically.
+    paths.save_npy(out / "samples.npy", samples)
+    images.save_grid(pictures, out / "samples.png", upscale=max(1, 128 // pictures.shape[1]))
+    paths.atomic_write_text(out / "samples.json", json.dumps(report, indent=2))
+    print(f"wrote {out / 'samples.png'} ({note}), {out / 'samples.npy'} (raw samples, NHWC float32) and samples.json")
     return 0

@@ -25,7 +25,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     if not fv.workdir:
         raise UserError("--workdir is required")
     distributed.initialize_from_flags(fv)
-    from skipdit_jax.train import train_and_evaluate
+    from skipdit_jax.training.train import train_and_evaluate
 
     result = train_and_evaluate(fv.config, fv.workdir)
     m = result.last_metrics

@@ -1,7 +1,8 @@
 """The training state and the pure, jitted train step.
 
-One step: sample t ~ U{0..999} and noise, drop labels to the null label with probability
-`label_dropout` (for classifier-free guidance), compute the hybrid loss in float32
+One step: sample t ~ U{0..999} and noise, drop the condition (class labels become the
+null label) with probability `label_dropout` (for classifier-free guidance), as the model's
+family says; compute the hybrid loss in float32
 (optionally Min-SNR weighted), take the gradient, and apply AdamW and the EMA (optionally
 with warm-up) -- unless the update guard trips (gradient norm not finite, or above
 `grad_skip_threshold`), in which case the state is kept and the skip is counted.
@@ -19,9 +20,8 @@ import jax.numpy as jnp
 import optax
 
 from skipdit_jax.diffusion import NUM_TRAIN_TIMESTEPS, Diffusion
-from skipdit_jax.model_config import ModelConfig
-from skipdit_jax.models import DiT
-from skipdit_jax.optim import ema_update, global_norm
+from skipdit_jax.models.families import family_of
+from skipdit_jax.training.optim import ema_update, global_norm
 
 
 @flax.struct.dataclass
@@ -50,7 +50,7 @@ def min_snr_weight(snr: jax.Array, gamma: float) -> jax.Array:
 
 
 def make_train_step(
-    config: ModelConfig,
+    config,
     tx: optax.GradientTransformation,
     *,
     ema_decay: float,
@@ -60,22 +60,21 @@ def make_train_step(
     min_snr_gamma: float | None = None,
 ):
     """`train_step(state, batch, rng) -> (state, metrics)`, pure; jit it with shardings."""
-    diffusion = Diffusion(None, learn_sigma=config.learn_sigma)
-    model = DiT(config)
+    family = family_of(config)
+    diffusion = Diffusion(None, learn_sigma=family.learn_sigma)
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         key_t, key_noise, key_drop = jax.random.split(jax.random.fold_in(rng, state.step), 3)
         x0 = batch["image"].astype(jnp.float32)
-        labels = batch["label"].astype(jnp.int32)
+        cond = family.condition_from_batch(batch)
         b = x0.shape[0]
         t = jax.random.randint(key_t, (b,), 0, NUM_TRAIN_TIMESTEPS)
         noise = jax.random.normal(key_noise, x0.shape, jnp.float32)
-        if config.num_classes and label_dropout > 0:
-            drop = jax.random.bernoulli(key_drop, label_dropout, (b,))
-            labels = jnp.where(drop, config.null_label, labels)
+        if family.is_conditional and label_dropout > 0:
+            cond = family.drop_condition(cond, jax.random.bernoulli(key_drop, label_dropout, (b,)))
 
         def loss_fn(params):
-            terms = diffusion.training_losses(lambda xt, tt: model.apply({"params": params}, xt, tt, labels), x0, t, noise)
+            terms = diffusion.training_losses(lambda xt, tt: family.apply(params, xt, tt, cond), x0, t, noise)
             loss = terms["loss"]
             if min_snr_gamma is not None:
                 # Min-SNR-gamma weighting of the eps-MSE (Hang et al. 2023): weight

@@ -1,7 +1,9 @@
-"""Model configuration: one frozen dataclass for DiT and Skip-DiT, plus the named presets.
+"""The DiT family's configuration: one frozen dataclass for DiT and Skip-DiT, plus the
+named presets.
 
 A `ModelConfig` fully determines the parameter tree of `skipdit_jax.models.DiT`; it is
-saved as JSON next to every checkpoint so a checkpoint can be loaded without guessing.
+saved as JSON (with its family's name) next to every checkpoint so a checkpoint can be
+loaded without guessing.
 """
 
 from __future__ import annotations
@@ -9,11 +11,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any
+from typing import Any, ClassVar
 
 import jax.numpy as jnp
 
 from skipdit_jax.errors import ConfigError
+from skipdit_jax.models.skip import check_remat_policy
 
 # (depth, hidden_size, num_heads) of the DiT paper's model sizes.
 _SIZES = {
@@ -53,7 +56,9 @@ class ModelConfig:
         layer norms, the timestep embedding and the output are computed in float32.
       attention_impl: passed to `jax.nn.dot_product_attention` (None lets JAX choose;
         "cudnn" forces the fused GPU kernel, "xla" the portable one).
-      remat: rematerialise each block in the backward pass (saves activation memory).
+      remat_policy: rematerialisation of each block in the backward pass: "none", or the
+        name of a `jax.checkpoint_policies` policy ("nothing_saveable" saves the most
+        activation memory, "dots_saveable" keeps the matmul outputs).
       scan_unroll: blocks per iteration of the loops over blocks; 0 unrolls them completely.
         1 (a real loop) keeps compile time independent of depth. Full unrolling compiles
         slower but trains faster on CPU: the loop's stacked residual buffers (zero-filled
@@ -73,8 +78,10 @@ class ModelConfig:
     skip_init: str = "torch_default"
     dtype: str = "float32"
     attention_impl: str | None = None
-    remat: bool = False
+    remat_policy: str = "none"
     scan_unroll: int = 1
+
+    family: ClassVar[str] = "dit"
 
     def __post_init__(self):
         self.validate()
@@ -131,6 +138,10 @@ class ModelConfig:
             bad(f"dtype must be one of {COMPUTE_DTYPES}, got {self.dtype!r}")
         if int(self.scan_unroll) != self.scan_unroll or self.scan_unroll < 0:
             bad(f"scan_unroll must be an integer >= 0 (0 = unroll completely), got {self.scan_unroll}")
+        try:
+            check_remat_policy(self.remat_policy)
+        except ConfigError as e:
+            bad(str(e))
         if self.mlp_ratio <= 0:
             bad(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
 
@@ -145,6 +156,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        d = dict(d)
+        d.pop("family", None)
+        if "remat" in d:  # files written before remat became a policy name
+            d.setdefault("remat_policy", "nothing_saveable" if d.pop("remat") else "none")
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - fields)
         if unknown:

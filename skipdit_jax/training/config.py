@@ -11,7 +11,7 @@ import os
 import ml_collections
 
 from skipdit_jax.errors import ConfigError
-from skipdit_jax.model_config import ModelConfig
+from skipdit_jax.models.config import ModelConfig
 
 VAE_FACTOR = 8  # SD-VAE downsampling: 256x256 images -> 32x32x4 latents
 
@@ -32,7 +32,7 @@ def default_config() -> ml_collections.ConfigDict:
             learn_sigma=True,
             skip_init="torch_default",
             dtype="float32",
-            remat=False,
+            remat_policy="none",  # or a jax.checkpoint_policies name, e.g. "nothing_saveable"
             scan_unroll=1,
             attention_impl=ml_collections.FieldReference(None, field_type=str),
         )
@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     # Periodic sample grids from the EMA weights, with the cached sampler.
     c.sample = ml_collections.ConfigDict(
-        dict(every=0, num_per_class=1, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=1, clip_denoised=True, vae="")
+        dict(every=0, num_per_class=1, batch_size=16, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=1, clip_denoised=True, vae="")
     )
     # `skipdit demo` only: samples per class, and seconds kept back from the training budget
     # for the classifier and the five timed sampling runs.

@@ -5,7 +5,7 @@ sample every class with and without Skip-Cache and measure the result honestly.
 
 1. A digit classifier is trained on the training split of the real digits and scored on
    the held-out split (its accuracy is reported; it must be >= 0.95 to be a fair judge).
-2. The Skip-DiT of `configs/mnist_skipdit.py` trains through the project's trainer (Orbax
+2. The Skip-DiT of `skipdit_jax/demo/config.py` (= `configs/mnist_skipdit.py`) trains through the project's trainer (Orbax
    checkpoints in OUT/train, so an interrupted demo resumes), within the time budget.
 3. Every class is sampled from the EMA weights with DDIM from the same noise: once in full,
    then with Skip-Cache N=2,3,4. Each run is compiled ahead of time and then timed.
@@ -19,42 +19,22 @@ from __future__ import annotations
 
 import json
 import time
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skipdit_jax import classifier, data, images
+from skipdit_jax import data, images, paths
 from skipdit_jax.cache import SkipCache
+from skipdit_jax.config_utils import apply_overrides, load_config_file
+from skipdit_jax.demo import config as demo_config
 from skipdit_jax.errors import UserError
-from skipdit_jax.metric_logging import read_metrics
-from skipdit_jax.metrics import psnr
+from skipdit_jax.evaluation import mnist_classifier as classifier
+from skipdit_jax.evaluation.image_metrics import psnr
 from skipdit_jax.sampling import build_sampler, resolve_respacing, sampling_timesteps
+from skipdit_jax.training.metric_logging import read_metrics
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "mnist_skipdit.py"
 CACHE_INTERVALS = (2, 3, 4)
-
-
-def load_config_file(path, arg: str | None = None):
-    """`get_config(arg)` of a config file (how `--config` files are read)."""
-    from ml_collections import config_flags
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"config file not found: {path} (the demo reads configs/mnist_skipdit.py from a source checkout)")
-    module = config_flags.config_flags._LoadConfigModule(f"{path.stem}_config", str(path))  # noqa: SLF001
-    return module.get_config(arg) if arg is not None else module.get_config()
-
-
-def apply_overrides(config, overrides: dict) -> None:
-    """Set dotted keys ("train.steps": 10) of an ml_collections config in place."""
-    for dotted, value in overrides.items():
-        node = config
-        *parents, leaf = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
 
 
 def _time(fn, *args) -> tuple[np.ndarray, float]:
@@ -63,7 +43,7 @@ def _time(fn, *args) -> tuple[np.ndarray, float]:
     return np.asarray(out), time.perf_counter() - start
 
 
-def plot_loss(workdir: Path, path: Path) -> None:
+def plot_loss(workdir, path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -75,15 +55,21 @@ def plot_loss(workdir: Path, path: Path) -> None:
     ax.set(xlabel="step", ylabel="training loss (per log interval)", title="Skip-DiT on MNIST", yscale="log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path)
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
     plt.close(fig)
+    paths.atomic_write_bytes(path, buf.getvalue())
 
 
-def run_demo(out: str, minutes: float = 15.0, config_path=DEFAULT_CONFIG, samples_per_class: int | None = None, overrides: dict | None = None) -> dict:
+def run_demo(out, minutes: float = 15.0, config_path=None, samples_per_class: int | None = None, overrides: dict | None = None) -> dict:
+    """Run the demo into `out` (local or remote). `config_path` (a config file, `path.py:arg`
+    allowed) replaces the built-in settings of `skipdit_jax/demo/config.py`."""
     start = time.perf_counter()
-    out_dir = Path(out)
+    out_dir = paths.as_path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = load_config_file(config_path)
+    config = load_config_file(config_path) if config_path else demo_config.get_config()
     apply_overrides(config, overrides or {})
     size, s = config.data.image_size, config.sample
     per_class = samples_per_class or config.demo.samples_per_class
@@ -99,7 +85,7 @@ def run_demo(out: str, minutes: float = 15.0, config_path=DEFAULT_CONFIG, sample
     print(f"classifier: held-out accuracy {clf_acc:.4f} on {len(held_y)} real digits ({time.perf_counter() - t0:.0f} s)")
 
     # 2. The model, within what is left of the budget (sampling is kept in reserve).
-    from skipdit_jax.train import train_and_evaluate
+    from skipdit_jax.training.train import train_and_evaluate
 
     budget = minutes * 60 - (time.perf_counter() - start) - config.demo.reserve_seconds
     if budget <= 30:
@@ -164,7 +150,6 @@ def run_demo(out: str, minutes: float = 15.0, config_path=DEFAULT_CONFIG, sample
         "total_seconds": round(time.perf_counter() - start, 1),
         "device": jax.devices()[0].device_kind,
     }
-    with open(out_dir / "report.json", "w") as f:
-        json.dump(report, f, indent=2)
+    paths.atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     print(f"wrote {out_dir}/report.json, samples_full.png, samples_cache{{2,3,4}}.png, loss.png ({time.perf_counter() - start:.0f} s in all)")
     return report

@@ -3,8 +3,10 @@
 A cache strategy tells the sampler three things:
   * `full_steps(timesteps)`: a host-side boolean per sampling step (True = full pass),
     computed once from the timestep list so the jitted loop never decides on the host;
-  * `init_carry(...)`: what it carries between steps (here the deep feature);
+  * `init_carry(family, batch)`: what it carries between steps (here the deep feature);
   * `full_pass(...)` / `cached_pass(...)`: the two model calls `lax.cond` chooses between.
+It sees the model only through its family (`skipdit_jax.models.family`): the family's
+`forward_full` / `forward_shallow` passes and its unit counts (blocks for DiT).
 
 The Skip-Cache schedule reproduces the official `DiT_cache` counter exactly: a step is
 full when `counter % interval == 0`, when the cache is empty, or when `t >= start_t`;
@@ -20,25 +22,10 @@ from typing import Sequence
 import jax.numpy as jnp
 import numpy as np
 
+from skipdit_jax.cache.plan import CachePlan, plan_from_schedule
 from skipdit_jax.errors import ConfigError
-from skipdit_jax.model_config import ModelConfig
-from skipdit_jax.models import DiT
-
-
-@dataclasses.dataclass(frozen=True)
-class CachePlan:
-    """The per-step schedule of a cache and its predicted (block-count) speedup."""
-
-    full: np.ndarray  # bool, one per sampling step, in sampling order
-    predicted_speedup: float
-
-    @property
-    def num_full(self) -> int:
-        return int(self.full.sum())
-
-    @property
-    def num_cached(self) -> int:
-        return int((~self.full).sum())
+from skipdit_jax.models.families import as_family
+from skipdit_jax.models.family import ModelFamily
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,7 +34,8 @@ class SkipCache:
 
     Args:
       interval: N; a full pass every N steps (1 = every step full, i.e. no caching).
-      shallow_blocks: k; a cached step runs the first k and the last k blocks.
+      shallow_blocks: k; a cached step runs the first k and the last k units (blocks;
+        block pairs for families whose units are pairs).
       start_t: steps with t >= start_t are always full (1000 = never forced).
       close_t: after a step with t <= close_t the cache is dropped; later steps are full.
     Defaults are the official class-to-image settings (k=4, start 1000, close 20).
@@ -70,14 +58,16 @@ class SkipCache:
             raise ConfigError(f"close_t ({self.close_t}) must not exceed start_t ({self.start_t})")
 
     # ---- host-side schedule ----------------------------------------------------------------
-    def check_model(self, config: ModelConfig) -> None:
-        half = config.num_encoder_blocks
+    def check_model(self, model) -> None:
+        """Raise `ConfigError` unless the strategy fits `model` (a model config or family)."""
+        family = as_family(model)
+        half = family.cache_units
         if not 1 <= self.shallow_blocks <= half - 1:
             raise ConfigError(
-                f"shallow_blocks must be in 1..{half - 1} for depth {config.depth} "
-                f"(at least one block on each side must be skipped), got {self.shallow_blocks}"
+                f"shallow_blocks must be in 1..{half - 1} for a model of {family.depth_units} units "
+                f"(at least one unit on each side must be skipped), got {self.shallow_blocks}"
             )
-        if self.requires_long_skip and not config.long_skip:
+        if self.requires_long_skip and not family.has_long_skips:
             raise ConfigError(
                 "SkipCache needs a model with long skips; for the shallow/deep cache on a vanilla DiT "
                 "(the ablation) ask for ShallowCache explicitly"
@@ -96,29 +86,32 @@ class SkipCache:
                 counter, empty = 0, True
         return np.asarray(full, bool)
 
-    def cached_blocks(self, config: ModelConfig | None = None) -> int:
-        """Blocks a cached step runs: the first k and the last k."""
+    def cached_blocks(self, has_long_skips: bool = True) -> int:
+        """Units a cached step runs: the first k and the last k."""
         return 2 * self.shallow_blocks
 
-    def plan(self, timesteps: Sequence[int], depth: int) -> CachePlan:
-        """The schedule and its block-count speedup: depth blocks per full step, 2k per
-        cached step (embedders and final layer are ignored)."""
-        full = self.full_steps(timesteps)
-        cost = full.sum() * depth + (~full).sum() * self.cached_blocks()
-        return CachePlan(full=full, predicted_speedup=float(len(full) * depth / cost))
+    def units_per_cached_step(self, model) -> int:
+        """What a cached step costs on `model` (a config or family), in units."""
+        return self.cached_blocks(as_family(model).has_long_skips)
+
+    def plan(self, timesteps: Sequence[int], depth: int, has_long_skips: bool | None = None) -> CachePlan:
+        """The schedule and its block-count speedup: `depth` units per full step,
+        `cached_blocks` per cached step (embedders and final layer are ignored).
+        `has_long_skips` defaults to what the strategy is for (True for SkipCache)."""
+        skips = self.requires_long_skip if has_long_skips is None else has_long_skips
+        return plan_from_schedule(self.full_steps(timesteps), depth, self.cached_blocks(skips))
 
     # ---- device-side passes ----------------------------------------------------------------
-    def init_carry(self, config: ModelConfig, batch: int):
-        """The deep feature: the hidden state entering decoder block depth-k."""
-        return jnp.zeros((batch, config.num_patches, config.hidden_size), config.compute_dtype)
+    def init_carry(self, family: ModelFamily, batch: int):
+        """The deep feature: the hidden state entering the last k decoder-side units."""
+        return jnp.zeros(family.deep_feature_shape(batch), family.compute_dtype)
 
-    def full_pass(self, config: ModelConfig, params, x, t, y, carry):
-        out, deep = DiT(config).apply({"params": params}, x, t, y, self.shallow_blocks, method=DiT.forward_full)
+    def full_pass(self, family: ModelFamily, params, x, t, cond, carry):
+        out, deep = family.forward_full(params, x, t, cond, self.shallow_blocks)
         return out, deep.astype(carry.dtype)
 
-    def cached_pass(self, config: ModelConfig, params, x, t, y, carry):
-        out = DiT(config).apply({"params": params}, x, t, y, carry, self.shallow_blocks, method=DiT.forward_shallow)
-        return out, carry
+    def cached_pass(self, family: ModelFamily, params, x, t, cond, carry):
+        return family.forward_shallow(params, x, t, cond, carry, self.shallow_blocks), carry
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,12 +122,10 @@ class ShallowCache(SkipCache):
     name = "shallow-cache"
     requires_long_skip = False
 
-    def cached_blocks(self, config: ModelConfig | None = None) -> int:
+    def cached_blocks(self, has_long_skips: bool = False) -> int:
         """Without long skips nothing reads the first k blocks' outputs on a cached step (the
         decoder starts from the cached deep feature), so XLA drops them: k blocks run."""
-        if config is not None and config.long_skip:
-            return 2 * self.shallow_blocks
-        return self.shallow_blocks
+        return 2 * self.shallow_blocks if has_long_skips else self.shallow_blocks
 
 
 def parse_cache_spec(spec: str | None) -> SkipCache | None:

@@ -18,30 +18,29 @@ import signal
 import time
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 from tqdm import tqdm
 
 from skipdit_jax import data as data_lib
-from skipdit_jax import checkpoints, images, optim, sharding, train_config
+from skipdit_jax import images, paths, sharding
 from skipdit_jax.cache import SkipCache
-from skipdit_jax.errors import CheckpointError, ConfigError
-from skipdit_jax.metric_logging import MetricWriter
-from skipdit_jax.model_config import ModelConfig
-from skipdit_jax.models import count_params, init_params
+from skipdit_jax.errors import ConfigError
+from skipdit_jax.models.families import config_to_dict, family_of
 from skipdit_jax.sampling import sample
-from skipdit_jax.train_step import TrainState, init_train_state, make_train_step
+from skipdit_jax.training import checkpoints, optim
+from skipdit_jax.training import config as train_config
+from skipdit_jax.training.metric_logging import MetricWriter
+from skipdit_jax.training.train_step import TrainState, init_train_state, make_train_step
 
 
 @dataclasses.dataclass
 class TrainResult:
-    model_config: ModelConfig
+    model_config: Any
     state: TrainState
     steps_run: int
     final_step: int
@@ -62,117 +61,103 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
 
 
 # ---- initial parameters -----------------------------------------------------------------------
-def initial_params(mc: ModelConfig, config: ml_collections.ConfigDict, rng: jax.Array):
-    """Fresh parameters, or those of `train.init_from` where it has them: a vanilla DiT
-    checkpoint starts a Skip-DiT with fresh skip modules (stage 1 of the fine-tune)."""
-    params = init_params(mc, rng)
+# What `train.init_from` must agree on with the model being trained.
+_INIT_FROM_FIELDS = ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "num_classes", "learn_sigma")
+
+
+def load_init_from(family, config: ml_collections.ConfigDict, param_shardings):
+    """The parameters of `train.init_from` (a model directory, an official checkpoint or a
+    training workdir's raw weights), placed straight onto their shards (a device receives
+    only its slice), or None when no source is set."""
     src = config.train.init_from
     if not src:
-        return params
-    from skipdit_jax.checkpoints import load_model
+        return None
+    from skipdit_jax.model_store import load_model
 
-    # A training workdir hands over its raw parameters (stage 2 continues stage 1's weights).
+    mc = family.config
     src_cfg, src_params = load_model(src, num_heads=config.train.init_num_heads or mc.num_heads, use_ema=False)
-    for name in ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "num_classes", "learn_sigma"):
-        if getattr(src_cfg, name) != getattr(mc, name):
+    if type(src_cfg).family != type(mc).family:
+        raise ConfigError(f"train.init_from is a {type(src_cfg).family} model but the run trains a {type(mc).family} model")
+    for name in _INIT_FROM_FIELDS:
+        if getattr(src_cfg, name, None) != getattr(mc, name, None):
             raise ConfigError(f"train.init_from has {name}={getattr(src_cfg, name)} but the model has {getattr(mc, name)}")
-    merged = dict(params)
-    for key, value in src_params.items():
-        merged[key] = jax.tree.map(jnp.asarray, value)
-    fresh = sorted(set(params) - set(src_params))
+    unknown = sorted(set(src_params) - set(param_shardings))
+    if unknown:
+        raise ConfigError(f"train.init_from has modules the model lacks: {', '.join(unknown)}")
+    placed = {k: jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), v, param_shardings[k]) for k, v in src_params.items()}
+    fresh = sorted(set(param_shardings) - set(src_params))
     logging.info("initialised from %s; fresh modules: %s", src, ", ".join(fresh) or "none")
-    return merged
+    return placed
 
 
-# ---- checkpoints ------------------------------------------------------------------------------
-def _checkpoint_manager(workdir: epath.Path, config) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=config.checkpoint.keep,
-        enable_async_checkpointing=config.checkpoint.async_save,
-        create=True,
-    )
-    return ocp.CheckpointManager(workdir / "checkpoints", options=options)
+def create_train_state(family, config, tx, init_rng, state_shardings: TrainState) -> TrainState:
+    """A fresh train state, created already sharded: every array is born on its shards
+    (`jax.jit(init, out_shardings=...)`), so no device ever holds a whole copy. With
+    `train.init_from`, its weights replace the fresh ones (fresh skip modules stay)."""
+    loaded = load_init_from(family, config, state_shardings.params)
 
+    def init(rng, loaded):
+        params = family.init_params(rng)
+        if loaded is not None:
+            params = {**params, **loaded}
+        return init_train_state(params, tx)
 
-def _save(mngr, step: int, state: TrainState, rng: jax.Array, it, config) -> None:
-    mngr.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state),
-            rng=ocp.args.StandardSave({"key": np.asarray(jax.random.key_data(rng))}),
-            data=data_lib.iterator_state_save_args(it),
-            config=ocp.args.JsonSave(config.to_dict()),
-        ),
-        force=True,
-    )
-
-
-def _set_aside(mngr, step: int) -> None:
-    """Rename a damaged step directory to STEP.damaged (kept for inspection, never deleted),
-    so the run can save that step again."""
-    if jax.process_index() == 0:
-        src = epath.Path(mngr.directory) / str(step)
-        dst = epath.Path(mngr.directory) / f"{step}.damaged"
-        if dst.exists():
-            dst = epath.Path(mngr.directory) / f"{step}.damaged.{int(time.time())}"
-        src.rename(dst)
-    mngr.reload()
-
-
-def _restore_latest(mngr, abstract_state, it):
-    """Restore the newest readable checkpoint; a damaged one is skipped with a warning.
-    Returns (state, rng) or None when there is no checkpoint."""
-    steps = sorted(mngr.all_steps(), reverse=True)
-    for i, step in enumerate(steps):
-        try:
-            restored = mngr.restore(
-                step,
-                args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(abstract_state),
-                    rng=ocp.args.StandardRestore(),
-                    data=data_lib.iterator_state_restore_args(it),
-                ),
-            )
-        except Exception as e:  # noqa: BLE001 - any failure to read means "damaged"
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            if i + 1 < len(steps):
-                logging.warning("checkpoint at step %d is unreadable (%s); falling back to step %d", step, first, steps[i + 1])
-                print(f"warning: checkpoint at step {step} is unreadable ({first}); falling back to step {steps[i + 1]}")
-                _set_aside(mngr, step)
-                continue
-            raise CheckpointError(f"no readable checkpoint in {mngr.directory}: step {step} failed with {first}") from None
-        return restored["state"], jax.random.wrap_key_data(jnp.asarray(restored["rng"]["key"]))
-    return None
+    loaded_shardings = None if loaded is None else {k: state_shardings.params[k] for k in loaded}
+    fn = jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=state_shardings)
+    return fn(init_rng, loaded)
 
 
 # ---- sample grids -----------------------------------------------------------------------------
-def sample_grid(mc: ModelConfig, params, config, path: epath.Path, step: int, writer: MetricWriter | None = None):
-    s = config.sample
-    labels = jnp.repeat(jnp.arange(mc.num_classes or 1, dtype=jnp.int32), s.num_per_class)
-    noise = jax.random.normal(jax.random.key(1234), (labels.shape[0], mc.input_size, mc.input_size, mc.in_channels))
-    half = mc.num_encoder_blocks
-    cache = SkipCache(s.cache_interval, s.shallow_blocks) if mc.long_skip and s.cache_interval > 1 and 1 <= s.shallow_blocks < half else None
-    x = sample(
-        mc, params, noise=noise, labels=labels, sampler=s.sampler, num_steps=s.num_steps,
-        cfg_scale=s.cfg_scale if mc.num_classes else 1.0, cache=cache, clip_denoised=s.clip_denoised,
-    )
-    x = np.asarray(x)
-    if mc.in_channels == 4:
+MAX_GRID_SAMPLES = 64  # a preview, not an evaluation: at most this many cells
+
+
+def sample_grid(family, params, config, path: epath.Path, step: int, mesh, writer: MetricWriter | None = None):
+    """A preview grid from the EMA weights with the cached sampler: at most
+    MAX_GRID_SAMPLES samples (every class in turn, `sample.num_per_class` each), drawn in
+    batches of `sample.batch_size` sharded over the mesh's batch axes; process 0 writes it."""
+    s, mc = config.sample, family.config
+    classes = mc.num_classes or 1
+    num = min(classes * s.num_per_class, MAX_GRID_SAMPLES)
+    cond = family.example_condition(num * 1)
+    if cond is not None:
+        cond = np.repeat(np.arange(classes, dtype=np.int32), s.num_per_class)[:num]
+    noise = np.asarray(jax.random.normal(jax.random.key(1234), (num, *family.sample_shape)))
+    cache = None
+    if family.has_long_skips and s.cache_interval > 1 and 1 <= s.shallow_blocks < family.cache_units:
+        cache = SkipCache(s.cache_interval, s.shallow_blocks)
+    batch_sharding = sharding.batch_sharding(mesh)
+    # Every batch is a multiple of the device count (padded), so it shards evenly.
+    per_call = max(jax.device_count(), (s.batch_size // jax.device_count()) * jax.device_count())
+    outs = []
+    for lo in range(0, num, per_call):
+        z, y = noise[lo : lo + per_call], None if cond is None else cond[lo : lo + per_call]
+        pad = per_call - len(z)
+        z = np.concatenate([z, np.zeros((pad, *z.shape[1:]), z.dtype)])
+        y = None if y is None else np.concatenate([y, np.zeros((pad,), y.dtype)])
+        put = lambda a: jax.make_array_from_callback(a.shape, batch_sharding, lambda idx, a=a: a[idx])  # noqa: E731
+        x = sample(
+            mc, params, noise=put(z), labels=None if y is None else put(y), sampler=s.sampler, num_steps=s.num_steps,
+            cfg_scale=s.cfg_scale if family.is_conditional else 1.0, cache=cache, clip_denoised=s.clip_denoised,
+        )
+        x = np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x)
+        outs.append(x[: per_call - pad])
+    x = np.concatenate(outs)
+    if x.shape[-1] not in (1, 3):
         x = images.latents_for_display(x)
     if jax.process_index() == 0:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        images.save_grid(x, str(path), nrow=mc.num_classes or None, upscale=max(1, 64 // mc.input_size))
+        images.save_grid(x, path, nrow=min(s.num_per_class, num) if cond is not None else None, upscale=max(1, 64 // x.shape[1]))
         if writer is not None:
             writer.write_image(step, "samples", images.make_grid(images.to_uint8(x)))
 
 
 # ---- the trainer ------------------------------------------------------------------------------
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True) -> TrainResult:
-    workdir = checkpoints.absolute_path(workdir)  # Orbax needs absolute paths
+    workdir = paths.as_path(workdir)  # Orbax needs absolute paths
     t_start = time.perf_counter()
 
     # -- validate (before anything compiles) -------------------------------------------------
     mc = train_config.validate(config, jax.device_count(), jax.process_count())
+    family = family_of(mc)
     t = config.train
 
     # -- mesh ---------------------------------------------------------------------------------
@@ -192,7 +177,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     # -- model, optimizer and state, created already sharded --------------------------------------
     rng = jax.random.key(config.seed)
     init_rng, rng = jax.random.split(rng)
-    abstract_params = jax.eval_shape(lambda: init_params(mc, init_rng))
+    abstract_params = family.abstract_params()
     tx = optim.make_optimizer(_opt_cfg(config), abstract_params, t.trainable)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
     shard = lambda tree: sharding.param_shardings(tree, mesh, min_shard_size=config.mesh.min_shard_size)  # noqa: E731
@@ -206,19 +191,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
 
     # -- restore or initialise -----------------------------------------------------------------
-    mngr = _checkpoint_manager(workdir, config)
-    restored = _restore_latest(mngr, abstract_state, it)
+    mngr = checkpoints.checkpoint_manager(workdir, config)
+    restored = checkpoints.restore_latest(mngr, abstract_state, it)
     if restored is not None:
         state, rng = restored
         logging.info("resumed from step %d", int(state.step))
     else:
-        params = initial_params(mc, config, init_rng)
-        state = jax.jit(lambda p: init_train_state(p, tx), out_shardings=state_shardings)(params)
+        state = create_train_state(family, config, tx, init_rng, state_shardings)
     start_step = int(state.step)
     if jax.process_index() == 0:
         workdir.mkdir(parents=True, exist_ok=True)
-        (workdir / "model_config.json").write_text(mc.to_json())
-        (workdir / "config.json").write_text(json.dumps(config.to_dict(), indent=2, default=str))
+        paths.atomic_write_text(workdir / checkpoints.MODEL_CONFIG_FILE, json.dumps(config_to_dict(mc), indent=2, sort_keys=True))
+        paths.atomic_write_text(workdir / "config.json", json.dumps(config.to_dict(), indent=2, default=str))
     writer = MetricWriter(workdir, resume_step=start_step)
 
     # -- compile the step once -------------------------------------------------------------------
@@ -234,16 +218,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         donate_argnums=(0,),
     )
     abstract_batch = {
-        "image": jax.ShapeDtypeStruct((t.global_batch_size, mc.input_size, mc.input_size, mc.in_channels), jnp.float32, sharding=batch_sharding),
-        "label": jax.ShapeDtypeStruct((t.global_batch_size,), jnp.int32, sharding=batch_sharding),
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in family.batch_spec(t.global_batch_size).items()
     }
     t0 = time.perf_counter()
     compiled = jitted.lower(abstract_state, abstract_batch, rng).compile()
     compile_seconds = time.perf_counter() - t0
     if jax.process_index() == 0:
         print(
-            f"{'Skip-DiT' if mc.long_skip else 'DiT'} depth {mc.depth} width {mc.hidden_size}: "
-            f"{count_params(abstract_params):,} parameters; train step compiled in {compile_seconds:.1f} s; "
+            f"{family.describe()}; train step compiled in {compile_seconds:.1f} s; "
             f"{'resuming at' if start_step else 'starting at'} step {start_step} of {t.steps}"
         )
 
@@ -292,12 +274,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                 bar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
                 pending, t_log, steps_since_log = [], now, 0
             if config.sample.every and step % config.sample.every == 0:
-                sample_grid(mc, state.ema_params, config, workdir / "samples" / f"step_{step:07d}.png", step, writer)
+                sample_grid(family, state.ema_params, config, workdir / "samples" / f"step_{step:07d}.png", step, mesh, writer)
             out_of_time = t.max_seconds is not None and time.perf_counter() - t_start > t.max_seconds
             if step % config.checkpoint.every == 0 or step == t.steps or out_of_time:
-                _save(mngr, step, state, rng, it, config)
+                checkpoints.save(mngr, step, state, rng, it, config)
             if preempted(step):
-                _save(mngr, step, state, rng, it, config)
+                checkpoints.save(mngr, step, state, rng, it, config)
                 was_preempted = True
                 print(f"preempted: saved a checkpoint at step {step}")
                 break
@@ -327,32 +309,3 @@ def _opt_cfg(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     cfg = ml_collections.ConfigDict(config.optimizer.to_dict())
     cfg.steps = config.train.steps
     return cfg
-
-
-def load_trained(workdir, use_ema: bool = True) -> tuple[ModelConfig, Any]:
-    """(model_config, params) of the latest checkpoint in a training workdir (EMA by default)."""
-    workdir = checkpoints.absolute_path(workdir)
-    cfg_file = workdir / "model_config.json"
-    if not cfg_file.exists():
-        raise CheckpointError(f"{workdir} is not a training workdir (no model_config.json)")
-    mc = ModelConfig.from_json(cfg_file.read_text())
-    mngr = ocp.CheckpointManager(
-        workdir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(create=False),
-        item_handlers={
-            "state": ocp.StandardCheckpointHandler(),
-            "rng": ocp.StandardCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler(),
-            "data": grain.checkpoint.CheckpointHandler(),
-        },
-    )
-    step = mngr.latest_step()
-    if step is None:
-        raise CheckpointError(f"no checkpoint in {workdir / 'checkpoints'}")
-    # Restore onto one local device whatever the mesh that saved it.
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    meta = mngr.item_metadata(step)["state"]
-    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), meta)
-    state = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    params = state["ema_params"] if use_ema else state["params"]
-    return mc, params

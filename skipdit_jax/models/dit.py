@@ -18,104 +18,36 @@ On a model without long skips the shallow pass is the same minus the fusion.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-import math
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skipdit_jax.model_config import ModelConfig
-
-# Re-exported so `skipdit_jax.models.ModelConfig` works as well.
-__all__ = ["DiT", "ModelConfig", "DiTBlock", "SkipFusion", "get_2d_sincos_pos_embed"]
-
-_LN_EPS = 1e-6
-
-
-def layer_norm(x: jax.Array) -> jax.Array:
-    """Affine-free LayerNorm (eps 1e-6), computed in float32, returned in x's dtype."""
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    return ((x32 - mean) * jax.lax.rsqrt(var + _LN_EPS)).astype(x.dtype)
-
-
-def modulate(x: jax.Array, shift: jax.Array, scale: jax.Array) -> jax.Array:
-    return x * (1 + scale[:, None]) + shift[:, None]
-
-
-def get_2d_sincos_pos_embed(dim: int, grid_size: int) -> np.ndarray:
-    """MAE's 2-D sin-cos table, (grid_size**2, dim), float64, row-major (h, w) tokens.
-
-    Matches the `pos_embed` stored in official checkpoints: the first dim/2 channels encode
-    the column index, the last dim/2 the row index, each half laid out [sin, cos].
-    """
-
-    def one_axis(pos):
-        omega = 1.0 / 10000 ** (np.arange(dim // 4, dtype=np.float64) / (dim / 4.0))
-        out = np.einsum("m,d->md", pos.reshape(-1), omega)
-        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
-
-    grid_w, grid_h = np.meshgrid(np.arange(grid_size, dtype=np.float64), np.arange(grid_size, dtype=np.float64))
-    return np.concatenate([one_axis(grid_w), one_axis(grid_h)], axis=1)
-
-
-def timestep_features(t: jax.Array, dim: int = 256, max_period: float = 10000.0) -> jax.Array:
-    """GLIDE sinusoidal features [cos, sin] of (original-scale, 0..999) timesteps, float32."""
-    half = dim // 2
-    freqs = jnp.exp(-math.log(max_period) * jnp.arange(half, dtype=jnp.float32) / half)
-    args = t.astype(jnp.float32)[:, None] * freqs[None]
-    return jnp.concatenate([jnp.cos(args), jnp.sin(args)], axis=-1)
-
-
-# Initialisers of DiT's `initialize_weights`.
-_xavier = nn.initializers.xavier_uniform()
-_normal002 = nn.initializers.normal(0.02)
-_zeros = nn.initializers.zeros
-
-
-def _torch_default_bias(fan_in: int):
-    bound = 1.0 / math.sqrt(fan_in)
-    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
-
-
-class Attention(nn.Module):
-    """timm-style multi-head self-attention: fused qkv (q|k|v, heads contiguous), proj."""
-
-    num_heads: int
-    dtype: jnp.dtype = jnp.float32
-    attention_impl: str | None = None
-
-    @nn.compact
-    def __call__(self, x):
-        b, n, d = x.shape
-        # Dense layers see (B*N, D): XLA's CPU backend runs the weight gradient of a 2-D
-        # matmul several times faster than one contracting over both batch and tokens.
-        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_xavier, name="qkv")(x.reshape(b * n, d))
-        q, k, v = jnp.moveaxis(qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads), 2, 0)
-        out = jax.nn.dot_product_attention(q, k, v, implementation=self.attention_impl)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="proj")(out.reshape(b * n, d)).reshape(b, n, d)
-
-
-class Mlp(nn.Module):
-    hidden: int
-    dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x):
-        shape = x.shape
-        h = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_xavier, name="fc1")(x.reshape(-1, shape[-1]))
-        h = nn.gelu(h, approximate=True)
-        return nn.Dense(shape[-1], dtype=self.dtype, kernel_init=_xavier, name="fc2")(h).reshape(shape)
+from skipdit_jax.errors import UserError
+from skipdit_jax.models.config import ModelConfig
+from skipdit_jax.models.family import ModelFamily
+from skipdit_jax.models.layers import (
+    Attention,
+    Mlp,
+    get_2d_sincos_pos_embed,
+    layer_norm,
+    modulate,
+    normal002,
+    timestep_features,
+    zeros,
+)
+from skipdit_jax.models.skip import SkipFusion, remat, scan_blocks, stacked_init
 
 
 class DiTBlock(nn.Module):
     """adaLN-Zero block: x += g1 * Attn(mod(LN(x))); x += g2 * MLP(mod(LN(x))).
 
     Besides the plain call, the block exposes its pieces for the cache baselines
-    (`skipdit_jax.cache_baselines`): the adaLN modulation and the raw (pre-gate) outputs
+    (`skipdit_jax.cache.baselines`): the adaLN modulation and the raw (pre-gate) outputs
     of its attention and MLP branches.
     """
 
@@ -124,7 +56,7 @@ class DiTBlock(nn.Module):
     def setup(self):
         cfg = self.config
         dt = cfg.compute_dtype
-        self.adaLN_modulation = nn.Dense(6 * cfg.hidden_size, dtype=dt, kernel_init=_zeros)
+        self.adaLN_modulation = nn.Dense(6 * cfg.hidden_size, dtype=dt, kernel_init=zeros)
         self.attn = Attention(cfg.num_heads, dt, cfg.attention_impl)
         self.mlp = Mlp(int(cfg.hidden_size * cfg.mlp_ratio), dt)
 
@@ -144,29 +76,6 @@ class DiTBlock(nn.Module):
         return self.forward_with_branches(x, c)[0]
 
 
-class SkipFusion(nn.Module):
-    """Long-skip fusion: Linear_{2D->D}(LayerNorm_{2D}(concat([deep, skip]))), LN in float32."""
-
-    config: ModelConfig
-
-    @nn.compact
-    def __call__(self, deep, skip):
-        cfg = self.config
-        h = jnp.concatenate([deep, skip], axis=-1)
-        h = nn.LayerNorm(
-            epsilon=_LN_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name="norm"
-        )(h.astype(jnp.float32)).astype(deep.dtype)
-        fan_in = 2 * cfg.hidden_size
-        if cfg.skip_init == "xavier":
-            kernel_init, bias_init = _xavier, _zeros
-        else:  # PyTorch's nn.Linear default: kaiming_uniform(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
-            kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
-            bias_init = _torch_default_bias(fan_in)
-        return nn.Dense(
-            cfg.hidden_size, dtype=cfg.compute_dtype, kernel_init=kernel_init, bias_init=bias_init, name="linear"
-        )(h)
-
-
 class FinalLayer(nn.Module):
     """adaLN (shift, scale; no gate) + LN + Linear(D -> p*p*out_channels), zero-initialised."""
 
@@ -175,44 +84,14 @@ class FinalLayer(nn.Module):
     @nn.compact
     def __call__(self, x, c):
         cfg = self.config
-        mod = nn.Dense(2 * cfg.hidden_size, dtype=cfg.compute_dtype, kernel_init=_zeros, name="adaLN_modulation")(
+        mod = nn.Dense(2 * cfg.hidden_size, dtype=cfg.compute_dtype, kernel_init=zeros, name="adaLN_modulation")(
             nn.silu(c)
         )
         shift, scale = jnp.split(mod, 2, axis=-1)
         x = modulate(layer_norm(x), shift, scale)
         out_dim = cfg.patch_size**2 * cfg.out_channels
-        return nn.Dense(out_dim, dtype=cfg.compute_dtype, kernel_init=_zeros, name="linear")(x)
+        return nn.Dense(out_dim, dtype=cfg.compute_dtype, kernel_init=zeros, name="linear")(x)
 
-
-def _stacked_init(module: nn.Module, count: int, *example_args):
-    """Initialiser of `count` independent copies of `module`, stacked on a leading axis."""
-
-    def init(key):
-        keys = jax.random.split(key, count)
-        return jax.vmap(lambda k: module.init(k, *example_args)["params"])(keys)
-
-    return init
-
-
-def _scan_blocks(body, h, stacked, lo: int, hi: int, extra_xs=None, unroll: int = 1):
-    """`lax.scan` of `body(h, block_params, extra) -> (h, y)` over blocks lo..hi-1 of
-    `stacked` (a pytree with a leading block axis).
-
-    Over the whole stack the weights are the scan's xs. Over part of it (the cached passes)
-    the loop indexes the full stack instead: slicing `stacked[lo:hi]` first would copy
-    those weights on every call, which on CPU costs as much as several blocks' compute.
-    Only sampling scans part of a stack, so the index path needs no efficient gradient.
-    """
-    count = jax.tree.leaves(stacked)[0].shape[0]
-    unroll = True if unroll == 0 else unroll
-    if lo == 0 and hi == count:
-        return jax.lax.scan(lambda h, xs: body(h, *xs), h, (stacked, extra_xs), unroll=unroll)
-
-    def step(h, xs):
-        i, extra = xs
-        return body(h, jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, i, keepdims=False), stacked), extra)
-
-    return jax.lax.scan(step, h, (jnp.arange(lo, hi), extra_xs), unroll=unroll)
 
 
 class DiT(nn.Module):
@@ -239,18 +118,18 @@ class DiT(nn.Module):
             kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
             name="x_embedder",
         )
-        self.t_mlp_0 = nn.Dense(d, dtype=dt, kernel_init=_normal002, name="t_embedder_mlp_0")
-        self.t_mlp_2 = nn.Dense(d, dtype=dt, kernel_init=_normal002, name="t_embedder_mlp_2")
+        self.t_mlp_0 = nn.Dense(d, dtype=dt, kernel_init=normal002, name="t_embedder_mlp_0")
+        self.t_mlp_2 = nn.Dense(d, dtype=dt, kernel_init=normal002, name="t_embedder_mlp_2")
         if cfg.num_classes:
-            self.y_embedder = nn.Embed(cfg.num_classes + 1, d, embedding_init=_normal002, name="y_embedder")
+            self.y_embedder = nn.Embed(cfg.num_classes + 1, d, embedding_init=normal002, name="y_embedder")
         x_ex = jnp.zeros((1, cfg.num_patches, d), dt)
         c_ex = jnp.zeros((1, d), dt)
         n_enc = cfg.num_encoder_blocks
         block = DiTBlock(cfg, parent=None)  # detached: only its init is used here
-        self.encoder_blocks = self.param("encoder_blocks", _stacked_init(block, n_enc, x_ex, c_ex))
-        self.decoder_blocks = self.param("decoder_blocks", _stacked_init(block, cfg.depth - n_enc, x_ex, c_ex))
+        self.encoder_blocks = self.param("encoder_blocks", stacked_init(block, n_enc, x_ex, c_ex))
+        self.decoder_blocks = self.param("decoder_blocks", stacked_init(block, cfg.depth - n_enc, x_ex, c_ex))
         if cfg.long_skip:
-            self.skip_fusions = self.param("skip_fusions", _stacked_init(SkipFusion(cfg, parent=None), n_enc, x_ex, x_ex))
+            self.skip_fusions = self.param("skip_fusions", stacked_init(_skip_fusion(cfg), n_enc, x_ex, x_ex))
         self.final_layer = FinalLayer(cfg, name="final_layer")
         self.pos_embed = jnp.asarray(get_2d_sincos_pos_embed(d, cfg.grid_size), jnp.float32)[None]
 
@@ -275,7 +154,7 @@ class DiT(nn.Module):
 
     def _block_fn(self):
         fn = lambda p, h, c: DiTBlock(self.config, parent=None).apply({"params": p}, h, c)  # noqa: E731
-        return jax.checkpoint(fn) if self.config.remat else fn
+        return remat(fn, self.config.remat_policy)
 
     def run_encoder(self, h, c, lo: int, hi: int):
         """Encoder blocks lo..hi-1; returns (h, their outputs stacked) -- the skip features."""
@@ -288,7 +167,7 @@ class DiT(nn.Module):
             h = block(p, h, c)
             return h, (h if keep else None)
 
-        return _scan_blocks(step, h, self.encoder_blocks, lo, hi, unroll=self.config.scan_unroll)
+        return scan_blocks(step, h, self.encoder_blocks, lo, hi, unroll=self.config.scan_unroll)
 
     def run_decoder(self, h, c, lo: int, hi: int, skips):
         """Decoder blocks half+lo..half+hi-1. `skips` are the outputs of encoder blocks
@@ -297,17 +176,18 @@ class DiT(nn.Module):
             return h
         block = self._block_fn()
         if not self.config.long_skip:
-            return _scan_blocks(
+            return scan_blocks(
                 lambda h, p, _: (block(p, h, c), None), h, self.decoder_blocks, lo, hi, unroll=self.config.scan_unroll
             )[0]
-        fuse = lambda p, a, b: SkipFusion(self.config, parent=None).apply({"params": p}, a, b)  # noqa: E731
+        fusion = _skip_fusion(self.config)
+        fuse = lambda p, a, b: fusion.apply({"params": p}, a, b)  # noqa: E731
 
         def step(h, p, skip):
             p_block, p_fuse = p
             return block(p_block, fuse(p_fuse, h, skip), c), None
 
         stacked = (self.decoder_blocks, self.skip_fusions)
-        return _scan_blocks(step, h, stacked, lo, hi, extra_xs=skips[::-1], unroll=self.config.scan_unroll)[0]
+        return scan_blocks(step, h, stacked, lo, hi, extra_xs=skips[::-1], unroll=self.config.scan_unroll)[0]
 
     def head(self, h, c):
         return self.unpatchify(self.final_layer(h, c)).astype(jnp.float32)
@@ -342,6 +222,10 @@ class DiT(nn.Module):
         return self.head(h, c)
 
 
+def _skip_fusion(cfg: ModelConfig) -> SkipFusion:
+    return SkipFusion(cfg.hidden_size, cfg.skip_init, cfg.compute_dtype, parent=None)
+
+
 @functools.lru_cache(maxsize=16)
 def _jitted_init(config: ModelConfig):
     # NumPy examples: this cached function may first be built inside another trace.
@@ -360,3 +244,147 @@ def init_params(config: ModelConfig, rng: jax.Array | int = 0):
 
 def count_params(params) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
+
+
+@dataclasses.dataclass(frozen=True)
+class DiTFamily(ModelFamily):
+    """DiT / Skip-DiT (class-to-image): condition = class ids (B,), int32; `num_classes`
+    is the null label; an unconditional model (num_classes == 0) takes None."""
+
+    config: ModelConfig
+
+    name: ClassVar[str] = "dit"
+    config_cls: ClassVar[type] = ModelConfig
+
+    @property
+    def module(self) -> DiT:
+        return DiT(self.config)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.input_size, c.input_size, c.in_channels)
+
+    # ---- the condition ------------------------------------------------------------------
+    @property
+    def is_conditional(self) -> bool:
+        return self.config.num_classes > 0
+
+    def check_condition(self, condition, batch: int) -> None:
+        if not self.is_conditional:
+            if condition is not None:
+                raise UserError("this model is unconditional (num_classes == 0): pass labels=None")
+            return
+        if condition is None:
+            raise UserError(f"this model is class-conditional: pass labels, class ids in 0..{self.config.num_classes - 1}")
+        labels = np.asarray(condition)
+        if labels.ndim != 1 or labels.shape[0] != batch:
+            raise UserError(f"labels must have shape ({batch},) to match the noise batch, got {labels.shape}")
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"labels must be integer class ids, got dtype {labels.dtype}")
+        n = self.config.num_classes
+        if labels.size and (labels.min() < 0 or labels.max() > n):
+            raise UserError(
+                f"labels must be class ids in 0..{n - 1} (or {n}, the null label), got values in {labels.min()}..{labels.max()}"
+            )
+
+    def null_condition(self, condition):
+        return None if condition is None else jnp.full_like(condition, self.config.null_label)
+
+    def condition_from_batch(self, batch: dict):
+        return batch["label"].astype(jnp.int32) if self.is_conditional else None
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, *self.sample_shape), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+        }
+
+    def example_condition(self, num: int):
+        return np.arange(num, dtype=np.int32) % max(self.config.num_classes, 1) if self.is_conditional else None
+
+    # ---- passes -------------------------------------------------------------------------
+    def apply(self, params, x, t, condition):
+        return self.module.apply({"params": params}, x, t, condition)
+
+    @property
+    def has_long_skips(self) -> bool:
+        return self.config.long_skip
+
+    @property
+    def cache_units(self) -> int:
+        return self.config.num_encoder_blocks
+
+    @property
+    def depth_units(self) -> int:
+        return self.config.depth
+
+    def forward_full(self, params, x, t, condition, shallow_units: int):
+        return self.module.apply({"params": params}, x, t, condition, shallow_units, method=DiT.forward_full)
+
+    def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
+        return self.module.apply(
+            {"params": params}, x, t, condition, deep_feature, shallow_units, method=DiT.forward_shallow
+        )
+
+    def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
+        return (batch, self.config.num_patches, self.config.hidden_size)
+
+    # ---- pieces for the other cache strategies (adaLN-Zero blocks, no long skips) -------
+    def embed(self, params, x, t, condition):
+        """(tokens h (B, T, D), conditioning vector c (B, D))."""
+        return self.module.apply({"params": params}, x, t, condition, method=DiT.embed)
+
+    def head(self, params, h, c):
+        return self.module.apply({"params": params}, h, c, method=DiT.head)
+
+    def block_stacks(self, params) -> tuple:
+        """The stacked block parameters, in order (every block appears once)."""
+        return params["encoder_blocks"], params["decoder_blocks"]
+
+    def block_with_branches(self, block_params, h, c):
+        """(output, (attention, MLP) before their gates, (gate_msa, gate_mlp)) of one block."""
+        return DiTBlock(self.config, parent=None).apply({"params": block_params}, h, c, method=DiTBlock.forward_with_branches)
+
+    def block_modulation(self, block_params, c):
+        """The six adaLN vectors of one block: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
+        return DiTBlock(self.config, parent=None).apply({"params": block_params}, c, method=DiTBlock.modulation)
+
+    def run_units(self, params, h, c, lo: int, hi: int):
+        """Blocks lo..hi-1 (global indices) of a model without long skips."""
+        n_enc = self.config.num_encoder_blocks
+
+        def run(module, h, c):
+            if lo < n_enc:
+                h, _ = module.run_encoder(h, c, lo, min(hi, n_enc))
+            if hi > n_enc:
+                h = module.run_decoder(h, c, max(lo, n_enc) - n_enc, hi - n_enc, None)
+            return h
+
+        return self.module.apply({"params": params}, h, c, method=run)
+
+    # ---- parameters and conversion ------------------------------------------------------
+    def init_params(self, rng: jax.Array | int = 0):
+        return init_params(self.config, rng)
+
+    @classmethod
+    def from_torch(cls, state_dict: dict, **kwargs):
+        from skipdit_jax.convert.dit import dit_from_torch
+
+        return dit_from_torch(state_dict, **kwargs)
+
+    def to_torch(self, params) -> dict[str, np.ndarray]:
+        from skipdit_jax.convert.dit import dit_to_torch
+
+        return dit_to_torch(self.config, params)
+
+    @classmethod
+    def recognises(cls, state_dict: dict) -> bool:
+        # DiT blocks are single blocks with a fused qkv; Latte has temp_embed, diffusers
+        # layouts have transformer_blocks, Hunyuan has blocks.N.attn1.
+        return "x_embedder.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict and "temp_embed" not in state_dict
+
+    def describe(self) -> str:
+        c = self.config
+        kind = "Skip-DiT" if c.long_skip else "DiT"
+        return f"{kind} depth {c.depth} width {c.hidden_size}: {self.count_params():,} parameters"

@@ -1,0 +1,22 @@
+"""Cache strategies for the one jitted sampler: Skip-Cache (`skip_cache`), the other
+caching methods (`baselines/`), plans (`plan`) and the by-name registry (`registry`)."""
+
+from skipdit_jax.cache.baselines import FORA, PAB, DeltaDiT, TeaCache, calibrate_teacache
+from skipdit_jax.cache.plan import CachePlan, plan_from_schedule
+from skipdit_jax.cache.registry import METHODS, make_cache
+from skipdit_jax.cache.skip_cache import ShallowCache, SkipCache, parse_cache_spec
+
+__all__ = [
+    "CachePlan",
+    "DeltaDiT",
+    "FORA",
+    "METHODS",
+    "PAB",
+    "ShallowCache",
+    "SkipCache",
+    "TeaCache",
+    "calibrate_teacache",
+    "make_cache",
+    "parse_cache_spec",
+    "plan_from_schedule",
+]

@@ -1,0 +1,35 @@
+"""Cache strategies by name: `make_cache("fora", 2)`, `make_cache("teacache", 0.1)`."""
+
+from __future__ import annotations
+
+from skipdit_jax.cache.baselines import FORA, PAB, DeltaDiT, TeaCache
+from skipdit_jax.cache.skip_cache import ShallowCache, SkipCache
+from skipdit_jax.errors import ConfigError
+
+METHODS = {
+    "skip-cache": "SkipCache(N): Skip-DiT's static cache (needs a model with long skips)",
+    "shallow-cache": "ShallowCache(N): the same static cache on a DiT without long skips (the ablation)",
+    "fora": "FORA(N)",
+    "pab": "PAB(N)",
+    "delta-dit": "DeltaDiT(N)",
+    "teacache": "TeaCache(threshold)",
+}
+
+
+def make_cache(method: str, setting: float, shallow_blocks: int = 4, coefficients=None):
+    """A strategy from a method name and its one setting (N, or TeaCache's threshold)."""
+    method = method.strip().lower()
+    if method not in METHODS:
+        raise ConfigError(f"unknown cache method {method!r}; choose from {', '.join(METHODS)}")
+    if method == "teacache":
+        return TeaCache(float(setting), tuple(coefficients) if coefficients is not None else (1.0, 0.0))
+    if float(setting) != int(setting):
+        raise ConfigError(f"{method} takes an integer interval N >= 1, got {setting}")
+    n = int(setting)
+    if method == "skip-cache":
+        return SkipCache(n, shallow_blocks)
+    if method == "shallow-cache":
+        return ShallowCache(n, shallow_blocks)
+    return {"fora": FORA, "pab": PAB, "delta-dit": DeltaDiT}[method](n)
+
+

@@ -1,0 +1,1 @@
+"""Encoders and decoders around the denoiser: the SD VAE (`vae`)."""

@@ -1,0 +1,3 @@
+"""Evaluation: image metrics (`image_metrics`: PSNR, SSIM, LPIPS, cosine similarity,
+Fréchet distance) and the small MNIST classifier that judges generated digits
+(`mnist_classifier`: class accuracy and "classifier FID" features)."""

@@ -1,0 +1,165 @@
+"""The model-family interface: what the sampler, the cache strategies, the train step and
+the trainer may ask of a model, so that none of them imports a particular model.
+
+A family (DiT; later Latte, Latte-T2V, Hunyuan-DiT) is a `ModelFamily` subclass. An
+instance binds one model config (`family_of(config)` in `skipdit_jax.models.families`
+builds it), is hashable, and answers for that model:
+
+  * shapes: `sample_shape` (one sample, channels last), `eps_channels`, `learn_sigma`;
+  * the condition: a pytree whose leaves have the batch as leading axis (class ids for
+    DiT; nothing for an unconditional model; text embeddings + mask for text models).
+    `check_condition` validates user input, `null_condition` builds the unconditional
+    half of classifier-free guidance, `drop_condition` does training's condition dropout,
+    `condition_from_batch` / `batch_spec` say what a training batch holds;
+  * passes: `apply` (the plain forward), `forward_full` / `forward_shallow` (the two
+    passes of the deep-feature cache: `cache_units` encoder-side units, of which a cached
+    step runs the first k and the last k), `deep_feature_shape`;
+  * the pieces the other cache strategies need (`embed`, `head`, `block_stacks`,
+    `block_with_branches`, `block_gates`, `run_units`), for families whose blocks are
+    adaLN-Zero transformer blocks;
+  * parameters: `init_params`, `count_params`; conversion: `from_torch`, `to_torch`.
+
+Caching stays out of the model's call signature: a cache strategy composes these passes.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+import numpy as np
+
+from skipdit_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelFamily(abc.ABC):
+    """One model of a family. Subclasses set `name` and `config_cls` and implement the
+    abstract methods; `config` is the frozen model config."""
+
+    config: Any
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type] = object
+    # What the condition is: "class" (class ids, a null id for guidance), "none", "text".
+    condition_kind: ClassVar[str] = "class"
+
+    # ---- shapes -------------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def sample_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, channels last: (H, W, C) for images, (F, H, W, C) for video."""
+
+    @property
+    def eps_channels(self) -> int:
+        return self.config.in_channels
+
+    @property
+    def learn_sigma(self) -> bool:
+        return self.config.learn_sigma
+
+    @property
+    def compute_dtype(self):
+        return self.config.compute_dtype
+
+    # ---- the condition ------------------------------------------------------------------
+    @property
+    @abc.abstractmethod
+    def is_conditional(self) -> bool:
+        """Whether the model takes a condition that guidance can drop."""
+
+    @abc.abstractmethod
+    def check_condition(self, condition, batch: int) -> None:
+        """Raise `UserError` (one clear line) unless `condition` fits a batch of `batch`."""
+
+    @abc.abstractmethod
+    def null_condition(self, condition):
+        """The unconditional counterpart of `condition` (same structure and batch)."""
+
+    def drop_condition(self, condition, drop: jax.Array):
+        """`condition` with the rows where `drop` (bool, (B,)) is set made unconditional."""
+        null = self.null_condition(condition)
+        return jax.tree.map(lambda c, n: jax.numpy.where(drop.reshape(drop.shape + (1,) * (c.ndim - 1)), n, c), condition, null)
+
+    @abc.abstractmethod
+    def condition_from_batch(self, batch: dict):
+        """The condition pytree held by a training batch (None for unconditional models)."""
+
+    @abc.abstractmethod
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of a training batch: "image" (the clean sample) + the condition."""
+
+    @abc.abstractmethod
+    def example_condition(self, num: int):
+        """A condition for `num` preview samples (e.g. every class in turn), as numpy."""
+
+    # ---- passes -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def apply(self, params, x, t, condition) -> jax.Array:
+        """The plain forward: (B, *sample_shape) -> (B, *sample_shape[:-1], out channels), f32."""
+
+    @property
+    @abc.abstractmethod
+    def has_long_skips(self) -> bool:
+        """Whether decoder-side units fuse the outputs of encoder-side units."""
+
+    @property
+    @abc.abstractmethod
+    def cache_units(self) -> int:
+        """Encoder-side units (blocks, or block pairs): a cached step may keep 1..this-1."""
+
+    @property
+    @abc.abstractmethod
+    def depth_units(self) -> int:
+        """All units of a full pass, in the unit a cache's block-count plan counts."""
+
+    @abc.abstractmethod
+    def forward_full(self, params, x, t, condition, shallow_units: int):
+        """(output, deep feature): the deep feature is the hidden state entering the last
+        `shallow_units` decoder-side units, which a later shallow pass starts from."""
+
+    @abc.abstractmethod
+    def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
+        """The output from the first and last `shallow_units` units and a cached deep feature."""
+
+    @abc.abstractmethod
+    def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of the deep feature for a model batch of `batch`."""
+
+    # ---- parameters and conversion ------------------------------------------------------
+    @abc.abstractmethod
+    def init_params(self, rng: jax.Array | int = 0):
+        """Freshly initialised parameters (a plain pytree of float32 arrays)."""
+
+    def abstract_params(self):
+        return jax.eval_shape(lambda: self.init_params(0))
+
+    def count_params(self, params=None) -> int:
+        params = self.abstract_params() if params is None else params
+        return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
+
+    @classmethod
+    @abc.abstractmethod
+    def from_torch(cls, state_dict: dict, **kwargs) -> tuple[Any, Any]:
+        """(config, params) of an official PyTorch state dict."""
+
+    @abc.abstractmethod
+    def to_torch(self, params) -> dict[str, np.ndarray]:
+        """The official PyTorch state dict of `params`."""
+
+    @classmethod
+    @abc.abstractmethod
+    def recognises(cls, state_dict: dict) -> bool:
+        """Whether a PyTorch state dict looks like this family's."""
+
+    def describe(self) -> str:
+        """One line for logs: family, size, parameter count."""
+        return f"{self.name} ({self.count_params():,} parameters)"
+
+
+def check_batch_leading(name: str, value, batch: int) -> None:
+    shape = tuple(np.shape(value))
+    if not shape or shape[0] != batch:
+        raise UserError(f"{name} must have the batch size {batch} as its first dimension, got shape {shape}")
