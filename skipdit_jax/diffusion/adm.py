@@ -27,11 +27,16 @@ def linear_betas(num_timesteps: int = NUM_TRAIN_TIMESTEPS) -> np.ndarray:
 
 
 def space_timesteps(num_timesteps: int, section_counts: str) -> list[int]:
-    """ADM's respacing: which original timesteps to keep, sorted ascending.
+    """ADM's respacing (guided-diffusion `respace.space_timesteps`): which original
+    timesteps to keep, sorted ascending.
 
-    "250" keeps 250 evenly strided steps; "10,10,5" splits the range into 3 equal sections
-    with 10, 10 and 5 steps; "ddimN" keeps range(0, T, stride) for the stride giving
-    exactly N steps (DDIM's uniform spacing).
+    "250" keeps 250 evenly strided steps; "10,10,5" splits the range into 3 sections (the
+    first `T % 3` one step longer) with 10, 10 and 5 steps; "ddimN" keeps range(0, T, stride)
+    for the smallest stride giving exactly N steps (DDIM's uniform spacing). Within a section
+    the kept offsets are `round(cur)` of a float `cur` that starts at 0.0 and accumulates the
+    fractional stride, exactly as ADM does: this is not always `round(j * stride)` (e.g. "21"
+    keeps 499, not 500). A section may ask for 0 steps, as in ADM, but the schedule may not be
+    empty; ADM's bare ValueErrors are ConfigErrors here.
     """
     spec = str(section_counts).strip()
     if spec.startswith("ddim"):
@@ -47,16 +52,19 @@ def space_timesteps(num_timesteps: int, section_counts: str) -> list[int]:
         counts = [int(c) for c in spec.split(",")]
     except ValueError:
         raise ConfigError(f"bad respacing {spec!r}: expected comma-separated step counts or 'ddimN'") from None
-    if any(c < 1 for c in counts):
-        raise ConfigError(f"bad respacing {spec!r}: step counts must be >= 1")
+    if any(c < 0 for c in counts) or sum(counts) < 1:
+        raise ConfigError(f"bad respacing {spec!r}: step counts must be >= 0 and keep at least one step")
     size_per, extra = divmod(num_timesteps, len(counts))
     start, taken = 0, []
     for i, count in enumerate(counts):
         size = size_per + (1 if i < extra else 0)
         if size < count:
-            raise ConfigError(f"cannot divide a section of {size} steps into {count}")
-        stride = 1 if count <= 1 else (size - 1) / (count - 1)
-        taken += [start + round(j * stride) for j in range(count)]
+            raise ConfigError(f"bad respacing {spec!r}: cannot divide a section of {size} steps into {count}")
+        frac_stride = 1 if count <= 1 else (size - 1) / (count - 1)
+        cur = 0.0  # accumulated, not j * frac_stride: the float sums decide ADM's rounding
+        for _ in range(count):
+            taken.append(start + round(cur))
+            cur += frac_stride
         start += size
     return sorted(set(taken))
 
@@ -96,6 +104,11 @@ class Diffusion:
         abar = np.cumprod(1.0 - b)
         abar_prev = np.append(1.0, abar[:-1])
         post_var = b * (1.0 - abar_prev) / (1.0 - abar)
+        # The t=0 entry of the clipped log-variances is ADM's t=1 posterior variance. A 1-step
+        # schedule (e.g. "1") has no t=1, and ADM itself fails there (IndexError); we use
+        # beta_0 instead: finite, and unused by sampling since no noise is added at t=0 (it
+        # only enters the t=0 decoder NLL of the variational bound).
+        var_1 = post_var[1] if len(b) > 1 else b[0]
         tables = dict(
             betas=b,
             log_betas=np.log(b),
@@ -107,11 +120,11 @@ class Diffusion:
             sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1),
             posterior_variance=post_var,
             # The posterior variance is 0 at t=0, so its log is clipped to the t=1 value.
-            posterior_log_variance_clipped=np.log(np.append(post_var[1], post_var[1:])),
+            posterior_log_variance_clipped=np.log(np.append(var_1, post_var[1:])),
             posterior_mean_coef1=b * np.sqrt(abar_prev) / (1.0 - abar),
             posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(1.0 - b) / (1.0 - abar),
             # ADM's FIXED_LARGE variance, used by models without learned sigma.
-            fixed_large_log_variance=np.log(np.append(post_var[1], b[1:])),
+            fixed_large_log_variance=np.log(np.append(var_1, b[1:])),
         )
         self.tables_f64 = tables
         self._tables = {k: np.asarray(v, np.float32) for k, v in tables.items()}
