@@ -31,7 +31,6 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from skipdit_jax.errors import UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,8 +157,3 @@ class ModelFamily(abc.ABC):
         """One line for logs: family, size, parameter count."""
         return f"{self.name} ({self.count_params():,} parameters)"
 
-
-def check_batch_leading(name: str, value, batch: int) -> None:
-    shape = tuple(np.shape(value))
-    if not shape or shape[0] != batch:
-        raise UserError(f"{name} must have the batch size {batch} as its first dimension, got shape {shape}")
