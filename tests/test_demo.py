@@ -1,11 +1,22 @@
 """The demo end to end on a tiny model: classifier, training through the trainer,
-sampling with and without Skip-Cache, the report and images; and its bad input."""
+sampling with and without Skip-Cache, the report and images; and its bad input.
+
+It runs from a regular (not editable) install of the package into a scratch directory,
+started from another working directory: the library must not read files outside the
+installed package (no `configs/` beside it)."""
 
 import json
+import os
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
-from skipdit_jax.demo.image import CACHE_INTERVALS, run_demo
+import pytest
+
+from skipdit_jax.demo.image import CACHE_INTERVALS
+
+ROOT = Path(__file__).resolve().parents[1]
 
 TINY = {
     "model.depth": 6,
@@ -24,11 +35,35 @@ TINY = {
 }
 
 
-def test_demo_end_to_end(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path.parent)  # a relative --out, as in the Quickstart
-    report = run_demo(tmp_path.name, minutes=3, samples_per_class=1, overrides=TINY)
+@pytest.fixture(scope="module")
+def installed(tmp_path_factory):
+    """`pip install .` (no deps: they are this environment's) into a scratch directory."""
+    target = tmp_path_factory.mktemp("site")
+    res = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(target), str(ROOT)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    return target
+
+
+def test_demo_end_to_end_from_an_installed_package(tmp_path, installed):
+    script = textwrap.dedent(
+        f"""
+        import json, skipdit_jax
+        assert skipdit_jax.__file__.startswith({str(installed)!r}), skipdit_jax.__file__
+        from skipdit_jax.demo.image import run_demo
+        report = run_demo("demo-out", minutes=3, samples_per_class=1, overrides={TINY!r})  # relative, as in the Quickstart
+        print(json.dumps(report["train"]))
+        """
+    )
+    env = dict(os.environ, PYTHONPATH=str(installed))
+    res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report_train = json.loads(res.stdout.strip().splitlines()[-1])
+    tmp_path = tmp_path / "demo-out"
     on_disk = json.loads((tmp_path / "report.json").read_text())
-    assert on_disk["train"] == report["train"] and on_disk["train"]["steps"] == 8
+    assert on_disk["train"] == report_train and on_disk["train"]["steps"] == 8
     assert set(on_disk) >= {"train", "classifier_test_accuracy", "full", "cache"}
     assert set(on_disk["train"]) == {"steps", "seconds", "final_loss"}
     assert on_disk["classifier_test_accuracy"] > 0.5  # a real classifier, even at 8x8
