@@ -39,25 +39,35 @@ def is_training_workdir(path) -> bool:
     return p.is_dir() and (p / "checkpoints").is_dir() and not is_model_dir(p)
 
 
+def has_model_config(spec) -> bool:
+    """Whether `spec` names a directory (model directory or training workdir) whose model
+    config can be read on its own, without loading any weights."""
+    spec = str(spec)
+    if spec.startswith("hf://"):
+        return False
+    p = paths.as_path(spec)
+    return p.is_dir() and (p / CONFIG_FILE).exists()
+
+
 def save_model(path, config, params, *, overwrite: bool = False, extra: dict | None = None) -> None:
     """Write `params` and `config` to the model directory `path`, atomically."""
     out = paths.as_path(path)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"output {out} exists and is not a directory")
+    if out.exists() and any(out.iterdir()) and not overwrite:
         raise CheckpointError(f"output {out} already exists and is not empty (pass --overwrite to replace it)")
+    meta = config_to_dict(config)
+    if extra:
+        meta.update({"_" + k: v for k, v in extra.items()})
+    text = json.dumps(meta, indent=2, sort_keys=True)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = paths.temporary_dir_beside(out)
     try:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save(tmp / PARAMS_DIR, jax.tree.map(np.asarray, params))
-        ckptr.wait_until_finished()
-        meta = config_to_dict(config)
-        if extra:
-            meta.update({"_" + k: v for k, v in extra.items()})
-        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        paths.save_orbax_tree(tmp / PARAMS_DIR, jax.tree.map(np.asarray, params))
+        paths.atomic_write_text(tmp / CONFIG_FILE, text)
         paths.replace_dir(tmp, out)
     finally:
-        if tmp.exists():
-            tmp.rmtree()
+        paths.remove_dir_quietly(tmp)
 
 
 def read_model_config(path):
@@ -65,11 +75,18 @@ def read_model_config(path):
     p = paths.as_path(path) / CONFIG_FILE
     try:
         meta = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p} is not valid JSON: {e}") from None
     except FileNotFoundError:
         raise CheckpointError(f"{p} not found") from None
-    return config_from_dict({k: v for k, v in meta.items() if not k.startswith("_")})
+    except IsADirectoryError:
+        raise CheckpointError(f"{p} is a directory, not a JSON file") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p} does not hold a model config (a JSON object), found a JSON {type(meta).__name__}")
+    try:
+        return config_from_dict({k: v for k, v in meta.items() if not k.startswith("_")})
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise CheckpointError(f"{p} is not a valid model config: {str(e).strip() or type(e).__name__}") from None
 
 
 def load_model_dir(path, *, shardings=None) -> tuple:

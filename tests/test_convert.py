@@ -90,16 +90,56 @@ def test_namespace_args_are_allowed(tmp_path):
     assert set(load_torch_checkpoint(str(path))) == set(sd)
 
 
-@pytest.mark.parametrize("content", [b"", b"not a checkpoint at all", None])
-def test_unreadable_files(tmp_path, content):
-    path = tmp_path / "bad.pt"
-    if content is None:  # a truncated real checkpoint
-        good = tmp_path / "good.pt"
-        torch.save({k: torch.from_numpy(v) for k, v in _state().items()}, good)
-        content = good.read_bytes()[: good.stat().st_size // 2]
-    path.write_bytes(content)
-    with pytest.raises(CheckpointError, match="not a readable PyTorch checkpoint"):
+def _good_pt(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({k: torch.from_numpy(v) for k, v in _state().items()}, good)
+    return good.read_bytes()
+
+
+def _zip_without_checkpoint():
+    import io
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        z.writestr("archive/data.pkl", b"garbage")
+    return buf.getvalue()
+
+
+def _pickle_of(obj):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+UNREADABLE = {
+    "empty.pt": (lambda tmp: b"", "is empty"),
+    "text.pt": (lambda tmp: b"model weights, honest\n", "not a PyTorch checkpoint"),
+    "random.pt": (lambda tmp: np.random.default_rng(0).bytes(4096), "not a PyTorch checkpoint"),
+    "random-pickle-head.pt": (lambda tmp: b"\x80\x02" + np.random.default_rng(1).bytes(4096), "not a readable PyTorch checkpoint"),
+    "truncated.pt": (lambda tmp: _good_pt(tmp)[: len(_good_pt(tmp)) // 2], "not a readable PyTorch checkpoint"),
+    "other.zip.pt": (lambda tmp: _zip_without_checkpoint(), "not a readable PyTorch checkpoint"),
+    "list.pt": (lambda tmp: _pickle_of([1, 2, 3]), "does not hold a state dict"),
+    "intkeys.pt": (lambda tmp: _pickle_of({0: torch.zeros(2)}), "key 0 is not a string"),
+    "nontensor.pt": (lambda tmp: _pickle_of({"w": [1.0]}), "entry 'w' is a list, not a tensor"),
+    "empty.safetensors": (lambda tmp: b"", "not a readable safetensors file"),
+    "text.safetensors": (lambda tmp: b"just some text in a file", "not a readable safetensors file"),
+    "badheader.safetensors": (lambda tmp: (16).to_bytes(8, "little") + b"{not json at all", "not a readable safetensors file"),
+    "hugeheader.safetensors": (lambda tmp: (1 << 60).to_bytes(8, "little") + b"{}", "not a readable safetensors file"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNREADABLE))
+def test_unreadable_files_give_one_clear_line(tmp_path, name):
+    make, message = UNREADABLE[name]
+    path = tmp_path / name
+    path.write_bytes(make(tmp_path))
+    with pytest.raises(CheckpointError, match=message) as info:
         load_torch_checkpoint(str(path))
+    text = str(info.value)
+    assert str(path) in text and "\n" not in text and len(text) < 400
 
 
 def test_truncated_safetensors(tmp_path):
@@ -108,6 +148,47 @@ def test_truncated_safetensors(tmp_path):
     path.write_bytes(path.read_bytes()[:1000])
     with pytest.raises(CheckpointError, match="safetensors"):
         load_torch_checkpoint(str(path))
+
+
+def test_a_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory, not a checkpoint file"):
+        load_torch_checkpoint(str(tmp_path))
+    with pytest.raises(CheckpointError, match="not a model directory"):
+        model_store.load_model(str(tmp_path))
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [("[1, 2, 3]", "found a JSON list"), ("{not json", "not valid JSON"), ('{"bogus_key": 1}', "unknown model config keys: bogus_key"), ('"dit"', "found a JSON str")],
+)
+def test_bad_model_config_files(tmp_path, text, message):
+    model_store.save_model(tmp_path / "m", CFG, PARAMS)
+    (tmp_path / "m" / model_store.CONFIG_FILE).write_text(text)
+    with pytest.raises(CheckpointError, match=message):
+        model_store.load_model(str(tmp_path / "m"))
+
+
+def test_failed_save_keeps_the_old_model_directory(tmp_path, monkeypatch):
+    from skipdit_jax import paths
+
+    model_store.save_model(tmp_path / "m", CFG, PARAMS)
+    bad = {**jax.tree.map(np.asarray, PARAMS), "label": np.array(["a", "b"])}
+    with pytest.raises(ValueError, match="not a numeric array"):
+        model_store.save_model(tmp_path / "m", CFG, bad, overwrite=True)
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(paths, "atomic_write_text", fail)  # after the parameters are written
+    with pytest.raises(OSError, match="disk full"):
+        model_store.save_model(tmp_path / "m", CFG, random_params(CFG, seed=5), overwrite=True)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+    cfg2, params2 = model_store.load_model(str(tmp_path / "m"))
+    assert cfg2 == CFG and _tree_equal(jax.tree.map(np.asarray, params2), PARAMS)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(CheckpointError, match="not a directory"):
+        model_store.save_model(tmp_path / "file", CFG, PARAMS, overwrite=True)
 
 
 def test_missing_file_and_offline_hub(tmp_path):

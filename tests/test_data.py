@@ -54,7 +54,13 @@ def test_mnist_source_pad_split_and_resize():
     assert len(data.mnist_source(split="heldout", heldout_fraction=0.5)) == 2500
 
     small = data.mnist_source(16, split="heldout")  # "pad" cannot shrink: resized instead
-    assert small.images.shape == (1000, 16, 16, 1) and -1 <= small.images.min() < small.images.max() <= 1
+    assert small.images.shape == (1000, 16, 16, 1)
+    # Held-out digit 0 is the first (in order) of the first 1,000 of the seed-0 permutation,
+    # anti-alias resized from its 28x28 pixels.
+    first = np.sort(np.random.default_rng(0).permutation(5000)[:1000])[0]
+    pixels = data.sources._mnist_pixels()[0][first]
+    want = np.asarray(Image.fromarray(pixels, "L").resize((16, 16), Image.LANCZOS), np.float32) / 127.5 - 1
+    np.testing.assert_allclose(small.images[0, ..., 0], want, atol=1e-6)
     np.testing.assert_array_equal(small.images, data.mnist_source(16, split="heldout", resize="resize").images)
     np.testing.assert_array_equal(small.labels, heldout.labels)
     assert data.mnist_source(28, split="heldout").images.shape[1:] == (28, 28, 1)
@@ -296,6 +302,44 @@ def test_write_and_read_latents(tmp_path):
         data.make_train_iterator(plain, global_batch_size=2, seed=0, flip=True)
 
 
+def _failing_records(n, fail_after):
+    for i, rec in enumerate(_latent_records(n)):
+        if i == fail_after:
+            raise RuntimeError("encoder crashed")
+        yield rec
+
+
+def test_failed_overwrite_keeps_the_old_latents(tmp_path):
+    out = tmp_path / "lat"
+    data.write_latents(out, _latent_records(5), num_shards=2)
+    before = {f: (out / f).read_bytes() for f in sorted(p.name for p in out.iterdir())}
+    with pytest.raises(RuntimeError, match="encoder crashed"):
+        data.write_latents(out, _failing_records(9, fail_after=4), num_shards=3, overwrite=True)
+    assert {f: (out / f).read_bytes() for f in sorted(p.name for p in out.iterdir())} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lat"]  # no temporary directory left
+    src = data.LatentSource(out)
+    assert sorted(int(src[i]["image"][0, 0, 0]) for i in range(len(src))) == [0, 1, 2, 3, 4]
+    # An empty iterator is a failure too, and a successful overwrite replaces every shard.
+    with pytest.raises(UserError, match="no latents"):
+        data.write_latents(out, iter([]), overwrite=True)
+    assert len(data.LatentSource(out)) == 5
+    data.write_latents(out, _latent_records(3), num_shards=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["latents-00000-of-00001.array_record", "latents.json"]
+    assert len(data.LatentSource(out)) == 3
+
+
+def test_latents_refuse_a_directory_with_other_files(tmp_path):
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match="other than latents.*notes.txt"):
+            data.write_latents(tmp_path / "mine", _latent_records(2), overwrite=overwrite)
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "empty").mkdir()  # an existing empty directory is fine
+    data.write_latents(tmp_path / "empty", _latent_records(2))
+    assert len(data.LatentSource(tmp_path / "empty")) == 2
+
+
 def test_latent_errors(tmp_path):
     with pytest.raises(UserError, match="no latent files"):
         data.LatentSource(tmp_path / "nothing-*.array_record")
@@ -306,6 +350,19 @@ def test_latent_errors(tmp_path):
     mixed = [{"latent": np.zeros((2, 2, 4)), "label": 0}, {"latent": np.zeros((2, 3, 4)), "label": 0}]
     with pytest.raises(UserError, match="shape"):
         data.write_latents(tmp_path / "mixed", mixed)
+    assert not (tmp_path / "mixed").exists()
+
+    data.write_latents(tmp_path / "lat", _latent_records(3), num_shards=2)
+    shard = tmp_path / "lat" / "latents-00001-of-00002.array_record"
+    shard.rename(tmp_path / "moved.array_record")
+    with pytest.raises(UserError, match="latents-00001-of-00002.array_record listed in .* is missing"):
+        data.LatentSource(tmp_path / "lat")
+    (tmp_path / "lat" / "latents.json").write_text("[1, 2]")
+    with pytest.raises(UserError, match="not a valid latents metadata file"):
+        data.LatentSource(tmp_path / "lat")
+    (tmp_path / "junk.array_record").write_bytes(b"not an array record file at all")
+    with pytest.raises(UserError, match="cannot read ArrayRecord latents .*junk.array_record"):
+        data.LatentSource(tmp_path / "junk.array_record")
 
 
 # ---- skipdit extract-latents ----------------------------------------------------------------

@@ -19,6 +19,7 @@ import pytest  # noqa: E402
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from fake_gcs import fake_gcs  # noqa: E402, F401  (the fixture)
 from skipdit_jax.errors import CheckpointError  # noqa: E402
 from skipdit_jax.encoders.vae import (  # noqa: E402
     AutoencoderKL,
@@ -206,6 +207,41 @@ def test_load_vae_from_save_pretrained(tmp_path, torch_vae, params, images):
     shutil.copy(tmp_path / "st" / "diffusion_pytorch_model.safetensors", lonely)
     with pytest.raises(ValueError, match="missing keys"):
         load_vae(lonely)
+
+
+def test_load_vae_from_gcs(fake_gcs, torch_vae, params):
+    torch_vae.save_pretrained(fake_gcs / "bucket" / "sd" / "vae")  # a pipeline folder's vae/
+    config, loaded = load_vae("gs://bucket/sd")
+    assert config == VAEConfig(**SMALL)
+    jax.tree.map(np.testing.assert_array_equal, loaded, params)
+    config, loaded = load_vae("gs://bucket/sd/vae/diffusion_pytorch_model.safetensors")
+    assert config == VAEConfig(**SMALL)
+    with pytest.raises(CheckpointError, match="gs://bucket/nope does not exist"):
+        load_vae("gs://bucket/nope")
+
+
+def test_load_vae_bad_files(tmp_path, torch_vae):
+    from skipdit_jax.errors import ConfigError
+
+    torch_vae.save_pretrained(tmp_path / "vae")
+    weights = tmp_path / "vae" / "diffusion_pytorch_model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:500])
+    with pytest.raises(CheckpointError, match="diffusion_pytorch_model.safetensors is not a readable safetensors file"):
+        load_vae(tmp_path / "vae")
+    weights.write_bytes(good)
+    (tmp_path / "vae" / "config.json").write_text("[1, 2]")
+    with pytest.raises(ConfigError, match="does not hold a JSON object"):
+        load_vae(tmp_path / "vae")
+    (tmp_path / "vae" / "config.json").write_text("{oops")
+    with pytest.raises(ConfigError, match="not valid JSON"):
+        load_vae(tmp_path / "vae")
+    (tmp_path / "text.bin").write_text("not weights")
+    with pytest.raises(CheckpointError, match="text.bin is not a PyTorch checkpoint"):
+        load_vae(tmp_path / "text.bin")
+    (tmp_path / "weights.txt").write_text("x")
+    with pytest.raises(CheckpointError, match="unsupported VAE weight file"):
+        load_vae(tmp_path / "weights.txt")
 
 
 def test_load_vae_hub_unreachable(tmp_path, monkeypatch):

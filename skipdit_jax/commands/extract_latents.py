@@ -4,6 +4,9 @@ Reads an ImageNet-layout folder (ROOT/CLASS/IMAGE, classes sorted -> label ids) 
 centre crop, encodes every image (and, with --flip, its horizontal mirror) with the SD VAE
 as DiT's extraction does (a posterior sample times the scaling factor 0.18215), and writes
 ArrayRecord shards plus latents.json to OUT_PATH, ready for `skipdit_jax.data.LatentSource`.
+Both paths may be local or remote (gs://...); a remote OUT_PATH is written locally first
+(see `skipdit_jax.data.latents`). An existing OUT_PATH (--overwrite) is replaced only once
+the new latents are complete.
 
 Batches are split over all local devices (a 1-D "data" mesh); the last batch is padded to
 the full size so the encoder compiles once. The posterior noise of batch i comes from
@@ -25,6 +28,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm import tqdm
 
 from skipdit_jax import data
+from skipdit_jax.data.latents import check_latents_output
 from skipdit_jax.errors import UserError
 
 USAGE = "IMAGE_FOLDER OUT_PATH --vae SPEC [--image_size 256] [--batch_size 32] [--flip=true] [--seed 0] [--num_shards N] [--overwrite]"
@@ -75,8 +79,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
 
     # Check the input and output first: a wrong path should fail before a VAE download.
     source = data.ImageFolderSource(folder, fv.image_size)
-    if not fv.overwrite and data.latents_exist(out_path):
-        raise UserError(f"{out_path} already holds latents; pass --overwrite to replace them")
+    check_latents_output(out_path, fv.overwrite)
     from skipdit_jax.encoders.vae import load_vae
 
     config, vae_params = load_vae(fv.vae)

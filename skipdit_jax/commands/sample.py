@@ -69,25 +69,49 @@ def _timed(fn, *args):
     return out, time.perf_counter() - start
 
 
-def main(args: list[str], fv: flags.FlagValues) -> int:
-    if len(args) != 1:
-        raise UserError(f"expected one MODEL argument; usage: skipdit sample {USAGE}")
-    labels = _parse_labels(fv.labels) if fv.labels is not None else None
-    if labels is not None and labels.size == 0:
-        raise UserError("--labels is empty")
-    if fv.batch_size < 1:
-        raise UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
-    cache = parse_cache_spec(fv.cache)
-    respacing = resolve_respacing(fv.sampler, fv.steps, None)
-
-    config, params = model_store.load_model(args[0], num_heads=fv.num_heads, preset=fv.preset)
-    if fv.dtype:
-        config = config.replace(dtype=fv.dtype)
+def _settle(config, fv, labels, cache):
+    """Check every sampling setting against the model config (cheap, before any heavy
+    work); returns (family, labels, guided)."""
     family = family_of(config)
     if not family.is_conditional and fv.labels is not None:
         raise UserError("this model is unconditional: drop --labels (use --num for the sample count)")
     if labels is None:
         labels = _default_labels(config.num_classes) if family.is_conditional else np.zeros((fv.num,), np.int32)
+    # The noise is built with the model's sample shape, so this checks the labels (range, count).
+    noise = jax.ShapeDtypeStruct((labels.size, *family.sample_shape), jnp.float32)
+    validate_inputs(config, noise, labels if family.is_conditional else None)
+    guided = check_settings(config, cache=cache, cfg_scale=fv.cfg_scale, cfg_channels=fv.cfg_channels)
+    return family, labels, guided
+
+
+def main(args: list[str], fv: flags.FlagValues) -> int:
+    if len(args) != 1:
+        raise UserError(f"expected one MODEL argument; usage: skipdit sample {USAGE}")
+    # Flags that can be checked without the model first, then the model's config (read on
+    # its own for a model directory or training workdir), all before loading weights, the
+    # VAE or compiling anything.
+    labels = _parse_labels(fv.labels) if fv.labels is not None else None
+    if labels is not None and labels.size == 0:
+        raise UserError("--labels is empty")
+    if fv.batch_size < 1:
+        raise UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
+    if fv.num < 1:
+        raise UserError(f"--num must be >= 1, got {fv.num}")
+    if fv.cfg_channels is not None and fv.cfg_channels < 1:
+        raise UserError(f"--cfg_channels must be >= 1 (or unset for all channels), got {fv.cfg_channels}")
+    cache = parse_cache_spec(fv.cache)
+    respacing = resolve_respacing(fv.sampler, fv.steps, None)
+    out = paths.as_path(fv.out)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"--out {out} exists and is not a directory")
+    config = model_store.read_model_config(args[0]) if model_store.has_model_config(args[0]) else None
+    if config is not None:
+        _settle(config, fv, labels, cache)
+
+    config, params = model_store.load_model(args[0], num_heads=fv.num_heads, preset=fv.preset)
+    if fv.dtype:
+        config = config.replace(dtype=fv.dtype)
+    family, labels, guided = _settle(config, fv, labels, cache)
     vae = None
     if fv.vae:
         from skipdit_jax.encoders import vae as vae_lib
@@ -100,8 +124,6 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     shape = (num, *family.sample_shape)
     noise = jax.random.normal(noise_key, shape, jnp.float32)
     cond = labels if family.is_conditional else None
-    validate_inputs(config, noise, cond)
-    guided = check_settings(config, cache=cache, cfg_scale=fv.cfg_scale, cfg_channels=fv.cfg_channels)
     make = lambda c: build_sampler(config, fv.sampler, respacing, guided, fv.cfg_channels, c, 0.0, fv.clip_denoised)  # noqa: E731
     scale = jnp.float32(fv.cfg_scale)
 
@@ -147,7 +169,6 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             line += f", measured {t_full / t_cached:.2f}x ({t_full:.2f} s full vs {t_cached:.2f} s cached, first batch)"
         print(line)
 
-    out = paths.as_path(fv.out)
     if vae is not None:
         from skipdit_jax.encoders import vae as vae_lib
 

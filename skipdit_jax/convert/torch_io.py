@@ -3,28 +3,37 @@
 Reading a checkpoint never runs code from it: `.pt` files go through
 `torch.load(weights_only=True)` with only `argparse.Namespace` allowed (the released
 DiT-XL-2-skip.pt stores its training args as one); `.safetensors` holds no code at all.
-Every unreadable file gives one `CheckpointError` line.
+Every unreadable file (missing, a directory, empty, truncated, text, random bytes, a bad
+safetensors header, a pickle of something other than a state dict) gives one
+`CheckpointError` line naming it. Paths may be local, remote (`gs://...`, read through a
+temporary local copy, as torch and safetensors only open local files) or `hf://`.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import re
-import zipfile
 from typing import Any
 
 import numpy as np
 
+from skipdit_jax import paths
 from skipdit_jax.errors import CheckpointError, HubUnavailableError
 
 
-def resolve_path(path: str) -> str:
-    """A local path, or `hf://org/repo/path/in/repo` downloaded through huggingface_hub."""
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    line = text.splitlines()[0].strip() if text else type(e).__name__
+    return line if len(line) <= 200 else line[:197] + "..."
+
+
+def resolve_path(path) -> str:
+    """A local or remote path (absolute, `~` expanded), or `hf://org/repo/path/in/repo`
+    downloaded through huggingface_hub (its local file name)."""
     path = str(path)
     if not path.startswith("hf://"):
-        return os.path.expanduser(path)
+        return str(paths.as_path(path))
     parts = path[len("hf://") :].split("/")
     if len(parts) < 3:
         raise CheckpointError(f"hf:// paths look like hf://org/repo/file.pt, got {path!r}")
@@ -49,13 +58,21 @@ def _to_numpy(value) -> np.ndarray:
     return t.numpy()
 
 
-def _load_pt(path: str) -> Any:
+def _load_pt(path: str, shown: str) -> Any:
+    """torch.load of the local file `path`; errors name `shown` (the path the user gave)."""
     try:
         import torch
     except ImportError:
         raise CheckpointError(
-            f"reading PyTorch file {path} needs torch: pip install torch==2.13.0 (or convert it to .safetensors)"
+            f"reading PyTorch file {shown} needs torch: pip install torch==2.13.0 (or convert it to .safetensors)"
         ) from None
+    with paths.as_path(path).open("rb") as f:  # a local file (the caller made a local copy if needed)
+        head = f.read(4)
+    if not head:
+        raise CheckpointError(f"{shown} is empty, not a PyTorch checkpoint")
+    if not head.startswith(b"PK") and not head.startswith(b"\x80"):
+        # torch.save writes a zip archive (PK..) or, in the legacy format, a pickle (\x80..).
+        raise CheckpointError(f"{shown} is not a PyTorch checkpoint (neither a zip archive nor a pickle; a text file or another format?)")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True)
@@ -66,17 +83,20 @@ def _load_pt(path: str) -> Any:
         if found or "Unsupported global" in str(e):
             what = f" ({found.group(1)})" if found else ""
             raise CheckpointError(
-                f"refusing to load {path}: it references Python objects outside the allow-list{what}, and "
+                f"refusing to load {shown}: it references Python objects outside the allow-list{what}, and "
                 "unpickling them could run code"
             ) from None
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?)") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path} is not a readable PyTorch checkpoint (truncated or another format?): {first}") from None
+        raise CheckpointError(f"{shown} is not a readable PyTorch checkpoint (truncated or another format?)") from None
+    except Exception as e:  # noqa: BLE001
+        # Text, random bytes or a damaged archive make the unpickler fail in many ways
+        # (KeyError, EOFError, RuntimeError, zipfile/struct errors, ...): all mean the same.
+        raise CheckpointError(
+            f"{shown} is not a readable PyTorch checkpoint (truncated or another format?): {_first_line(e)}"
+        ) from None
 
 
-def _load_safetensors(path: str) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError, safe_open
+def _load_safetensors(path: str, shown: str) -> dict[str, np.ndarray]:
+    from safetensors import safe_open
 
     try:
         out = {}
@@ -84,8 +104,8 @@ def _load_safetensors(path: str) -> dict[str, np.ndarray]:
             for k in f.keys():
                 out[k] = np.asarray(f.get_tensor(k), dtype=np.float32)
         return out
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    except Exception as e:  # noqa: BLE001  (SafetensorError, OSError, ValueError, TypeError, ...)
+        raise CheckpointError(f"{shown} is not a readable safetensors file: {_first_line(e)}") from None
 
 
 def _unwrap(obj: Any, path: str) -> dict:
@@ -98,23 +118,38 @@ def _unwrap(obj: Any, path: str) -> dict:
     return obj
 
 
-def load_torch_checkpoint(path: str) -> dict[str, np.ndarray]:
+def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
     """Model weights of an official checkpoint as float32 numpy arrays.
 
     Accepts a bare state dict (DiT-XL-2-256x256.pt), a training checkpoint
     {"model", "ema", "opt", "args"} (returns "ema"), an {"ema": ...} file, or a
-    `.safetensors` file; `hf://org/repo/file` paths are fetched from the Hub.
+    `.safetensors` file; local, remote (gs://) or `hf://org/repo/file` (fetched from the
+    Hub). Anything unreadable raises `CheckpointError`.
     """
-    local = resolve_path(path)
-    if not os.path.isfile(local):
-        raise CheckpointError(f"checkpoint file not found: {local}")
-    if local.endswith(".safetensors"):
-        return _load_safetensors(local)
-    state = _unwrap(_load_pt(local), local)
+    resolved = resolve_path(path)
+    shown = str(path) if str(path).startswith("hf://") else resolved
+    p = paths.as_path(resolved)
+    try:
+        is_dir, exists = p.is_dir(), p.exists()
+    except OSError as e:
+        raise CheckpointError(f"cannot access checkpoint {shown}: {_first_line(e)}") from None
+    if is_dir:
+        raise CheckpointError(f"{shown} is a directory, not a checkpoint file (.pt or .safetensors)")
+    if not exists:
+        raise CheckpointError(f"checkpoint file not found: {shown}")
+    try:
+        with paths.local_copy(p) as local:
+            if p.name.endswith(".safetensors"):
+                return _load_safetensors(local, shown)
+            obj = _load_pt(local, shown)
+    except OSError as e:  # copying a remote file
+        raise CheckpointError(f"cannot read checkpoint {shown}: {_first_line(e)}") from None
+    state = _unwrap(obj, shown)
     out = {}
     for k, v in state.items():
-        if not hasattr(v, "detach"):
-            raise CheckpointError(f"{local}: entry {k!r} is a {type(v).__name__}, not a tensor")
+        if not isinstance(k, str) or not hasattr(v, "detach"):
+            what = f"entry {k!r} is a {type(v).__name__}, not a tensor" if isinstance(k, str) else f"key {k!r} is not a string"
+            raise CheckpointError(f"{shown}: {what}")
         for prefix in ("module.", "_orig_mod."):  # DDP / torch.compile wrappers
             if k.startswith(prefix):
                 k = k[len(prefix) :]

@@ -12,6 +12,7 @@ Sources:
   - `LatentSource`: ArrayRecord files written by `write_latents` (e.g. by
     `skipdit extract-latents`), each record a latent plus, optionally, the latent of the
     horizontally flipped image.
+Folders and latent files may be local or remote (gs://...); see `skipdit_jax.paths`.
   - `ArraySource`: any in-memory (images, labels) pair.
 
 `make_train_iterator` builds, for one process of a (possibly multi-host) job:

@@ -13,11 +13,11 @@ Latent files are in `skipdit_jax.data.latents`.
 from __future__ import annotations
 
 import functools
-import os
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from skipdit_jax import paths
 from skipdit_jax.errors import ConfigError, UserError
 
 # torchvision's ImageFolder extensions (compared case-insensitively).
@@ -143,22 +143,20 @@ class ImageFolderSource:
     Attributes: root, image_size, classes (names, index = label), samples [(path, label)].
     """
 
-    def __init__(self, root: str | os.PathLike, image_size: int):
-        root = Path(root).expanduser()
+    def __init__(self, root: paths.PathLike, image_size: int):
+        root = paths.as_path(root)
         if image_size < 1:
             raise ConfigError(f"image_size must be >= 1, got {image_size}")
         if not root.is_dir():
             raise UserError(f"image folder {root} does not exist or is not a directory")
-        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        classes = sorted(d.name for d in root.iterdir() if not d.name.startswith(".") and d.is_dir())
         if not classes:
             raise UserError(f"no class folders in {root}: expected the ImageNet layout ROOT/CLASS/IMAGE")
         samples, empty = [], []
         for label, name in enumerate(classes):
             found = sorted(
-                Path(dirpath) / f
-                for dirpath, _, files in os.walk(root / name, followlinks=True)
-                for f in files
-                if f.lower().endswith(IMAGE_EXTENSIONS)
+                (p for p in paths.walk_files(root / name) if p.name.lower().endswith(IMAGE_EXTENSIONS)),
+                key=lambda p: p.parts,
             )
             if not found:
                 empty.append(name)
@@ -177,7 +175,7 @@ class ImageFolderSource:
     def __getitem__(self, index) -> dict[str, np.ndarray]:
         path, label = self.samples[index]
         try:
-            with Image.open(path) as img:
+            with paths.as_path(path).open("rb") as f, Image.open(f) as img:
                 pixels = center_crop_arr(img.convert("RGB"), self.image_size)
         except (UnidentifiedImageError, OSError) as e:
             raise UserError(f"cannot read image {path}: {e}") from e

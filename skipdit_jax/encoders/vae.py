@@ -24,15 +24,16 @@ import dataclasses
 import json
 import os
 import re
-from pathlib import Path
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from flax import traverse_util
 
+from skipdit_jax import paths
 from skipdit_jax.errors import CheckpointError, ConfigError, HubUnavailableError
 
 __all__ = [
@@ -503,50 +504,36 @@ def vae_params_from_diffusers(state_dict: dict[str, Any], config: VAEConfig) -> 
 
 
 # ---- loading -----------------------------------------------------------------------------------
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
+def _read_weights(path: epath.Path) -> dict[str, np.ndarray]:
+    """A diffusers weight file (local or remote) as float32 arrays; every unreadable file
+    gives one CheckpointError line. No code from the file runs (see convert.torch_io)."""
+    from skipdit_jax.convert.torch_io import load_torch_checkpoint
 
-    try:
-        return load_file(str(path))
-    except TypeError:
-        # numpy has no bfloat16: read through JAX (which has it) and upcast on the host.
-        with safe_open(str(path), framework="flax") as f:
-            return {k: np.asarray(f.get_tensor(k), dtype=np.float32) for k in f.keys()}
+    if path.suffix not in (".safetensors", ".bin", ".pt", ".pth"):
+        raise CheckpointError(f"unsupported VAE weight file {path}: expected .safetensors or .bin")
+    return load_torch_checkpoint(path)
 
 
-def _read_torch_bin(path: Path) -> dict[str, np.ndarray]:
-    try:
-        import torch
-    except ImportError as e:
-        raise CheckpointError(f"reading {path} needs torch (pip install torch), or use a .safetensors file") from e
-    # weights_only=True: a .bin is a pickle, and only this mode refuses to run arbitrary code.
-    state = torch.load(str(path), map_location="cpu", weights_only=True)
-    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
-        raise CheckpointError(f"{path} is not a flat state dict of tensors")
-    return {k: v.detach().to(torch.float32).numpy() for k, v in state.items()}
-
-
-def _read_weights(path: Path) -> dict[str, np.ndarray]:
-    if path.suffix == ".safetensors":
-        return _read_safetensors(path)
-    if path.suffix in (".bin", ".pt", ".pth"):
-        return _read_torch_bin(path)
-    raise CheckpointError(f"unsupported VAE weight file {path}: expected .safetensors or .bin")
-
-
-def _find_weights(directory: Path) -> Path:
+def _find_weights(directory: epath.Path) -> epath.Path:
     for name in _WEIGHT_FILES:
-        if (directory / name).is_file():
+        if (directory / name).exists():
             return directory / name
     raise CheckpointError(f"no VAE weights in {directory}: expected one of {', '.join(_WEIGHT_FILES)}")
 
 
-def _read_config(path: Path, **overrides) -> VAEConfig:
+def _read_config(path: epath.Path, **overrides) -> VAEConfig:
     try:
-        return VAEConfig.from_diffusers_config(json.loads(path.read_text()), **overrides)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} does not hold a JSON object (found {type(config).__name__})")
+    try:
+        return VAEConfig.from_diffusers_config(config, **overrides)
+    except (TypeError, ValueError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"{path} is not a diffusers AutoencoderKL config: {e}") from None
 
 
 def _is_network_error(e: Exception) -> bool:
@@ -559,7 +546,7 @@ def _is_network_error(e: Exception) -> bool:
     return type(e).__module__.split(".")[0] in ("requests", "urllib3", "httpx", "httpx2", "httpcore")
 
 
-def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str | None) -> Path:
+def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str | None) -> epath.Path:
     """Downloads (or finds in the cache) config.json plus one weight file of a Hub repo."""
     from huggingface_hub import snapshot_download
 
@@ -568,7 +555,7 @@ def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str
         # Safetensors first; a second call fetches the .bin only for repos that lack it,
         # so a repo that has both never costs two downloads.
         for weights in _WEIGHT_FILES:
-            folder = Path(
+            folder = paths.as_path(
                 snapshot_download(
                     repo_id,
                     revision=revision,
@@ -576,8 +563,9 @@ def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str
                     allow_patterns=[f"{prefix}config.json", f"{prefix}{weights}"],
                 )
             )
-            if (folder / prefix / weights).is_file():
-                return folder / prefix
+            found = folder / prefix / weights if prefix else folder / weights
+            if found.exists():
+                return found.parent
     except Exception as e:
         if _is_network_error(e):
             raise HubUnavailableError(
@@ -591,7 +579,7 @@ def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str
 
 
 def load_vae(
-    path_or_spec: str | os.PathLike,
+    path_or_spec: paths.PathLike,
     *,
     dtype: str = "float32",
     revision: str | None = None,
@@ -600,7 +588,7 @@ def load_vae(
     """Loads a diffusers AutoencoderKL checkpoint -> (VAEConfig, Flax params).
 
     `path_or_spec` is one of
-      - a local directory in diffusers layout: config.json + diffusion_pytorch_model.safetensors
+      - a directory (local or remote, e.g. gs://) in diffusers layout: config.json + diffusion_pytorch_model.safetensors
         (or .bin); a pipeline directory with a `vae/` subfolder also works;
       - a single .safetensors (or .bin) file: its config is a config.json beside it, else the
         SD VAE preset;
@@ -610,26 +598,26 @@ def load_vae(
         Hub cannot be reached and the files are not cached.
     `dtype` is the compute dtype recorded in the returned config.
     """
-    spec = os.fspath(path_or_spec)
+    spec = str(path_or_spec) if isinstance(path_or_spec, epath.Path) else os.fspath(path_or_spec)
     if spec.startswith("hf://"):
         parts = spec[len("hf://") :].strip("/").split("/")
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"bad Hub spec {spec!r}: expected hf://org/repo or hf://org/repo/subfolder")
         path = _snapshot("/".join(parts[:2]), "/".join(parts[2:]), revision, cache_dir)
     else:
-        path = Path(spec).expanduser()
+        path = paths.as_path(spec)
         if not path.exists():
             raise CheckpointError(f"VAE checkpoint {path} does not exist")
 
     if path.is_dir():
-        if not (path / "config.json").is_file() and (path / "vae" / "config.json").is_file():
+        if not (path / "config.json").exists() and (path / "vae" / "config.json").exists():
             path = path / "vae"
-        if not (path / "config.json").is_file():
+        if not (path / "config.json").exists():
             raise CheckpointError(f"no config.json in VAE directory {path}")
         config = _read_config(path / "config.json", dtype=dtype)
         weights = _find_weights(path)
     else:
         beside = path.parent / "config.json"
-        config = _read_config(beside, dtype=dtype) if beside.is_file() else VAEConfig.sd_vae(dtype=dtype)
+        config = _read_config(beside, dtype=dtype) if beside.exists() else VAEConfig.sd_vae(dtype=dtype)
         weights = path
     return config, vae_params_from_diffusers(_read_weights(weights), config)

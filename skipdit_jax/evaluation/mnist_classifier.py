@@ -22,8 +22,6 @@ order and the augmentation all come from explicit seeds / PRNG keys.
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from functools import partial
 
 import flax.linen as nn
@@ -32,8 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from etils import epath
 
+from skipdit_jax import paths
 from skipdit_jax.errors import CheckpointError, UserError
 
 META_FILE = "classifier_meta.json"
@@ -347,46 +345,46 @@ def features(params, images, batch_size: int = 256) -> np.ndarray:
 
 
 def save_classifier(path, params, meta: dict, *, overwrite: bool = True) -> None:
-    """Write `params` (Orbax, `path/params/`) and `meta` (JSON, `path/classifier_meta.json`),
-    replacing a classifier already saved there unless `overwrite` is False.
+    """Write `params` (Orbax, `path/params/`) and `meta` (JSON, `path/classifier_meta.json`)
+    to the directory `path` (local or remote), replacing a classifier already saved there
+    unless `overwrite` is False.
 
-    Orbax writes the parameters to a temporary directory and renames it when complete;
-    the JSON is written to a temporary file and renamed after the parameters, so a
-    directory with a meta file always has complete parameters. `meta` should hold at
-    least `image_size` (the classifier is only meaningful at that size).
+    The new directory is built under a temporary name beside `path` and swapped in only
+    when complete (`paths.replace_dir`), so a failure leaves the old classifier intact and
+    a directory with a meta file always has complete parameters. The swap replaces the
+    whole directory: keep nothing else in it. `meta` should hold at least `image_size`
+    (the classifier is only meaningful at that size).
     """
-    out = epath.Path(path).absolute()
+    out = paths.as_path(path)
     try:
-        json.dumps(meta)
+        text = json.dumps(meta, indent=2, sort_keys=True)
     except TypeError as e:
         raise UserError(f"classifier meta must be JSON-serialisable: {e}") from None
-    if (out / PARAMS_DIR).exists() or (out / META_FILE).exists():
-        if not overwrite:
-            raise CheckpointError(f"{out} already holds a classifier")
-        # Drop the meta first: a crash between here and the new meta's rename leaves a
-        # directory that load_classifier rejects rather than a stale meta on new params.
-        if (out / META_FILE).exists():
-            (out / META_FILE).unlink()
-        if (out / PARAMS_DIR).exists():
-            shutil.rmtree(out / PARAMS_DIR)
-    out.mkdir(parents=True, exist_ok=True)
-    ckptr = ocp.StandardCheckpointer()
-    ckptr.save(out / PARAMS_DIR, jax.tree.map(np.asarray, params))
-    ckptr.wait_until_finished()
-    tmp = out / (META_FILE + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2, sort_keys=True))
-    os.replace(tmp, out / META_FILE)
+    if out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out} exists and is not a directory")
+    if ((out / PARAMS_DIR).exists() or (out / META_FILE).exists()) and not overwrite:
+        raise CheckpointError(f"{out} already holds a classifier")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = paths.temporary_dir_beside(out)
+    try:
+        paths.save_orbax_tree(tmp / PARAMS_DIR, jax.tree.map(np.asarray, params))
+        paths.atomic_write_text(tmp / META_FILE, text)
+        paths.replace_dir(tmp, out)
+    finally:
+        paths.remove_dir_quietly(tmp)
 
 
 def load_classifier(path) -> tuple[dict, dict]:
     """(params, meta) of a directory written by `save_classifier`."""
-    p = epath.Path(path).absolute()
+    p = paths.as_path(path)
     if not (p / META_FILE).exists() or not (p / PARAMS_DIR).exists():
         raise CheckpointError(f"{p} is not a classifier directory (expected {META_FILE} and {PARAMS_DIR}/ inside)")
     try:
         meta = json.loads((p / META_FILE).read_text())
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{p / META_FILE} is not valid JSON: {e}") from None
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{p / META_FILE} does not hold a JSON object")
     abstract = _abstract_params(int(meta.get("image_size", 16)))
     try:
         params = ocp.StandardCheckpointer().restore(p / PARAMS_DIR, abstract)
