@@ -15,7 +15,8 @@ images only, so null on MNIST), and class accuracy under the MNIST classifier. S
 measured (compiled ahead of time, then timed; median of --repeats) beside the block-count
 prediction of the realised schedule. TeaCache accumulates the relative change of block 0's
 modulated input as is (identity polynomial); --teacache_calibrate first fits the polynomial
-to the DiT (`calibrate_teacache`), which on the small MNIST DiT proved fragile (RESULTS.md).
+to the DiT (`calibrate_teacache`, on the same sampler settings the rows are sampled with),
+which on the small MNIST DiT proved fragile (RESULTS.md).
 
 Writes OUT/results.json ({"rows": [{"method", "setting", "predicted_speedup", "speedup",
 "psnr_db", "ssim", "lpips", "class_accuracy"}], ...}) and OUT/tradeoff.png.
@@ -147,7 +148,12 @@ def main(_):
     if settings["teacache"] and FLAGS.teacache_calibrate:
         mc, params = models["dit"]
         noise, labels = class_noise(mc, 2, seed=7)  # calibration noise differs from the test noise
-        coeffs = calibrate_teacache(mc, params, noise, labels, num_steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale)
+        # Exactly the sampler the rows are timed with: timed_sample's sampler, steps, guidance
+        # scale and clipping, guidance on every eps channel (cfg_channels None) and eta 0.
+        coeffs = calibrate_teacache(
+            mc, params, noise, labels, sampler=sample_kw["sampler"], num_steps=sample_kw["num_steps"],
+            cfg_scale=sample_kw["cfg_scale"], cfg_channels=None, clip_denoised=sample_kw["clip"], eta=0.0,
+        )
         print(f"TeaCache polynomial fitted to the DiT: {coeffs}")
     for th in settings["teacache"]:
         score("dit", "teacache", th, make_cache("teacache", th, coefficients=coeffs))

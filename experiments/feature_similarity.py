@@ -7,9 +7,15 @@ Fig. 1a): Skip-DiT with Skip-Cache vs DiT with the shallow cache and with FORA.
 Along each model's uncached DDIM trajectory (same noise and labels), at every step the
 deep feature -- the hidden state entering decoder block depth-k -- is computed fresh and
 compared (cosine along channels, mean over tokens and samples) with what the cache would
-use there: the feature stored at the last full step of the method's schedule. For FORA
-the cached feature is the fresh embedding plus the stored attention/MLP outputs of the
-blocks before it, which is what FORA's cached step feeds forward. Also reported: the
+use there: for Skip-Cache and the shallow cache, the feature stored at the last full step
+of the method's schedule. FORA stores no hidden state: on a cached step it rebuilds the
+residual stream from the fresh embedding, adding each block's stored attention and MLP
+outputs (from its last full step, before the gates) under the *current* step's adaLN gates
+(`skipdit_jax.cache.FORA`). Its "cached feature" is that rebuilt stream entering block
+depth-k -- the fresh embedding plus, for each of the depth-k blocks before it,
+gate_msa(now) * attn(stored) + gate_mlp(now) * mlp(stored) -- which is what FORA's cached
+step feeds forward to the remaining blocks; it is computed along the uncached trajectory
+with FORA's own schedule (the DiT only). Also reported: the
 similarity of the deep feature between consecutive steps, per model. Full steps are
 1.0 by definition and are left out of the means. Writes results.json and
 feature_similarity.png.
@@ -37,15 +43,16 @@ flags.DEFINE_integer("per_class", 2, "samples per class")
 FLAGS = flags.FLAGS
 
 
-def trajectory_features(mc, params, noise, labels, steps: int, cfg_scale: float, k: int):
-    """Along the uncached guided DDIM trajectory: per step the fresh embedding h0, the deep
-    feature (input of decoder block depth-k) and every block's gated branch sum
-    (vanilla DiT only; None otherwise). Arrays with a leading step axis."""
+def trajectory_features(mc, params, noise, labels, steps: int, cfg_scale: float, k: int, fora_interval: int | None = None):
+    """Along the uncached guided DDIM trajectory, per step: the deep feature (the input of
+    decoder block depth-k) and, with `fora_interval` (a model without long skips), the
+    feature FORA(fora_interval)'s cached step would feed forward at that point (see the
+    module docstring; equal to the deep feature on FORA's full steps). Returns
+    (timesteps, deep, fora or None), arrays with a leading step axis."""
     import jax
     import jax.numpy as jnp
 
     from skipdit_jax.cache import FORA
-    from skipdit_jax.models import family_of
     from skipdit_jax.diffusion import Diffusion
     from skipdit_jax.models import family_of
     from skipdit_jax.sampling import guide
@@ -54,28 +61,52 @@ def trajectory_features(mc, params, noise, labels, steps: int, cfg_scale: float,
     indices = np.arange(diffusion.num_steps, dtype=np.int32)[::-1]
     timesteps = diffusion.timestep_map[indices]
     y = jnp.concatenate([labels, jnp.full_like(labels, mc.null_label)])
-    fora = FORA(1)
     family = family_of(mc)
+    fora = FORA(fora_interval) if fora_interval else None
+    fora_full = fora.full_steps(timesteps) if fora else np.ones(len(indices), bool)
+    before = mc.depth - k  # blocks in front of the deep feature
+
+    def fora_feature(params, x_in, t, stored):
+        # FORA's cached residual stream over the first `before` blocks: fresh embedding,
+        # stored pre-gate branches, this step's gates.
+        h, c = family.embed(params, x_in, t, y)
+        blocks = jax.tree.map(lambda *a: jnp.concatenate(a), *family.block_stacks(params))
+        branches = jnp.concatenate(stored)  # (depth, 2, B, N, D)
+
+        def body(h, xs):
+            p, (attn, mlp) = xs
+            gate_msa, gate_mlp = family.block_modulation(p, c)[2::3]
+            h = h + gate_msa[:, None] * attn
+            return h + gate_mlp[:, None] * mlp, None
+
+        front = jax.tree.map(lambda a: a[:before], (blocks, (branches[:, 0], branches[:, 1])))
+        return jax.lax.scan(body, h, front)[0]
 
     @jax.jit
     def run(params, noise):
-        def step(x, xs):
-            i, t_orig = xs
+        def step(state, xs):
+            x, stored = state
+            i, t_orig, is_full = xs
             x_in = jnp.concatenate([x, x])
             t = jnp.full((x_in.shape[0],), t_orig, jnp.int32)
             out, deep = family.forward_full(params, x_in, t, y, k)
-            h0, _ = family.embed(params, x_in, t, y)
-            branches = None
-            if not mc.long_skip:
-                branches = fora.full_pass(family, params, x_in, t, y, fora.init_carry(family, x_in.shape[0]))[1]
-                branches = jnp.concatenate(branches)  # (depth, B, N, D)
-            x = diffusion.ddim_step(guide(out, cfg_scale, mc.in_channels, None), x, jnp.full((x.shape[0],), i, jnp.int32), None, 0.0, True)
-            return x, (h0, deep, branches)
+            feat = None
+            if fora is not None:
+                # FORA's full pass records this step's branches (its output is the plain
+                # forward's); the cache keeps them only on FORA's full steps.
+                _, fresh = fora.full_pass(family, params, x_in, t, y, stored)
+                stored = jax.tree.map(lambda f, s: jnp.where(is_full, f, s), fresh, stored)
+                feat = fora_feature(params, x_in, t, stored)
+            eps = guide(out, cfg_scale, mc.in_channels, None)
+            x = diffusion.ddim_step(eps, x, jnp.full((x.shape[0],), i, jnp.int32), None, 0.0, True)
+            return (x, stored), (deep, feat)
 
-        return jax.lax.scan(step, noise, (jnp.asarray(indices), jnp.asarray(timesteps, jnp.int32)))[1]
+        stored = fora.init_carry(family, 2 * noise.shape[0]) if fora is not None else None
+        xs = (jnp.asarray(indices), jnp.asarray(timesteps, jnp.int32), jnp.asarray(fora_full))
+        return jax.lax.scan(step, (noise, stored), xs)[1]
 
-    h0, deep, branches = run(params, noise)
-    return timesteps, np.asarray(h0), np.asarray(deep), (None if branches is None else np.asarray(branches))
+    deep, feat = run(params, noise)
+    return timesteps, np.asarray(deep), (None if feat is None else np.asarray(feat))
 
 
 def _cos(a, b) -> float:
@@ -118,18 +149,16 @@ def main(_):
     for kind, (mc, params) in models.items():
         SkipCache(n, k).check_model(family_of(mc.replace(long_skip=True)))  # k in range for this depth
         noise, labels = class_noise(mc, FLAGS.per_class)
-        feats[kind] = trajectory_features(mc, params, noise, labels, FLAGS.steps, FLAGS.cfg_scale, k)
+        feats[kind] = trajectory_features(mc, params, noise, labels, FLAGS.steps, FLAGS.cfg_scale, k, None if mc.long_skip else n)
     ts = feats["skipdit"][0]
     series = {}
-    _, _, deep_s, _ = feats["skipdit"]
+    _, deep_s, _ = feats["skipdit"]
     series["Skip-DiT, Skip-Cache"] = cached_vs_fresh(SkipCache(n, k).full_steps(ts), deep_s, lambda j, i: deep_s[j])
-    _, h0_d, deep_d, branches = feats["dit"]
+    _, deep_d, fora_d = feats["dit"]
     series["DiT, shallow cache"] = cached_vs_fresh(ShallowCache(n, k).full_steps(ts), deep_d, lambda j, i: deep_d[j])
-    depth = models["dit"][0].depth
-    before = depth - k  # blocks in front of the deep feature
-    fresh_fora = h0_d + branches[:, :before].sum(axis=1)
-    series["DiT, FORA"] = cached_vs_fresh(FORA(n).full_steps(ts), fresh_fora, lambda j, i: h0_d[i] + branches[j, :before].sum(axis=0))
-    consecutive = {kind: [_cos(f[2][i - 1], f[2][i]) for i in range(1, len(ts))] for kind, f in feats.items()}
+    # fora_d[i] already holds FORA's rebuilt feature at step i (branches of its last full step j).
+    series["DiT, FORA"] = cached_vs_fresh(FORA(n).full_steps(ts), deep_d, lambda j, i: fora_d[i])
+    consecutive = {kind: [_cos(f[1][i - 1], f[1][i]) for i in range(1, len(ts))] for kind, f in feats.items()}
 
     def cached_mean(name, full):
         vals = [s for s, f in zip(series[name], full) if not f]

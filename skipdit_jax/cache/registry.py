@@ -9,8 +9,11 @@ from skipdit_jax.errors import ConfigError
 METHODS = {
     "skip-cache": "SkipCache(N): Skip-DiT's static cache (needs a model with long skips)",
     "shallow-cache": "ShallowCache(N): the same static cache on a DiT without long skips (the ablation)",
-    "fora": "FORA(N)",
-    "pab": "PAB(N)",
+    "fora": (
+        "FORA(N): per-block attention/MLP outputs reused under fresh gates; full at the first step "
+        "and where the step index counted from the end is a multiple of N"
+    ),
+    "pab": "PAB(N): the same cache on the Skip-DiT authors' cadence (steps 0, 1, every N-th from the start, t <= 10 full)",
     "delta-dit": "DeltaDiT(N)",
     "teacache": "TeaCache(threshold)",
 }

@@ -1,5 +1,6 @@
 """What the cache baselines share: the model check, the block-count plan, the cadence of
-the authors' DiT baselines, and a full pass that records every block's branches.
+the Skip-DiT authors' DiT baselines, and `BranchCache`, the per-block branch cache of
+FORA and PAB (the two differ only in their schedule).
 
 Every baseline is a strategy of the one jitted sampler (see `skipdit_jax.sampling`) and
 reaches the model only through its family's adaLN-block pieces (`embed`, `block_stacks`,
@@ -12,6 +13,7 @@ import dataclasses
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from skipdit_jax.cache.plan import CachePlan, plan_from_schedule
@@ -87,3 +89,41 @@ def record_branches(family: ModelFamily, params, x, t, cond, per_block):
 def stack_sizes(family: ModelFamily, params=None) -> tuple[int, ...]:
     params = family.abstract_params() if params is None else params
     return tuple(jax.tree.leaves(s)[0].shape[0] for s in family.block_stacks(params))
+
+
+@dataclasses.dataclass(frozen=True)
+class BranchCache(IntervalBaseline):
+    """The cache FORA and PAB share; a subclass only supplies `full_steps`.
+
+    A full step runs every block and stores, per block, the outputs of its attention and
+    its MLP *before* their adaLN gates. A cached step runs neither attention nor MLP (nor
+    their LayerNorms): it computes the fresh embedding and conditioning vector, each
+    block's adaLN modulation from that vector, and rebuilds the residual stream with the
+    current gates, block by block:
+
+        h = h + gate_msa(now) * attn(stored);  h = h + gate_mlp(now) * mlp(stored)
+
+    One cache serves the whole model batch (the guidance batch is one forward).
+    """
+
+    def init_carry(self, family: ModelFamily, batch: int):
+        shape = family.deep_feature_shape(batch)
+        # Per block stack: (blocks, 2, *shape) -- (attention, MLP) outputs before the gates.
+        return tuple(jnp.zeros((n, 2, *shape), family.compute_dtype) for n in stack_sizes(family))
+
+    def full_pass(self, family, params, x, t, cond, carry):
+        dtype = carry[0].dtype
+        return record_branches(family, params, x, t, cond, lambda attn, mlp, _: jnp.stack([attn, mlp]).astype(dtype))
+
+    def cached_pass(self, family, params, x, t, cond, carry):
+        h, c = family.embed(params, x, t, cond)
+
+        def body(h, xs):
+            p, (attn, mlp) = xs
+            gate_msa, gate_mlp = family.block_modulation(p, c)[2::3]
+            h = h + gate_msa[:, None] * attn
+            return h + gate_mlp[:, None] * mlp, None
+
+        for stack, stored in zip(family.block_stacks(params), carry):
+            h, _ = jax.lax.scan(body, h, (stack, (stored[:, 0].astype(h.dtype), stored[:, 1].astype(h.dtype))))
+        return family.head(params, h, c), carry
