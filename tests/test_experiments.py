@@ -65,10 +65,12 @@ def test_cache_tradeoff(models):
     for r in res["rows"]:
         assert set(r) >= {"method", "setting", "predicted_speedup", "speedup", "psnr_db", "ssim", "lpips", "class_accuracy"}
         assert r["lpips"] is None  # grayscale digits
-        assert 0 <= r["class_accuracy"] <= 1
+        assert round(r["class_accuracy"], 3) in {round(i / 10, 3) for i in range(11)}  # 10 samples, one per class
         if r["method"] != "none":
             assert r["cached_steps"] > 0 and r["predicted_speedup"] > 1 and r["ssim"] <= 1
-    assert rows["fora"]["full_steps"] == 3 and rows["fora"]["predicted_speedup"] == 2.0
+    # FORA, DDIM-6, N=2: full at the first step and where the index counted down from 5 is
+    # even (5 4 3 2 1 0 -> steps 0, 1, 3, 5): 4 full, 2 cached with no block -> 6/4.
+    assert rows["fora"]["full_steps"] == 4 and rows["fora"]["predicted_speedup"] == 1.5
     assert len(res["teacache_coefficients"]) >= 2
     assert (res_dir / "tradeoff.png").stat().st_size > 0
 
@@ -104,7 +106,9 @@ def test_convergence(tmp_path):
     res = json.loads((tmp_path / "results.json").read_text())
     for kind in ("dit", "skipdit"):
         assert [r["step"] for r in res["curves"][kind]] == [2, 4]
-        assert all(r["heldout_loss"] > 0 and r["classifier_fid"] >= 0 for r in res["curves"][kind])
+        # The held-out loss of an 4-step model is near that of noise prediction by zeros (~1
+        # per element + the vb term); samples that far from the data sit far from it in FID.
+        assert all(0.5 < r["heldout_loss"] < 10 and r["classifier_fid"] > 1e-3 for r in res["curves"][kind])
     assert set(res["summary"]) == {"heldout_loss", "classifier_fid"}
     assert (tmp_path / "convergence.png").stat().st_size > 0
 

@@ -15,7 +15,7 @@ builds it), is hashable, and answers for that model:
     passes of the deep-feature cache: `cache_units` encoder-side units, of which a cached
     step runs the first k and the last k), `deep_feature_shape`;
   * the pieces the other cache strategies need (`embed`, `head`, `block_stacks`,
-    `block_with_branches`, `block_gates`, `run_units`), for families whose blocks are
+    `block_with_branches`, `block_modulation`, `run_units`), for families whose blocks are
     adaLN-Zero transformer blocks;
   * parameters: `init_params`, `count_params`; conversion: `from_torch`, `to_torch`.
 
