@@ -40,12 +40,24 @@ from absl import flags
 from skipdit_jax.errors import ConfigError
 
 
-class _SelectImageLabel(grain.transforms.Map):
-    """Keeps exactly {"image": float32, "label": int32}: a batch must not carry the unused
-    flipped latents (twice the host->device traffic) nor whatever else a source adds."""
+# What a training batch of the class-conditional families holds; a family's `batch_spec`
+# names its own fields (the trainer passes them as `fields`).
+IMAGE_LABEL_FIELDS = {"image": np.float32, "label": np.int32}
+
+
+class _SelectFields(grain.transforms.Map):
+    """Keeps exactly the fields a model's training batch needs, in their dtypes: a batch
+    must not carry the unused flipped latents (twice the host->device traffic) nor
+    whatever else a source adds."""
+
+    def __init__(self, fields):
+        self.fields = {k: np.dtype(v) for k, v in dict(fields).items()}
 
     def map(self, record):
-        return {"image": np.asarray(record["image"], np.float32), "label": np.asarray(record["label"], np.int32)}
+        missing = sorted(set(self.fields) - set(record))
+        if missing:
+            raise ConfigError(f"the data source's records lack the field(s) the model trains on: {', '.join(missing)}")
+        return {k: np.asarray(record[k], dtype) for k, dtype in self.fields.items()}
 
 
 class _RandomFlip(grain.transforms.RandomMap):
@@ -83,10 +95,12 @@ def make_train_iterator(
     prefetch_batches: int = 16,
     worker_count: int = 0,
     worker_buffer_size: int = 2,
+    fields=None,
 ) -> grain.DatasetIterator:
     """A Grain iterator of this process's training batches.
 
-    Yields {"image": float32 (b, H, W, C), "label": int32 (b,)} with
+    Yields the `fields` ({name: dtype}; default {"image": float32, "label": int32}) of the
+    records, batched: e.g. {"image": float32 (b, H, W, C), "label": int32 (b,)}, with
     b = global_batch_size // process_count: rows [p*b, (p+1)*b) of global batch k for
     process p = process_index, where the global batches are consecutive blocks of one
     shuffled (per epoch, from `seed`) order of the source, identical in every process.
@@ -132,7 +146,7 @@ def make_train_iterator(
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
     # Augment before batching: the random stream is then keyed by the global position,
     # which does not depend on process_count.
-    ds = (ds.random_map(_RandomFlip()) if flip else ds).map(_SelectImageLabel())
+    ds = (ds.random_map(_RandomFlip()) if flip else ds).map(_SelectFields(fields or IMAGE_LABEL_FIELDS))
     ds = ds.batch(per_process, drop_remainder=True)
     # Chunk j is rows [(j % P) * b, ...) of global batch j // P: keep whole global batches,
     # then take every P-th chunk.
@@ -151,8 +165,9 @@ def make_train_iterator(
     return iter(it_ds)
 
 
-def make_eval_batches(source, batch_size: int, *, drop_remainder: bool = False) -> grain.MapDataset:
-    """The source in its own order, in batches {"image": float32 (B, ...), "label": int32 (B,)}.
+def make_eval_batches(source, batch_size: int, *, drop_remainder: bool = False, fields=None) -> grain.MapDataset:
+    """The source in its own order, in batches of `fields` (default {"image": float32 (B, ...),
+    "label": int32 (B,)}).
 
     A `grain.MapDataset`: `len()` batches, indexable, and iterable any number of times with
     the same result. The last batch is smaller unless drop_remainder=True.
@@ -160,7 +175,7 @@ def make_eval_batches(source, batch_size: int, *, drop_remainder: bool = False) 
     _check_source(source)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
-    return grain.MapDataset.source(source).map(_SelectImageLabel()).batch(batch_size, drop_remainder=drop_remainder)
+    return grain.MapDataset.source(source).map(_SelectFields(fields or IMAGE_LABEL_FIELDS)).batch(batch_size, drop_remainder=drop_remainder)
 
 
 # ---- Orbax checkpointing of the iterator ------------------------------------------------------
