@@ -4,7 +4,13 @@ judges samples, and timed sampling with any cache strategy."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -38,13 +44,98 @@ def ensure_model(kind: str, out_dir: Path, model_path: str | None = None, train_
         config.train.max_seconds = train_minutes * 60
         config.sample.every = 0  # no sample grids: the experiment samples itself
         apply_overrides(config, overrides or {})
-    done = workdir / "experiment_done.json"
+    done = workdir / DONE_FILE
     if not done.exists():
-        print(f"training {kind} into {workdir} (at most {train_minutes:g} min; an interrupted run resumes)")
+        print(f"training {kind} into {workdir} (at most {train_minutes:g} min; an interrupted run resumes)", flush=True)
         result = train_and_evaluate(config, str(workdir), progress=False)
         if not result.preempted:
-            done.write_text(json.dumps({"final_step": result.final_step, "seconds": round(result.seconds, 1)}))
+            record = {
+                "config": "skipdit_jax.demo.config.get_config(%s)" % ('"dit"' if kind == "dit" else ""),
+                "overrides": overrides or {},
+                "steps": config.train.steps,
+                "final_step": result.final_step,
+                "seconds": round(result.seconds, 1),
+                "max_seconds": config.train.max_seconds,
+                "machine": machine(),
+            }
+            done.write_text(json.dumps(record, indent=2))
     return load_trained(str(workdir))
+
+
+DONE_FILE = "experiment_done.json"  # what trained a workdir that ensure_model trained
+
+
+def model_sources(out_dir: Path, flag_values, models: dict | None = None) -> dict:
+    """Per model kind, where its weights came from: the path given, or the workdir the
+    experiment trained; with how it was trained when ensure_model trained it (config,
+    overrides, steps done, seconds, machine) and, given the loaded `models`, their shape."""
+    sources = {}
+    for kind in MODEL_KINDS:
+        given = getattr(flag_values, kind)
+        path = Path(given) if given else out_dir / "models" / kind
+        src = {"path": str(given or path)}
+        if (path / DONE_FILE).is_file():
+            src["trained"] = json.loads((path / DONE_FILE).read_text())
+        if models is not None:
+            mc, params = models[kind]
+            src["architecture"] = {f: getattr(mc, f) for f in ("depth", "hidden_size", "num_heads", "patch_size", "input_size", "long_skip")}
+            src["architecture"]["parameters"] = int(sum(np.size(a) for a in jax.tree.leaves(params)))
+        sources[kind] = src
+    return sources
+
+
+def machine() -> dict:
+    """The machine and software the numbers were measured with."""
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count()
+    dev = jax.devices()[0]
+    here = Path(__file__).resolve().parent
+    try:
+        git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()  # noqa: E731
+        commit = git("rev-parse", "--short=12", "HEAD") or None
+        dirty = bool(commit and git("status", "--porcelain", "--untracked-files=no", "--", ":/skipdit_jax", ":/experiments"))
+    except (OSError, subprocess.SubprocessError):
+        commit, dirty = None, False
+    return {
+        "cpu": cpu,
+        "cpu_cores": cores,
+        "device": dev.platform if dev.device_kind.lower() == dev.platform else f"{dev.platform} ({dev.device_kind})",
+        "jax": jax.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "git_commit": commit,
+        "git_dirty": dirty,  # the library or experiments differed from that commit
+    }
+
+
+def settings(flag_values, models: dict | None = None, **resolved) -> dict:
+    """The "settings" object of a results.json: the command line, every flag's value
+    (flags the script resolves, e.g. 0 = the config's value, replaced by `resolved`),
+    the model sources and the machine."""
+    own = {"_common", "__main__", sys.argv[0], Path(sys.argv[0]).stem}  # not absl's or libraries' flags
+    names = sorted({f.name for module, fs in flag_values.flags_by_module_dict().items() if module in own for f in fs})
+    values = {n: flag_values[n].value for n in names}
+    values.update(resolved)
+    out = {
+        "command": shlex.join(["python", f"experiments/{Path(sys.argv[0]).name}", *sys.argv[1:]]),
+        "flags": values,
+    }
+    if models is not None:
+        out["models"] = models
+    out["machine"] = machine()
+    return out
 
 
 def ensure_classifier(out_dir: Path, image_size: int, resize: str, steps: int = classifier.DEFAULT_STEPS):
@@ -65,20 +156,30 @@ def class_noise(mc, per_class: int, seed: int = 1):
     return noise, labels
 
 
-def timed_sample(mc, params, cache, noise, labels, *, sampler="ddim", num_steps=50, cfg_scale=2.0, clip=True, repeats=1):
-    """(samples, median seconds excluding compilation, realised full/cached schedule)."""
+def compiled_sampler(mc, params, cache, noise, labels, *, sampler="ddim", num_steps=50, cfg_scale=2.0, clip=True):
+    """A compiled sampler `run() -> (samples, seconds, realised full/cached schedule)`
+    (compiled before it returns, so `seconds` never includes compilation)."""
     respacing = resolve_respacing(sampler, num_steps, None)
     if cache is not None:
         cache.check_model(family_of(mc))
     fn = build_sampler(mc, sampler, respacing, cfg_scale != 1, None, cache, 0.0, clip, return_schedule=True)
     args = (params, noise, labels, jnp.float32(cfg_scale), jax.random.key(0))
     compiled = fn.lower(*args).compile()
-    times = []
-    for _ in range(max(1, repeats)):
+
+    def run():
         start = time.perf_counter()
         x, full = jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - start)
-    return np.asarray(x), float(np.median(times)), np.asarray(full)
+        return np.asarray(x), time.perf_counter() - start, np.asarray(full)
+
+    return run
+
+
+def timed_sample(mc, params, cache, noise, labels, *, sampler="ddim", num_steps=50, cfg_scale=2.0, clip=True, repeats=1):
+    """(samples, median seconds excluding compilation, realised full/cached schedule)."""
+    run = compiled_sampler(mc, params, cache, noise, labels, sampler=sampler, num_steps=num_steps, cfg_scale=cfg_scale, clip=clip)
+    runs = [run() for _ in range(max(1, repeats))]
+    x, _, full = runs[-1]
+    return x, float(np.median([r[1] for r in runs])), full
 
 
 def define_model_flags(default_out: str) -> None:

@@ -1,7 +1,7 @@
 """Training convergence, DiT vs Skip-DiT of the same size, same data, same seed (the
 paper's "4.4x faster training" claim, here at MNIST scale).
 
-    python experiments/convergence.py --out runs/convergence                        # ~25 min on 2 CPU cores
+    python experiments/convergence.py --out runs/convergence                        # ~20 min on 2 CPU cores
     python experiments/convergence.py --out runs/conv --total_steps 4000 --eval_every 500
 
 Both models train with configs/mnist_skipdit.py's settings but a constant learning rate
@@ -14,7 +14,8 @@ steps, on the EMA weights:
     (no Inception network); it only ranks models on this data.
 The "steps ratio" is DiT's final step divided by the (interpolated) step at which
 Skip-DiT first reaches DiT's final value -- the paper's 4.4x is this ratio for FID at
-ImageNet scale. Writes results.json and convergence.png.
+ImageNet scale. Writes results.json (with its "settings": flags, how each model was
+trained, machine) and convergence.png.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 flags.DEFINE_string("out", "runs/convergence", "output folder")
-flags.DEFINE_integer("total_steps", 2000, "training steps per model")
+flags.DEFINE_integer("total_steps", 1500, "training steps per model")
 flags.DEFINE_integer("eval_every", 250, "evaluation interval (steps)")
 flags.DEFINE_integer("per_class", 20, "generated samples per class for the classifier FID")
 flags.DEFINE_integer("sample_steps", 25, "DDIM steps of the generated samples")
@@ -59,6 +60,7 @@ def main(_):
     import jax.numpy as jnp
 
     from _common import apply_overrides, class_noise, ensure_classifier, parse_overrides, timed_sample
+    from _common import settings as run_settings
     from skipdit_jax import data
     from skipdit_jax.evaluation import image_metrics as metrics, mnist_classifier as classifier
     from skipdit_jax.demo.config import get_config as demo_config
@@ -100,14 +102,24 @@ def main(_):
         fn = jax.jit(lambda p: diffusion.training_losses(lambda xt, tt: DiT(mc).apply({"params": p}, xt, tt, y0), x0, t_fixed, noise_fixed)["mse"].mean())
         return float(fn(params))
 
-    curves = {}
+    curves, trained = {}, {}
     for kind in ("dit", "skipdit"):
         workdir = out / "runs" / kind
         rows = []
+        trained[kind] = {
+            "path": str(workdir),
+            "trained": {
+                "config": "skipdit_jax.demo.config.get_config(%s)" % ('"dit"' if kind == "dit" else ""),
+                "overrides": {"train.steps": FLAGS.total_steps, "optimizer.decay": "constant", **overrides},
+                "seconds_this_run": 0.0,  # segments already trained in OUT (a resumed run) are not counted
+            },
+        }
         for end in range(FLAGS.eval_every, FLAGS.total_steps + 1, FLAGS.eval_every):
             result = train_and_evaluate(config_for(kind, end), str(workdir), progress=False)
             if result.preempted:
                 raise UserError("training was interrupted; run the experiment again to resume")
+            trained[kind]["trained"]["final_step"] = result.final_step
+            trained[kind]["trained"]["seconds_this_run"] = round(trained[kind]["trained"]["seconds_this_run"] + result.seconds, 1)
             mc, params = load_trained(str(workdir))
             noise, labels = class_noise(mc, FLAGS.per_class, seed=21)
             x, _, _ = timed_sample(mc, params, None, noise, labels, num_steps=FLAGS.sample_steps, cfg_scale=base.sample.cfg_scale)
@@ -133,7 +145,8 @@ def main(_):
             "steps_ratio": None if reach is None else dit_steps[-1] / reach,
         }
         print(f"{metric}: DiT final {dit_final:.4f}; Skip-DiT reaches it at step {reach}; ratio {summary[metric]['steps_ratio']}")
-    result = {"curves": curves, "summary": summary, "classifier_heldout_accuracy": clf_meta["heldout_accuracy"], "total_steps": FLAGS.total_steps, "eval_every": FLAGS.eval_every}
+    settings = run_settings(FLAGS, trained, classifier={"steps": FLAGS.classifier_steps, "heldout_accuracy": clf_meta["heldout_accuracy"]}, cfg_scale=base.sample.cfg_scale)
+    result = {"settings": settings, "curves": curves, "summary": summary, "classifier_heldout_accuracy": clf_meta["heldout_accuracy"], "total_steps": FLAGS.total_steps, "eval_every": FLAGS.eval_every}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "convergence.png")
     print(f"wrote {out / 'results.json'} and {out / 'convergence.png'}")

@@ -17,8 +17,8 @@ gate_msa(now) * attn(stored) + gate_mlp(now) * mlp(stored) -- which is what FORA
 step feeds forward to the remaining blocks; it is computed along the uncached trajectory
 with FORA's own schedule (the DiT only). Also reported: the
 similarity of the deep feature between consecutive steps, per model. Full steps are
-1.0 by definition and are left out of the means. Writes results.json and
-feature_similarity.png.
+1.0 by definition and are left out of the means. Writes results.json (with its
+"settings": flags, models, machine) and feature_similarity.png.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ define_model_flags("runs/feature_similarity")
 flags.DEFINE_integer("interval", 2, "cache interval N of all three methods")
 flags.DEFINE_integer("shallow_blocks", 0, "k (0: the config's sample.shallow_blocks)")
 flags.DEFINE_integer("steps", 50, "DDIM steps")
-flags.DEFINE_float("cfg_scale", 2.0, "guidance scale")
+flags.DEFINE_float("cfg_scale", 4.0, "guidance scale (the demo's, as in cache_tradeoff.py)")
 flags.DEFINE_integer("per_class", 2, "samples per class")
 FLAGS = flags.FLAGS
 
@@ -131,7 +131,8 @@ def main(_):
     from skipdit_jax.xla_tuning import tune_xla_cpu_flags
 
     tune_xla_cpu_flags()
-    from _common import class_noise, load_models
+    from _common import class_noise, load_models, model_sources
+    from _common import settings as run_settings
     from skipdit_jax.cache import ShallowCache, SkipCache
     from skipdit_jax.cache import FORA
     from skipdit_jax.models import family_of
@@ -166,6 +167,7 @@ def main(_):
 
     schedules = {"Skip-DiT, Skip-Cache": SkipCache(n, k).full_steps(ts), "DiT, shallow cache": ShallowCache(n, k).full_steps(ts), "DiT, FORA": FORA(n).full_steps(ts)}
     result = {
+        "settings": run_settings(FLAGS, model_sources(out, FLAGS, models), shallow_blocks=k, samples=10 * FLAGS.per_class, sampler=f"ddim{FLAGS.steps}", clip_denoised=True),
         "timesteps": [int(t) for t in ts],
         "interval": n,
         "shallow_blocks": k,

@@ -9,7 +9,8 @@ Directions: two Gaussian directions, each rescaled to the norm of what it pertur
 sample for the input; per parameter tensor for the weights, "filter normalisation" as in
 loss-landscape plots), so alpha = 0.01 means a 1% move. Output features: the model's eps
 prediction; the similarity is the cosine along channels, averaged over pixels and samples.
-Writes results.json (the grid and both surfaces) and perturbation.png.
+Writes results.json (the grid, both surfaces and the "settings": flags, models, machine)
+and perturbation.png.
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def main(_):
     import jax
     import jax.numpy as jnp
 
-    from _common import load_models
+    from _common import load_models, model_sources
+    from _common import settings as run_settings
     from skipdit_jax import data
     from skipdit_jax.demo.config import get_config as demo_config
     from skipdit_jax.diffusion import Diffusion
@@ -98,11 +100,20 @@ def main(_):
     t = jnp.full((n,), FLAGS.timestep, jnp.int32)
     xt = Diffusion(None, learn_sigma=mc0.learn_sigma).q_sample(x0, t, jax.random.normal(jax.random.key(5), x0.shape))
     alphas = np.linspace(-FLAGS.radius, FLAGS.radius, FLAGS.grid)
-    result = {"target": FLAGS.target, "timestep": FLAGS.timestep, "alphas": alphas.tolist(), "surfaces": {}, "min_similarity": {}}
+    result = {
+        "settings": run_settings(FLAGS, model_sources(out, FLAGS, models)),
+        "target": FLAGS.target,
+        "timestep": FLAGS.timestep,
+        "alphas": alphas.tolist(),
+        "surfaces": {},
+        "min_similarity": {},
+        "mean_similarity": {},
+    }
     for kind, (mc, params) in models.items():
         grid = surface(mc, params, xt, t, y, FLAGS.target, alphas)
         result["surfaces"][kind] = grid.tolist()
         result["min_similarity"][kind] = float(grid.min())
+        result["mean_similarity"][kind] = float(grid.mean())
         print(f"{kind}: cosine similarity over the {FLAGS.target} surface: min {grid.min():.4f}, mean {grid.mean():.4f}", flush=True)
     (out / "results.json").write_text(json.dumps(result, indent=2))
     plot(result, out / "perturbation.png")

@@ -7,8 +7,8 @@ paper's "spectral constraints" argument: long skips bound the Lipschitz growth).
 
 The Jacobian norm is ||d eps_theta(x_t, t, y) / d x_t||_2 for one sample, by power
 iteration on J^T J with `jax.jvp` / `jax.vjp` (--iters iterations, float32), averaged over
---samples inputs x_t = q_sample(x_0, t) of real held-out digits. Writes results.json and
-spectral.png.
+--samples inputs x_t = q_sample(x_0, t) of real held-out digits. Writes results.json
+(with its "settings": flags, models, machine) and spectral.png.
 """
 
 from __future__ import annotations
@@ -79,7 +79,8 @@ def main(_):
     import jax
     import jax.numpy as jnp
 
-    from _common import load_models
+    from _common import load_models, model_sources
+    from _common import settings as run_settings
     from skipdit_jax import data
     from skipdit_jax.demo.config import get_config as demo_config
     from skipdit_jax.diffusion import Diffusion
@@ -105,7 +106,7 @@ def main(_):
         y0 = jnp.zeros((FLAGS.samples,), jnp.int32)
     diffusion = Diffusion(None, learn_sigma=mc0.learn_sigma)
 
-    result = {"timesteps": ts, "models": {}}
+    result = {"settings": run_settings(FLAGS, model_sources(out, FLAGS, models)), "timesteps": ts, "models": {}}
     for kind, (mc, params) in models.items():
         power = jacobian_norm_fn(mc, FLAGS.iters)
         jac = []
