@@ -7,7 +7,8 @@ paper's "4.4x faster training" claim, here at MNIST scale).
 Both models train with configs/mnist_skipdit.py's settings but a constant learning rate
 after warm-up (so a run can be evaluated part-way without its schedule depending on the
 total), through the project's trainer, resumed segment by segment. Every --eval_every
-steps, on the EMA weights:
+steps, on the EMA weights (kept in OUT/runs/KIND/evaluations.jsonl, so an interrupted
+run resumes where it stopped):
   * held-out diffusion loss: eps-MSE on held-out digits with fixed noise and timesteps;
   * classifier FID: Fréchet distance between the demo classifier's features of generated
     samples (guided DDIM, every class) and of held-out real digits. It is *not* FID
@@ -52,6 +53,12 @@ def steps_to_reach(steps, values, target) -> float | None:
     return None
 
 
+def latest_step(workdir: Path) -> int:
+    """The step of a training workdir's newest checkpoint (0: none)."""
+    d = workdir / "checkpoints"
+    return max((int(p.name) for p in d.iterdir() if p.name.isdigit()), default=0) if d.is_dir() else 0
+
+
 def main(_):
     from skipdit_jax.xla_tuning import tune_xla_cpu_flags
 
@@ -79,11 +86,12 @@ def main(_):
     def config_for(kind, steps):
         c = demo_config("dit" if kind == "dit" else None)
         with c.unlocked():
+            apply_overrides(c, overrides)
+            # The experiment's own settings win over --overrides: segments end at the evaluations.
             c.train.steps = steps
             c.optimizer.decay = "constant"
             c.sample.every = 0
             c.checkpoint.every = FLAGS.eval_every
-            apply_overrides(c, overrides)
         return c
 
     base = config_for("skipdit", FLAGS.total_steps)
@@ -102,6 +110,11 @@ def main(_):
         fn = jax.jit(lambda p: diffusion.training_losses(lambda xt, tt: DiT(mc).apply({"params": p}, xt, tt, y0), x0, t_fixed, noise_fixed)["mse"].mean())
         return float(fn(params))
 
+    # What shapes an evaluation row besides the step (a resumed run must match it).
+    eval_settings = {
+        "per_class": FLAGS.per_class, "sample_steps": FLAGS.sample_steps, "heldout": FLAGS.heldout,
+        "classifier_steps": FLAGS.classifier_steps, "eval_every": FLAGS.eval_every, "overrides": FLAGS.overrides,
+    }
     curves, trained = {}, {}
     for kind in ("dit", "skipdit"):
         workdir = out / "runs" / kind
@@ -110,16 +123,29 @@ def main(_):
             "path": str(workdir),
             "trained": {
                 "config": "skipdit_jax.demo.config.get_config(%s)" % ('"dit"' if kind == "dit" else ""),
-                "overrides": {"train.steps": FLAGS.total_steps, "optimizer.decay": "constant", **overrides},
-                "seconds_this_run": 0.0,  # segments already trained in OUT (a resumed run) are not counted
+                "overrides": {**overrides, "train.steps": FLAGS.total_steps, "optimizer.decay": "constant"},
             },
         }
+        # Evaluations already made in OUT (a resumed run) are reused: a workdir holds only
+        # its latest checkpoints, so a segment trained past cannot be evaluated again.
+        log = workdir / "evaluations.jsonl"
+        done = {}
+        if log.exists():
+            for line in log.read_text().splitlines():
+                r = json.loads(line)
+                if r.pop("settings") != eval_settings:
+                    raise UserError(f"{log} holds evaluations made with other settings; use a fresh --out")
+                done[r["step"]] = r
         for end in range(FLAGS.eval_every, FLAGS.total_steps + 1, FLAGS.eval_every):
+            if end in done:
+                rows.append(done[end])
+                print(json.dumps({"model": kind, "reused": True, **done[end]}), flush=True)
+                continue
+            if latest_step(workdir) > end:
+                raise UserError(f"{workdir} is trained past step {end} but holds no evaluation there; use a fresh --out")
             result = train_and_evaluate(config_for(kind, end), str(workdir), progress=False)
             if result.preempted:
                 raise UserError("training was interrupted; run the experiment again to resume")
-            trained[kind]["trained"]["final_step"] = result.final_step
-            trained[kind]["trained"]["seconds_this_run"] = round(trained[kind]["trained"]["seconds_this_run"] + result.seconds, 1)
             mc, params = load_trained(str(workdir))
             noise, labels = class_noise(mc, FLAGS.per_class, seed=21)
             x, _, _ = timed_sample(mc, params, None, noise, labels, num_steps=FLAGS.sample_steps, cfg_scale=base.sample.cfg_scale)
@@ -128,10 +154,14 @@ def main(_):
                 "heldout_loss": heldout_loss(mc, params),
                 "classifier_fid": metrics.frechet_distance_of_features(classifier.features(clf, x), real_features),
                 "class_accuracy": float(np.mean(classifier.predict(clf, x) == np.asarray(labels))),
+                "train_seconds": round(result.seconds, 1),  # of this segment
             }
             rows.append(row)
+            with log.open("a") as f:
+                f.write(json.dumps({**row, "settings": eval_settings}) + "\n")
             print(json.dumps({"model": kind, **row}), flush=True)
         curves[kind] = rows
+        trained[kind]["trained"].update(final_step=rows[-1]["step"], seconds=round(sum(r["train_seconds"] for r in rows), 1))
 
     summary = {}
     for metric in ("heldout_loss", "classifier_fid"):
