@@ -1,8 +1,12 @@
-"""The trainer: exact resume after SIGKILL, SIGTERM, corrupt checkpoints, 1 vs 8 devices,
-2 processes vs 1, and config errors. Tiny models (8x8 MNIST, depth 2, width 16)."""
+"""The trainer: exact resume after SIGKILL, SIGTERM (also on a checkpoint step), damaged
+checkpoints (set aside) vs a changed config (an error that touches nothing), 1 vs 8
+devices, 2 processes vs 1 (with sample grids), the profiler, gradient accumulation, config
+errors; and, in-process, restore failures and `load_trained`'s partial restore. Tiny models
+(8x8 MNIST, depth 2, width 16)."""
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -94,18 +98,71 @@ def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     assert steps and max(steps) >= 3
 
 
-def test_corrupt_newest_checkpoint_falls_back(tmp_path, reference_run):
+def test_sigterm_on_a_checkpoint_step_saves_once_and_writes_the_partial_metrics(tmp_path):
+    """checkpoint.every=1: the step where SIGTERM is noticed is always also a checkpoint
+    step, and must be saved once. log_every is never reached, so the only metrics row is
+    the partial interval's, written at the stop."""
     workdir = tmp_path / "run"
-    run_train(workdir, "--config.train.steps=12")
-    newest = workdir / "checkpoints" / "12" / "state"
-    for root, _, files in os.walk(newest):
+    cmd = train_cmd(workdir, "--config.train.steps=100000", "--config.checkpoint.every=1", "--config.train.log_every=100000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None and not _checkpoint_steps(workdir):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-3000:]
+    assert "preempted: saved a checkpoint at step" in out
+    stopped = int(out.split("preempted: saved a checkpoint at step")[1].split()[0])
+    assert max(_checkpoint_steps(workdir)) == stopped
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [stopped] and np.isfinite(rows[0]["loss"])
+
+
+def _checkpoint_steps(workdir):
+    d = workdir / "checkpoints"
+    return [int(p) for p in os.listdir(d) if p.isdigit()] if d.exists() else []
+
+
+def _garble_every_file(step_dir):
+    for root, _, files in os.walk(step_dir / "state"):
         for f in files:
             with open(os.path.join(root, f), "wb") as fh:
                 fh.write(b"garbage")
-    res = run_train(workdir, "--config.train.steps=40")
+
+
+def _delete_array_data(step_dir):
+    """Metadata intact, array bytes gone: only reading the arrays finds out."""
+    data = list((step_dir / "state").glob("ocdbt.process_*/d/*"))
+    assert data
+    for f in data:
+        f.unlink()
+
+
+@pytest.mark.parametrize("damage,steps", [(_garble_every_file, 40), (_delete_array_data, 16)])
+def test_damaged_newest_checkpoint_is_set_aside_and_falls_back(tmp_path, reference_run, damage, steps):
+    workdir = tmp_path / "run"
+    run_train(workdir, "--config.train.steps=12")
+    damage(workdir / "checkpoints" / "12")
+    res = run_train(workdir, f"--config.train.steps={steps}")
     assert "unreadable" in res.stdout and "falling back to step 8" in res.stdout
+    assert (workdir / "checkpoints" / "12.damaged").is_dir()
     resumed = losses(workdir)
-    np.testing.assert_allclose([resumed[s] for s in range(1, 41)], [reference_run[s] for s in range(1, 41)], rtol=1e-6)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)], [reference_run[s] for s in range(1, steps + 1)], rtol=1e-6)
+
+
+def test_changed_config_on_resume_is_one_error_and_touches_nothing(tmp_path):
+    """A good checkpoint that no longer fits (the width changed) is not "damaged": exit 2
+    with one line naming the mismatch; no directory renamed, metrics.jsonl untouched."""
+    workdir = tmp_path / "run"
+    run_train(workdir, "--config.train.steps=8")
+    before = sorted(os.listdir(workdir / "checkpoints")), (workdir / "metrics.jsonl").read_text()
+    res = subprocess.run(train_cmd(workdir, "--config.train.steps=12", "--config.model.hidden_size=32"), capture_output=True, text=True, timeout=300)
+    assert res.returncode == 2, res.stderr[-2000:]
+    lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
+    assert len(lines) == 1 and lines[0].startswith("skipdit: error:"), res.stderr[-2000:]
+    assert re.search(r"does not fit .*: params/\S+ is float32\[1, 96\] in the checkpoint but float32\[1, 192\] in this run", lines[0]), lines[0]
+    assert (sorted(os.listdir(workdir / "checkpoints")), (workdir / "metrics.jsonl").read_text()) == before
 
 
 def test_eight_devices_fsdp_match_one_device(tmp_path, reference_run):
@@ -121,23 +178,62 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_match_one_process_with_two_devices(tmp_path):
-    single = tmp_path / "single"
-    run_train(single, "--config.train.steps=12", env=_env(2))
-    multi = tmp_path / "multi"
+def _run_two_processes(workdir, *extra):
+    """Both processes' stdout, after both exit 0."""
     port = _free_port()
     procs = [
         subprocess.Popen(
-            train_cmd(multi, "--config.train.steps=12", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
+            train_cmd(workdir, *extra, f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}"),
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(),
         )
         for i in range(2)
     ]
+    outs = []
     for p in procs:
         out, err = p.communicate(timeout=600)
         assert p.returncode == 0, err[-3000:]
+        outs.append(out)
+    return outs
+
+
+def test_two_processes_match_one_process_with_two_devices(tmp_path):
+    """Same losses as one process with two devices; the in-loop sample grids (80 asked
+    for, capped at 64, drawn by both processes in sharded batches) are written by process
+    0 alone; a damaged newest checkpoint is set aside once and both processes fall back."""
+    single = tmp_path / "single"
+    run_train(single, "--config.train.steps=12", env=_env(2))
+    multi = tmp_path / "multi"
+    sampling = ["--config.sample.every=6", "--config.sample.num_steps=2", "--config.sample.num_per_class=8", "--config.sample.batch_size=16"]
+    outs = _run_two_processes(multi, "--config.train.steps=12", *sampling)
     a, b = losses(single), losses(multi)
     np.testing.assert_allclose([b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-5)
+    assert sorted(os.listdir(multi / "samples")) == ["step_0000006.png", "step_0000012.png"]
+    assert outs[0].count("sample grid of 64 written") == 2 and "sample grid" not in outs[1]
+    from PIL import Image
+
+    from skipdit_jax import images
+
+    # 64 cells of 8x8 in a square grid, each cell upscaled 8x: what 64 samples make.
+    expected = images.make_grid(np.zeros((64, 8, 8, 1), np.uint8)).shape[:2]
+    with Image.open(multi / "samples" / "step_0000012.png") as im:
+        assert (im.height, im.width) == (expected[0] * 8, expected[1] * 8)
+
+    _garble_every_file(multi / "checkpoints" / "12")
+    outs = _run_two_processes(multi, "--config.train.steps=12")
+    assert "falling back to step 8" in outs[0] and "falling back" not in outs[1]
+    assert sorted(os.listdir(multi / "checkpoints")) == ["12", "12.damaged", "8"]  # checkpoint.keep=2
+    b = losses(multi)
+    np.testing.assert_allclose([b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-5)
+
+
+def test_profiler_trace_and_gradient_accumulation(tmp_path):
+    """A run with train.profile_steps writes one TensorBoard profile (process 0's), and a
+    run with train.grad_accum_steps trains and logs every step."""
+    workdir = tmp_path / "run"
+    run_train(workdir, "--config.train.steps=4", "--config.train.grad_accum_steps=2", "--config.train.profile_steps=2", "--config.train.profile_after=1")
+    traces = list((workdir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0
+    assert sorted(losses(workdir)) == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize(
@@ -149,6 +245,8 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
         (["--config.data.name=folder", "--config.data.path=/nonexistent/folder"], "data folder not found"),
         (["--config.train.stpes=3"], "stpes"),
         (["--config.mesh.data=3"], "does not match the 4 devices"),
+        (["--config.train.grad_accum_steps=4"], "not divisible by train.grad_accum_steps 4 x 4 devices"),
+        (["--config.train.profile_steps=-1"], "profile_steps must be >= 0"),
     ],
 )
 def test_config_errors_are_one_line_before_compiling(tmp_path, overrides, needle):
@@ -157,3 +255,174 @@ def test_config_errors_are_one_line_before_compiling(tmp_path, overrides, needle
     lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
     assert len(lines) == 1 and lines[0].startswith("skipdit: error:") and needle in lines[0], res.stderr[-2000:]
     assert "compiled" not in res.stdout
+
+
+def test_gs_workdir_trains_and_resumes(tmp_path):
+    """A gs:// workdir (the fake of tests/fake_gcs.py, installed in the training process):
+    checkpoints, metrics (rewritten whole, never appended), samples and the resume all go
+    through epath/Orbax; nothing lands in a local "gs:" folder."""
+    pytest.importorskip("fake_gcs")
+    root, cwd = tmp_path / "gcs", tmp_path / "cwd"
+    cwd.mkdir()
+    script = (
+        f"import sys; sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); import fake_gcs; "
+        f"fake_gcs.install({str(root)!r}); from skipdit_jax.cli import run; sys.argv = ['skipdit'] + sys.argv[1:]; run()"
+    )
+    for steps in (4, 6):
+        cmd = [sys.executable, "-c", script, *train_cmd("gs://bucket/run", f"--config.train.steps={steps}", "--config.sample.every=4", "--config.sample.num_steps=2")[3:]]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+    run = root / "bucket" / "run"
+    assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
+    assert (run / "samples" / "step_0000004.png").exists() and {"4", "6"} <= set(os.listdir(run / "checkpoints"))
+    assert not list(cwd.rglob("gs:"))
+
+
+# ---- in-process: restore decisions, load_trained, remote data paths ----------------------------
+def _tiny_config(width=16):
+    from skipdit_jax.training import config as train_config
+
+    c = train_config.default_config()
+    c.model.update(depth=2, hidden_size=width, num_heads=2, patch_size=2)
+    c.data.update(image_size=8)
+    c.train.update(global_batch_size=8)
+    c.checkpoint.update(async_save=False)
+    return train_config.finalize(c)
+
+
+def _abstract_state(config):
+    """(family, tx, shardings, abstract state with shardings) as the trainer builds them."""
+    import jax
+
+    from skipdit_jax import sharding
+    from skipdit_jax.models.families import family_of
+    from skipdit_jax.training import config as train_config, optim
+    from skipdit_jax.training.train import _opt_cfg, train_state_shardings
+    from skipdit_jax.training.train_step import init_train_state
+
+    family = family_of(train_config.validate(config, 1))
+    tx = optim.make_optimizer(_opt_cfg(config), family.abstract_params())
+    abstract = jax.eval_shape(lambda p: init_train_state(p, tx), family.abstract_params())
+    shardings = train_state_shardings(abstract, sharding.make_mesh(-1, 1), 0)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return family, tx, shardings, abstract
+
+
+def _iterator(config):
+    from skipdit_jax import data as data_lib
+    from skipdit_jax.training.train import make_source
+
+    return data_lib.make_train_iterator(make_source(config), global_batch_size=8, seed=0)
+
+
+@pytest.fixture
+def saved_workdir(tmp_path):
+    """A workdir with checkpoints at steps 1 and 2 (EMA = params + 1) and model_config.json;
+    yields (workdir, config, the saved state)."""
+    import jax
+    import jax.numpy as jnp
+
+    from skipdit_jax.models.families import config_to_dict
+    from skipdit_jax.training import checkpoints
+    from skipdit_jax.training.train import create_train_state
+
+    config = _tiny_config()
+    family, tx, shardings, _ = _abstract_state(config)
+    state = create_train_state(family, config, tx, jax.random.key(0), shardings)
+    state = state.replace(ema_params=jax.tree.map(lambda p: p + 1.0, state.params))
+    mngr = checkpoints.checkpoint_manager(tmp_path, config)
+    for step in (1, 2):
+        checkpoints.save(mngr, step, state.replace(step=jnp.int32(step)), jax.random.key(1), _iterator(config), config)
+    mngr.wait_until_finished()
+    (tmp_path / checkpoints.MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(family.config)))
+    return tmp_path, config, state
+
+
+@pytest.mark.parametrize("error", [OSError("Connection reset by peer"), MemoryError(), ValueError("RESOURCE_EXHAUSTED: out of memory")])
+def test_a_restore_failure_that_is_not_damage_touches_nothing(saved_workdir, monkeypatch, error):
+    import orbax.checkpoint as ocp
+
+    from skipdit_jax.errors import CheckpointError
+    from skipdit_jax.training import checkpoints
+
+    workdir, config, _ = saved_workdir
+    before = sorted(os.listdir(workdir / "checkpoints"))
+
+    def failing_restore(self, *args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(ocp.CheckpointManager, "restore", failing_restore)
+    mngr = checkpoints.checkpoint_manager(workdir, config)
+    with pytest.raises(CheckpointError, match="step 2.*nothing was changed"):
+        checkpoints.restore_latest(mngr, _abstract_state(config)[3], _iterator(config))
+    assert sorted(os.listdir(workdir / "checkpoints")) == before
+
+
+def test_restore_sorts_damage_from_mismatch(saved_workdir):
+    """In-process view of the decision: damage is read off the step's files, a config
+    change off the metadata (never the other way round)."""
+    from skipdit_jax.errors import CheckpointError
+    from skipdit_jax.training import checkpoints
+
+    workdir, config, _ = saved_workdir
+    step2 = workdir / "checkpoints" / "2"
+    assert checkpoints.missing_or_unreadable(step2) is None
+    mngr = checkpoints.checkpoint_manager(workdir, config)
+    with pytest.raises(CheckpointError, match="does not fit"):
+        checkpoints.restore_latest(mngr, _abstract_state(_tiny_config(width=32))[3], _iterator(config))
+    data = step2 / "data" / "process_0-of-1.json"
+    data.rename(data.with_name("process_0-of-2.json"))  # as if saved by 2 processes
+    with pytest.raises(CheckpointError, match="saved by 2 processes but this run has 1"):
+        checkpoints.restore_latest(mngr, _abstract_state(config)[3], _iterator(config))
+    data.with_name("process_0-of-2.json").rename(data)
+    assert sorted(os.listdir(workdir / "checkpoints")) == ["1", "2"]
+    (step2 / "state" / "_METADATA").write_text('{"tree_metadata": {"par')  # truncated
+    assert "not valid JSON" in checkpoints.missing_or_unreadable(step2)
+    state, _ = checkpoints.restore_latest(checkpoints.checkpoint_manager(workdir, config), _abstract_state(config)[3], _iterator(config))
+    assert int(state.step) == 1 and sorted(os.listdir(workdir / "checkpoints")) == ["1", "2.damaged"]
+
+
+@pytest.mark.parametrize("use_ema", [True, False])
+def test_load_trained_reads_only_the_returned_parameters(saved_workdir, monkeypatch, use_ema):
+    import jax
+    import orbax.checkpoint as ocp
+
+    from skipdit_jax.training.checkpoints import load_trained
+
+    workdir, _, state = saved_workdir
+    read = []
+    handlers = [ocp.type_handlers.ArrayHandler, ocp.type_handlers.NumpyHandler, ocp.type_handlers.ScalarHandler]
+    for cls in handlers:
+        original = cls.deserialize
+
+        async def spy(self, infos, args=None, _original=original):
+            read.extend(info.name for info in infos)
+            return await _original(self, infos, args)
+
+        monkeypatch.setattr(cls, "deserialize", spy)
+    _, params = load_trained(workdir, use_ema=use_ema)
+    key = "ema_params" if use_ema else "params"
+    expected = state.ema_params if use_ema else state.params
+    for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # Only that subtree was read: not the other copy, not the optimizer's moments.
+    assert read and all(name.startswith(key + ".") for name in read), sorted({n.split(".")[0] for n in read})
+    assert len(read) == len(jax.tree.leaves(expected))
+
+
+def test_a_remote_data_folder_is_accepted(tmp_path, monkeypatch):
+    """data.path goes through epath, so a gs:// image folder passes validation (and a
+    missing one is still reported)."""
+    fake_gcs = pytest.importorskip("fake_gcs")
+    from skipdit_jax.errors import ConfigError
+    from skipdit_jax.training import config as train_config
+
+    monkeypatch.chdir(tmp_path)
+    with fake_gcs.installed(tmp_path / "gcs") as root:
+        (root / "bucket" / "images" / "cat").mkdir(parents=True)
+        config = _tiny_config()
+        config.data.update(name="folder", path="gs://bucket/images", num_classes=1)
+        train_config.validate(config, 1)
+        config.data.path = "gs://bucket/missing"
+        with pytest.raises(ConfigError, match="data folder not found"):
+            train_config.validate(config, 1)

@@ -163,3 +163,30 @@ def test_min_snr_weighting_downweights_low_noise_steps():
     from skipdit_jax.training.train_step import min_snr_weight
 
     np.testing.assert_allclose(min_snr_weight(jnp.array([100.0, 5.0, 0.5]), 5.0), [0.05, 1.0, 1.0], rtol=1e-6)
+
+
+def test_gradient_accumulation_equals_the_big_batch_step():
+    """grad_accum_steps=4 on a batch of 8 (four micro-batches of 2) takes the same step as
+    one batch of 8 -- same t, noise and dropout, mean of the micro-batch gradients -- and
+    not the step of one micro-batch alone."""
+    params = jax.tree.map(jnp.asarray, random_params(CFG))
+    tx = optim.make_optimizer(_opt(), params)
+    rng = np.random.default_rng(5)
+    batch = {"image": jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)).astype(np.float32)), "label": jnp.arange(8) % 10}
+    out = {}
+    for n in (1, 4):
+        step = jax.jit(make_train_step(CFG, tx, ema_decay=0.9, label_dropout=0.5, grad_accum_steps=n))
+        out[n] = step(init_train_state(params, tx), batch, jax.random.key(7))
+    (big, m1), (acc, m4) = out[1], out[4]
+    for a, b in zip(jax.tree.leaves(big.params), jax.tree.leaves(acc.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # Adam's first step is ~lr * sign(g): the moments (linear in g) check the gradients.
+    for a, b in zip(jax.tree.leaves(big.opt_state), jax.tree.leaves(acc.opt_state)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-9)
+    for k in ("loss", "mse", "vb", "grad_norm"):
+        assert float(m4[k]) == pytest.approx(float(m1[k]), rel=1e-5, abs=1e-7), k
+    step1 = jax.jit(make_train_step(CFG, tx, ema_decay=0.9, label_dropout=0.5))
+    micro = {k: v[0::4] for k, v in batch.items()}  # the rows of micro-batch 0
+    one, _ = step1(init_train_state(params, tx), micro, jax.random.key(7))
+    diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(acc.params)))
+    assert diff > 1e-4, diff

@@ -6,10 +6,9 @@ Configs are `ml_collections.ConfigDict`s, locked after construction so a mistype
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
+from skipdit_jax import paths
 from skipdit_jax.errors import ConfigError
 from skipdit_jax.models.config import ModelConfig
 
@@ -53,6 +52,10 @@ def default_config() -> ml_collections.ConfigDict:
         dict(
             steps=1000,
             global_batch_size=32,
+            # Micro-batches per step: the global batch is split into this many equal parts
+            # whose gradients are summed (float32) before the one optimizer/EMA update, so
+            # a batch too big for memory trains exactly as if it fitted.
+            grad_accum_steps=1,
             log_every=50,
             label_dropout=0.1,
             ema_decay=0.9999,
@@ -63,6 +66,11 @@ def default_config() -> ml_collections.ConfigDict:
             init_from="",  # model dir / official checkpoint to start from (fresh skip modules if absent)
             init_num_heads=ml_collections.FieldReference(None, field_type=int),
             max_seconds=ml_collections.FieldReference(None, field_type=float),  # wall-clock budget
+            # jax.profiler trace of `profile_steps` steps (0 = off) into WORKDIR/profile (for
+            # TensorBoard's profile plugin), starting after `profile_after` steps of each
+            # (re)started run, so compilation and warm-up stay out of it. Process 0 only.
+            profile_steps=0,
+            profile_after=5,
         )
     )
 
@@ -107,9 +115,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     """Every check that can fail on user input, before anything compiles."""
     mc = model_config(config)  # depth parity, patch divisibility, widths
     t = config.train
-    for name in ("steps", "global_batch_size", "log_every"):
+    for name in ("steps", "global_batch_size", "log_every", "grad_accum_steps"):
         if t[name] < 1:
             raise ConfigError(f"train.{name} must be >= 1, got {t[name]}")
+    for name in ("profile_steps", "profile_after"):
+        if t[name] < 0:
+            raise ConfigError(f"train.{name} must be >= 0, got {t[name]}")
     if not 0 <= t.label_dropout < 1:
         raise ConfigError(f"train.label_dropout must be in [0, 1), got {t.label_dropout}")
     if not 0 <= t.ema_decay < 1:
@@ -131,6 +142,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"mesh data={data} x fsdp={fsdp} does not match the {num_devices} devices")
     if t.global_batch_size % num_devices:
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by the {num_devices} data-parallel devices")
+    if t.global_batch_size % (t.grad_accum_steps * num_devices):
+        # Every micro-batch must still cover every device evenly.
+        raise ConfigError(
+            f"train.global_batch_size {t.global_batch_size} is not divisible by train.grad_accum_steps {t.grad_accum_steps} "
+            f"x {num_devices} devices"
+        )
     if t.global_batch_size % process_count:
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by the {process_count} processes")
     dn = config.data.name
@@ -138,7 +155,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"data.name must be mnist, folder or latents, got {dn!r}")
     if dn in ("folder", "latents") and not config.data.path:
         raise ConfigError(f"data.path is required for data.name={dn!r}")
-    if dn == "folder" and not os.path.isdir(os.path.expanduser(config.data.path)):
+    if dn == "folder" and not paths.as_path(config.data.path).is_dir():  # local or gs://
         raise ConfigError(f"data folder not found: {config.data.path}")
     if dn == "mnist" and config.data.num_classes != 10:
         raise ConfigError("MNIST has 10 classes: data.num_classes must be 10")

@@ -1,13 +1,14 @@
 """The trainer: one readable function, top to bottom.
 
     config -> validate -> mesh -> data -> model + optimizer (created sharded) -> restore
-    -> compile the step once -> loop (log, sample, checkpoint, preemption) -> final save
+    -> compile the step once -> loop (log, profile, sample, checkpoint, preemption) -> final save
 
 Checkpoints (Orbax `CheckpointManager`, local or `gs://` workdirs) hold the train state
 (params, EMA, optimizer state, step, skipped-update count), the base RNG key, the data
 iterator's position and the config, so a restarted run continues exactly where the last
 checkpoint left it. SIGTERM saves a checkpoint and stops; SIGKILL loses at most the steps
-since the last one.
+since the last one. Every stop (preemption, time budget, an exception) first writes the
+metrics of the steps since the last logged row.
 """
 
 from __future__ import annotations
@@ -90,11 +91,30 @@ def load_init_from(family, config: ml_collections.ConfigDict, param_shardings):
     return placed
 
 
+def train_state_shardings(abstract_state: TrainState, mesh, min_shard_size: int) -> TrainState:
+    """Where every part of the train state lives: params, EMA and optimizer state by the
+    FSDP rules of `skipdit_jax.sharding`, the counters replicated."""
+    shard = lambda tree: sharding.param_shardings(tree, mesh, min_shard_size=min_shard_size)  # noqa: E731
+    return TrainState(
+        step=sharding.replicated(mesh),
+        params=shard(abstract_state.params),
+        ema_params=shard(abstract_state.ema_params),
+        opt_state=shard(abstract_state.opt_state),
+        skipped_updates=sharding.replicated(mesh),
+    )
+
+
 def create_train_state(family, config, tx, init_rng, state_shardings: TrainState) -> TrainState:
     """A fresh train state, created already sharded: every array is born on its shards
     (`jax.jit(init, out_shardings=...)`), so no device ever holds a whole copy. With
     `train.init_from`, its weights replace the fresh ones (fresh skip modules stay)."""
     loaded = load_init_from(family, config, state_shardings.params)
+    return sharded_initializer(family, tx, state_shardings, loaded)(init_rng, loaded)
+
+
+def sharded_initializer(family, tx, state_shardings: TrainState, loaded=None):
+    """The jitted `init(rng, loaded) -> TrainState` whose outputs are created on their
+    shards; `loaded` (a sub-dict of parameters, already sharded) replaces fresh modules."""
 
     def init(rng, loaded):
         params = family.init_params(rng)
@@ -103,51 +123,140 @@ def create_train_state(family, config, tx, init_rng, state_shardings: TrainState
         return init_train_state(params, tx)
 
     loaded_shardings = None if loaded is None else {k: state_shardings.params[k] for k in loaded}
-    fn = jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=state_shardings)
-    return fn(init_rng, loaded)
+    return jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=state_shardings)
 
 
 # ---- sample grids -----------------------------------------------------------------------------
 MAX_GRID_SAMPLES = 64  # a preview, not an evaluation: at most this many cells
 
 
-def sample_grid(family, params, config, path: epath.Path, step: int, mesh, writer: MetricWriter | None = None):
-    """A preview grid from the EMA weights with the cached sampler: at most
-    MAX_GRID_SAMPLES samples (every class in turn, `sample.num_per_class` each), drawn in
-    batches of `sample.batch_size` sharded over the mesh's batch axes; process 0 writes it."""
-    s, mc = config.sample, family.config
-    classes = mc.num_classes or 1
+def sample_grid(family, params, config, path: epath.Path, step: int, mesh, writer: MetricWriter | None = None) -> None:
+    """A preview grid from `params` (the EMA weights) with the cached sampler: at most
+    MAX_GRID_SAMPLES samples, `sample.num_per_class` per class with the family's example
+    conditions (every class in turn), drawn in sharded batches of `sample.batch_size`.
+    Every process takes part in the sampling; process 0 writes the PNG (and TensorBoard)."""
+    s = config.sample
+    classes = getattr(family.config, "num_classes", 0) or 1
     num = min(classes * s.num_per_class, MAX_GRID_SAMPLES)
-    cond = family.example_condition(num * 1)
-    if cond is not None:
-        cond = np.repeat(np.arange(classes, dtype=np.int32), s.num_per_class)[:num]
+    cond = family.example_condition(num)  # None for an unconditional model
+    # The same key on every process: all hold the same full noise, each places its shards.
     noise = np.asarray(jax.random.normal(jax.random.key(1234), (num, *family.sample_shape)))
     cache = None
     if family.has_long_skips and s.cache_interval > 1 and 1 <= s.shallow_blocks < family.cache_units:
         cache = SkipCache(s.cache_interval, s.shallow_blocks)
-    batch_sharding = sharding.batch_sharding(mesh)
-    # Every batch is a multiple of the device count (padded), so it shards evenly.
-    per_call = max(jax.device_count(), (s.batch_size // jax.device_count()) * jax.device_count())
-    outs = []
-    for lo in range(0, num, per_call):
-        z, y = noise[lo : lo + per_call], None if cond is None else cond[lo : lo + per_call]
-        pad = per_call - len(z)
-        z = np.concatenate([z, np.zeros((pad, *z.shape[1:]), z.dtype)])
-        y = None if y is None else np.concatenate([y, np.zeros((pad,), y.dtype)])
-        put = lambda a: jax.make_array_from_callback(a.shape, batch_sharding, lambda idx, a=a: a[idx])  # noqa: E731
-        x = sample(
-            mc, params, noise=put(z), labels=None if y is None else put(y), sampler=s.sampler, num_steps=s.num_steps,
-            cfg_scale=s.cfg_scale if family.is_conditional else 1.0, cache=cache, clip_denoised=s.clip_denoised,
-        )
-        x = np.asarray(jax.device_get(jax.experimental.multihost_utils.process_allgather(x, tiled=True)) if jax.process_count() > 1 else x)
-        outs.append(x[: per_call - pad])
-    x = np.concatenate(outs)
+    x = _sample_in_batches(family, params, s, noise, cond, mesh, cache)
     if x.shape[-1] not in (1, 3):
         x = images.latents_for_display(x)
     if jax.process_index() == 0:
-        images.save_grid(x, path, nrow=min(s.num_per_class, num) if cond is not None else None, upscale=max(1, 64 // x.shape[1]))
+        # One column per class when every class fits in the grid, else a square grid.
+        nrow = classes if cond is not None and 1 < classes * s.num_per_class <= MAX_GRID_SAMPLES else None
+        images.save_grid(x, path, nrow=nrow, upscale=max(1, 64 // x.shape[1]))
         if writer is not None:
-            writer.write_image(step, "samples", images.make_grid(images.to_uint8(x)))
+            writer.write_image(step, "samples", images.make_grid(images.to_uint8(x), nrow))
+        print(f"step {step}: sample grid of {len(x)} written to {path}")
+
+
+def _sample_in_batches(family, params, s, noise: np.ndarray, cond, mesh, cache) -> np.ndarray:
+    """Samples for `noise` and `cond` (numpy, the same on every process) in calls of
+    `sample.batch_size` rounded down to a multiple of the device count (at least one per
+    device; the last call padded), sharded over the mesh's batch axes. Returns all samples,
+    as numpy, on every process."""
+    n_dev = jax.device_count()
+    per_call = max(n_dev, s.batch_size // n_dev * n_dev)
+    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    outs = []
+    for lo in range(0, len(noise), per_call):
+        n = min(per_call, len(noise) - lo)
+        z = _to_global(_pad_rows(noise[lo : lo + n], per_call), batch_sharding)
+        # The condition (small) is replicated: the sampler checks its values on the host,
+        # which a process can only do for an array it holds whole.
+        y = jax.tree.map(lambda a: _to_global(_pad_rows(a[lo : lo + n], per_call), replicated), cond)
+        x = sample(
+            family.config, params, noise=z, condition=y, sampler=s.sampler, num_steps=s.num_steps,
+            cfg_scale=s.cfg_scale if family.is_conditional else 1.0, cache=cache, clip_denoised=s.clip_denoised,
+        )
+        outs.append(_gather(x)[:n])
+    return np.concatenate(outs)
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    return np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
+
+
+def _to_global(a: np.ndarray, array_sharding) -> jax.Array:
+    """A global array from a host array every process holds whole: each process fills
+    only its addressable shards (works across hosts, unlike `jax.device_put`)."""
+    return jax.make_array_from_callback(a.shape, array_sharding, lambda idx: a[idx])
+
+
+def _gather(x: jax.Array) -> np.ndarray:
+    """The whole of a batch-sharded array on every process."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+# ---- loop helpers -----------------------------------------------------------------------------
+class IntervalMetrics:
+    """The step metrics of the current logging interval, kept on device until `flush`
+    (one host sync per logged row) writes their means as the row of a step. Flushed at
+    every `train.log_every` and at every stop, so no step's metrics are lost."""
+
+    def __init__(self, writer: MetricWriter, schedule, global_batch_size: int):
+        self.writer, self.schedule, self.global_batch_size = writer, schedule, global_batch_size
+        self.pending: list[dict] = []
+        self.t_start = time.perf_counter()
+        self.last: dict = {}
+
+    def add(self, metrics: dict) -> None:
+        self.pending.append(metrics)
+
+    def flush(self, step: int) -> dict:
+        """Write the row of `step` (means over the pending steps; none pending: no row)."""
+        if not self.pending:
+            return self.last
+        stacked = jax.device_get(self.pending)
+        now = time.perf_counter()
+        m = {k: float(np.mean([x[k] for x in stacked])) for k in stacked[0]}
+        m["skipped_updates"] = float(stacked[-1]["skipped_updates"])
+        m["lr"] = float(self.schedule(step - 1))
+        m["steps_per_s"] = len(stacked) / (now - self.t_start)
+        m["examples_per_s"] = m["steps_per_s"] * self.global_batch_size
+        self.writer.write(step, m)
+        self.pending, self.t_start, self.last = [], now, m
+        return m
+
+
+class StepProfiler:
+    """A `jax.profiler` trace of `steps` steps (0 = off) into `logdir`, from `after` steps
+    into this (re)started run, so compilation and warm-up stay out of it. Process 0 only:
+    one trace, one writer. TensorBoard reads it from LOGDIR/plugins/profile."""
+
+    def __init__(self, logdir, start_step: int, after: int, steps: int):
+        self.logdir = logdir
+        self.active = steps > 0 and jax.process_index() == 0
+        self.first, self.end = start_step + after, start_step + after + steps
+        self.tracing = False
+
+    def before_step(self, step: int) -> None:
+        """`step`: the steps done so far."""
+        if self.active and not self.tracing and self.first <= step < self.end:
+            paths.as_path(self.logdir).mkdir(parents=True, exist_ok=True)
+            jax.profiler.start_trace(str(self.logdir))
+            self.tracing = True
+
+    def after_step(self, step: int, state) -> None:
+        if self.tracing and step >= self.end:
+            self.stop(state)
+
+    def stop(self, wait_for=None) -> None:
+        if self.tracing:
+            if wait_for is not None:
+                jax.block_until_ready(wait_for)  # the traced steps' device work, not just their dispatch
+            jax.profiler.stop_trace()
+            self.tracing = False
 
 
 # ---- the trainer ------------------------------------------------------------------------------
@@ -172,6 +281,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         process_index=jax.process_index(),
         process_count=jax.process_count(),
         flip=config.data.flip,
+        fields={k: v.dtype for k, v in family.batch_spec(1).items()},  # what this family trains on
     )
 
     # -- model, optimizer and state, created already sharded --------------------------------------
@@ -180,14 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     abstract_params = family.abstract_params()
     tx = optim.make_optimizer(_opt_cfg(config), abstract_params, t.trainable)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
-    shard = lambda tree: sharding.param_shardings(tree, mesh, min_shard_size=config.mesh.min_shard_size)  # noqa: E731
-    state_shardings = TrainState(
-        step=sharding.replicated(mesh),
-        params=shard(abstract_state.params),
-        ema_params=shard(abstract_state.ema_params),
-        opt_state=shard(abstract_state.opt_state),
-        skipped_updates=sharding.replicated(mesh),
-    )
+    state_shardings = train_state_shardings(abstract_state, mesh, config.mesh.min_shard_size)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
 
     # -- restore or initialise -----------------------------------------------------------------
@@ -208,7 +311,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     # -- compile the step once -------------------------------------------------------------------
     step_fn = make_train_step(
         mc, tx, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup, label_dropout=t.label_dropout,
-        grad_skip_threshold=t.grad_skip_threshold, min_snr_gamma=t.min_snr_gamma,
+        grad_skip_threshold=t.grad_skip_threshold, min_snr_gamma=t.min_snr_gamma, grad_accum_steps=t.grad_accum_steps,
     )
     batch_sharding = sharding.batch_sharding(mesh)
     jitted = jax.jit(
@@ -248,39 +351,30 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         return stop["requested"]
 
     # -- loop ----------------------------------------------------------------------------------
-    schedule = optim.learning_rate_schedule(_opt_cfg(config))
-    pending: list[dict] = []
-    last_metrics: dict = {}
+    interval = IntervalMetrics(writer, optim.learning_rate_schedule(_opt_cfg(config)), t.global_batch_size)
+    profiler = StepProfiler(workdir / "profile", start_step, t.profile_after, t.profile_steps)
     bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=not progress or jax.process_index() > 0)
-    t_loop, t_log, step = time.perf_counter(), time.perf_counter(), start_step
-    steps_since_log, was_preempted = 0, False
+    t_loop, step, was_preempted = time.perf_counter(), start_step, False
     try:
         while step < t.steps:
+            profiler.before_step(step)
             batch = sharding.global_batch(mesh, next(it))
             state, metrics = compiled(state, batch, rng)
-            pending.append(metrics)
+            interval.add(metrics)
             step += 1
-            steps_since_log += 1
             bar.update(1)
+            profiler.after_step(step, state)
             if step % t.log_every == 0 or step == t.steps:
-                stacked = jax.device_get(pending)  # the one host sync per logging interval
-                now = time.perf_counter()
-                last_metrics = {k: float(np.mean([m[k] for m in stacked])) for k in stacked[0]}
-                last_metrics["skipped_updates"] = float(stacked[-1]["skipped_updates"])
-                last_metrics["lr"] = float(schedule(step - 1))
-                last_metrics["steps_per_s"] = steps_since_log / (now - t_log)
-                last_metrics["examples_per_s"] = last_metrics["steps_per_s"] * t.global_batch_size
-                writer.write(step, last_metrics)
-                bar.set_postfix(loss=f"{last_metrics['loss']:.4f}")
-                pending, t_log, steps_since_log = [], now, 0
+                bar.set_postfix(loss=f"{interval.flush(step)['loss']:.4f}")
             if config.sample.every and step % config.sample.every == 0:
                 sample_grid(family, state.ema_params, config, workdir / "samples" / f"step_{step:07d}.png", step, mesh, writer)
             out_of_time = t.max_seconds is not None and time.perf_counter() - t_start > t.max_seconds
-            if step % config.checkpoint.every == 0 or step == t.steps or out_of_time:
+            # Asked every step (on several hosts it is a collective); a step is saved once
+            # even when it is both a checkpoint step and where the stop is noticed.
+            was_preempted = preempted(step)
+            if step % config.checkpoint.every == 0 or step == t.steps or out_of_time or was_preempted:
                 checkpoints.save(mngr, step, state, rng, it, config)
-            if preempted(step):
-                checkpoints.save(mngr, step, state, rng, it, config)
-                was_preempted = True
+            if was_preempted:
                 print(f"preempted: saved a checkpoint at step {step}")
                 break
             if out_of_time:
@@ -288,6 +382,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                 break
     finally:
         bar.close()
+        _flush_on_stop(interval, step)
+        profiler.stop()
         mngr.wait_until_finished()
         writer.close()
         if previous_handler is not None:
@@ -299,9 +395,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         final_step=step,
         seconds=time.perf_counter() - t_loop,
         compile_seconds=compile_seconds,
-        last_metrics=last_metrics,
+        last_metrics=interval.last,
         preempted=was_preempted,
     )
+
+
+def _flush_on_stop(interval: IntervalMetrics, step: int) -> None:
+    """Write the partial interval's row when the loop stops early (preemption, time
+    budget, an exception). Never raises: it must not hide the exception that stopped it."""
+    try:
+        interval.flush(step)
+    except Exception as e:  # noqa: BLE001 - e.g. the device error that stopped training
+        logging.warning("could not write the metrics of the steps before step %d: %s", step, e)
 
 
 def _opt_cfg(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:

@@ -6,6 +6,9 @@ family says; compute the hybrid loss in float32
 (optionally Min-SNR weighted), take the gradient, and apply AdamW and the EMA (optionally
 with warm-up) -- unless the update guard trips (gradient norm not finite, or above
 `grad_skip_threshold`), in which case the state is kept and the skip is counted.
+With `grad_accum_steps` > 1 the batch is split into that many equal micro-batches whose
+float32 gradients are averaged in a `lax.scan` before the one update: t, noise and the
+dropout mask are drawn for the whole batch first, so the step equals the big-batch step.
 Randomness comes from `fold_in(rng, step)`, so a resumed run draws exactly what an
 uninterrupted one would, whatever the device count.
 """
@@ -58,10 +61,43 @@ def make_train_step(
     label_dropout: float = 0.1,
     grad_skip_threshold: float | None = None,
     min_snr_gamma: float | None = None,
+    grad_accum_steps: int = 1,
 ):
-    """`train_step(state, batch, rng) -> (state, metrics)`, pure; jit it with shardings."""
+    """`train_step(state, batch, rng) -> (state, metrics)`, pure; jit it with shardings.
+    The batch size must be divisible by `grad_accum_steps` (times the devices, for even
+    sharding of every micro-batch)."""
     family = family_of(config)
     diffusion = Diffusion(None, learn_sigma=family.learn_sigma)
+
+    def loss_fn(params, x0, t, noise, cond):
+        terms = diffusion.training_losses(lambda xt, tt: family.apply(params, xt, tt, cond), x0, t, noise)
+        loss = terms["loss"]
+        if min_snr_gamma is not None:
+            # Min-SNR-gamma weighting of the eps-MSE (Hang et al. 2023): weight
+            # min(SNR, gamma) / SNR, so the many easy low-noise steps stop dominating
+            # the gradient; the vb term is unchanged. Not in the official recipe.
+            loss = loss + (min_snr_weight(diffusion.snr(t), min_snr_gamma) - 1.0) * terms["mse"]
+        return loss.mean(), {"mse": terms["mse"].mean(), "vb": terms["vb"].mean()}
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated_grad(params, inputs):
+        """`grad_fn` over `grad_accum_steps` equal micro-batches: the means of the losses
+        and of the float32 gradients (equal sizes, so these are the full-batch means)."""
+        n = grad_accum_steps
+        # Micro-batch k = rows k, k+n, k+2n, ...: each device's contiguous block of the
+        # sharded batch holds rows of every micro-batch, so all devices work on each one.
+        micro = jax.tree.map(lambda a: jnp.swapaxes(a.reshape(a.shape[0] // n, n, *a.shape[1:]), 0, 1), inputs)
+        zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+        def body(carry, mb):
+            (loss, aux), g = grad_fn(params, *mb)
+            acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), carry, g)
+            return acc, (loss, aux)
+
+        total, (losses, auxs) = jax.lax.scan(body, zeros, micro)
+        grads = jax.tree.map(lambda g, p: (g / n).astype(p.dtype), total, params)
+        return (losses.mean(), jax.tree.map(jnp.mean, auxs)), grads
 
     def train_step(state: TrainState, batch: dict, rng: jax.Array):
         key_t, key_noise, key_drop = jax.random.split(jax.random.fold_in(rng, state.step), 3)
@@ -73,17 +109,11 @@ def make_train_step(
         if family.is_conditional and label_dropout > 0:
             cond = family.drop_condition(cond, jax.random.bernoulli(key_drop, label_dropout, (b,)))
 
-        def loss_fn(params):
-            terms = diffusion.training_losses(lambda xt, tt: family.apply(params, xt, tt, cond), x0, t, noise)
-            loss = terms["loss"]
-            if min_snr_gamma is not None:
-                # Min-SNR-gamma weighting of the eps-MSE (Hang et al. 2023): weight
-                # min(SNR, gamma) / SNR, so the many easy low-noise steps stop dominating
-                # the gradient; the vb term is unchanged. Not in the official recipe.
-                loss = loss + (min_snr_weight(diffusion.snr(t), min_snr_gamma) - 1.0) * terms["mse"]
-            return loss.mean(), terms
-
-        (loss, terms), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        inputs = (x0, t, noise, cond)
+        if grad_accum_steps == 1:
+            (loss, terms), grads = grad_fn(state.params, *inputs)
+        else:
+            (loss, terms), grads = accumulated_grad(state.params, inputs)
         grad_norm = global_norm(grads)
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
         if grad_skip_threshold is not None:
@@ -110,8 +140,8 @@ def make_train_step(
         )
         metrics = {
             "loss": loss,
-            "mse": terms["mse"].mean(),
-            "vb": terms["vb"].mean(),
+            "mse": terms["mse"],
+            "vb": terms["vb"],
             "grad_norm": grad_norm,
             "skipped_updates": new_state.skipped_updates,
         }
