@@ -37,7 +37,7 @@ from absl import app, flags
 from skipdit_jax import sharding
 from skipdit_jax.training import optim
 from skipdit_jax.models.config import ModelConfig, preset
-from skipdit_jax.models import count_params, init_params
+from skipdit_jax.models import count_params, family_of, init_params
 from skipdit_jax.xla_tuning import tune_xla_cpu_flags
 from skipdit_jax.training.train_step import TrainState, init_train_state, make_train_step
 
@@ -181,7 +181,7 @@ def memory_worker(n: int):
     abstract_params = jax.eval_shape(lambda: init_params(mc, 0))
     tx = optim.make_optimizer(_opt_cfg(), abstract_params)
     abstract = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
-    shard = lambda tree: sharding.param_shardings(tree, mesh)  # noqa: E731
+    shard = lambda tree: sharding.param_shardings(tree, mesh, param_axes=family_of(mc).param_axes)  # noqa: E731
     shardings = TrainState(step=sharding.replicated(mesh), params=shard(abstract.params), ema_params=shard(abstract.ema_params), opt_state=shard(abstract.opt_state), skipped_updates=sharding.replicated(mesh))
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     bs = sharding.batch_sharding(mesh)

@@ -1,8 +1,9 @@
 """Meshes and sharding rules, as data.
 
-Parameters get *logical* axis names from `PARAM_AXES` (regex over the "/"-joined parameter
-path -> one name per dimension); `LOGICAL_RULES` map logical names to mesh axes. The default
-is FSDP: every tensor's model-width ("embed") dimension is sharded over the 'fsdp' mesh axis,
+Parameters get *logical* axis names from their model family's `param_axes` (regex over the
+"/"-joined parameter path -> one name per dimension; e.g. `skipdit_jax.models.dit.PARAM_AXES`);
+`LOGICAL_RULES` map logical names to mesh axes. A parameter no rule names is replicated.
+The default is FSDP: every tensor's model-width ("embed") dimension is sharded over the 'fsdp' mesh axis,
 everything else replicated, and tensors smaller than `min_shard_size` elements stay whole
 (sharding them costs more in collectives than it saves). Batches are sharded over both
 ('data', 'fsdp'). The optimizer state mirrors the parameters, so it shards the same way.
@@ -25,19 +26,6 @@ from skipdit_jax.errors import ConfigError
 MESH_AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")
 
-# Logical axes of each parameter; the first matching pattern wins.
-PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
-    (r"(encoder|decoder)_blocks/mlp/fc2/kernel", ("layers", "hidden", "embed")),
-    (r"(encoder|decoder)_blocks/.*/kernel", ("layers", "embed", "hidden")),
-    (r"(encoder|decoder)_blocks/.*/bias", ("layers", "hidden")),
-    (r"skip_fusions/linear/kernel", ("layers", "hidden", "embed")),
-    (r"skip_fusions/.*", ("layers", "hidden")),
-    (r"y_embedder/embedding", ("vocab", "embed")),
-    (r"x_embedder/kernel", (None, None, None, "embed")),
-    (r"t_embedder_mlp_0/kernel", ("hidden", "embed")),
-    (r"(t_embedder_mlp_2|final_layer/adaLN_modulation)/kernel", ("embed", "hidden")),
-    (r"final_layer/linear/kernel", ("embed", None)),
-]
 # Logical axis -> mesh axis (None = replicated).
 LOGICAL_RULES: list[tuple[str, str | None]] = [
     ("embed", "fsdp"),
@@ -69,7 +57,7 @@ def _path_str(path) -> str:
     return "/".join(parts)
 
 
-def logical_axes(path: str, ndim: int, param_axes=PARAM_AXES) -> tuple[str | None, ...]:
+def logical_axes(path: str, ndim: int, param_axes=()) -> tuple[str | None, ...]:
     """Logical axes of the parameter at `path`. Patterns match a path's tail, so optimizer
     state (e.g. ".../mu/encoder_blocks/attn/qkv/kernel") shards like its parameter."""
     for pattern, axes in param_axes:
@@ -80,8 +68,9 @@ def logical_axes(path: str, ndim: int, param_axes=PARAM_AXES) -> tuple[str | Non
     return (None,) * ndim
 
 
-def param_partition_specs(params, mesh: Mesh, *, min_shard_size: int = 2**14, param_axes=PARAM_AXES, logical_rules=LOGICAL_RULES):
-    """PartitionSpec tree for `params` (arrays or ShapeDtypeStructs) on `mesh`."""
+def param_partition_specs(params, mesh: Mesh, *, param_axes, min_shard_size: int = 2**14, logical_rules=LOGICAL_RULES):
+    """PartitionSpec tree for `params` (arrays or ShapeDtypeStructs) on `mesh`, by the
+    `param_axes` rules of their model family."""
     rules = dict(logical_rules)
 
     def spec(path, leaf):

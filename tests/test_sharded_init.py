@@ -28,7 +28,7 @@ SCRIPT = textwrap.dedent(
     tx = optim.make_optimizer(cfg, abstract)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract)
     mesh = sharding.make_mesh(data=1, fsdp=8)
-    shardings = train_state_shardings(abstract_state, mesh, 2**14)
+    shardings = train_state_shardings(abstract_state, mesh, 2**14, family.param_axes)
     compiled = sharded_initializer(family, tx, shardings).lower(jax.random.key(0), None).compile()
     mem = compiled.memory_analysis()
     nbytes = lambda tree: int(sum(np.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(tree)))

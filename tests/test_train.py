@@ -303,7 +303,7 @@ def _abstract_state(config):
     family = family_of(train_config.validate(config, 1))
     tx = optim.make_optimizer(_opt_cfg(config), family.abstract_params())
     abstract = jax.eval_shape(lambda p: init_train_state(p, tx), family.abstract_params())
-    shardings = train_state_shardings(abstract, sharding.make_mesh(-1, 1), 0)
+    shardings = train_state_shardings(abstract, sharding.make_mesh(-1, 1), 0, [])
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     return family, tx, shardings, abstract
 

@@ -1,5 +1,7 @@
 """The train step, optimizer pieces and sharding rules, in-process."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -116,18 +118,36 @@ def test_schedules():
 
 
 def test_logical_axes_rules():
-    assert sharding.logical_axes("encoder_blocks/attn/qkv/kernel", 3) == ("layers", "embed", "hidden")
-    assert sharding.logical_axes("decoder_blocks/mlp/fc2/kernel", 3) == ("layers", "hidden", "embed")
+    from skipdit_jax.models.dit import PARAM_AXES
+
+    assert sharding.logical_axes("encoder_blocks/attn/qkv/kernel", 3, PARAM_AXES) == ("layers", "embed", "hidden")
+    assert sharding.logical_axes("decoder_blocks/mlp/fc2/kernel", 3, PARAM_AXES) == ("layers", "hidden", "embed")
     # Optimizer state shards like its parameter.
-    assert sharding.logical_axes("0/mu/decoder_blocks/mlp/fc2/kernel", 3) == ("layers", "hidden", "embed")
-    assert sharding.logical_axes("something/else", 2) == (None, None)
+    assert sharding.logical_axes("0/mu/decoder_blocks/mlp/fc2/kernel", 3, PARAM_AXES) == ("layers", "hidden", "embed")
+    assert sharding.logical_axes("something/else", 2, PARAM_AXES) == (None, None)
+    assert sharding.logical_axes("encoder_blocks/attn/qkv/kernel", 3) == (None, None, None)  # no rules: replicated
+    with pytest.raises(ConfigError, match="names 3 axes"):
+        sharding.logical_axes("encoder_blocks/attn/qkv/kernel", 2, PARAM_AXES)
 
 
 def test_fsdp_specs_shard_the_width_of_big_tensors():
-    abstract = jax.eval_shape(lambda: init_params(preset("Skip-DiT-S/2")))
-    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "fsdp"))
-    # With fsdp size 1 nothing is sharded; the rule engine still runs over the whole tree.
-    assert all(s == jax.sharding.PartitionSpec(*(None,) * len(s)) or s == jax.sharding.PartitionSpec() for s in jax.tree.leaves(sharding.param_partition_specs(abstract, mesh), is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec)))
+    from jax.sharding import PartitionSpec as P
+
+    from skipdit_jax.models import family_of
+
+    family = family_of(preset("Skip-DiT-S/2"))
+    mesh = types.SimpleNamespace(shape={"data": 2, "fsdp": 4})  # the rules read only the axis sizes
+    specs = sharding.param_partition_specs(family.abstract_params(), mesh, param_axes=family.param_axes, min_shard_size=2**14)
+    # Width 384: the "embed" dimension of every big kernel is split 4 ways over fsdp...
+    assert specs["encoder_blocks"]["attn"]["qkv"]["kernel"] == P(None, "fsdp", None)
+    assert specs["decoder_blocks"]["mlp"]["fc2"]["kernel"] == P(None, None, "fsdp")
+    assert specs["skip_fusions"]["linear"]["kernel"] == P(None, None, "fsdp")
+    assert specs["y_embedder"]["embedding"] == P(None, "fsdp")
+    # ...small tensors stay whole, and a dimension fsdp does not divide is not split.
+    assert specs["encoder_blocks"]["attn"]["qkv"]["bias"] == P()
+    assert specs["final_layer"]["linear"]["kernel"] == P()  # 384 x 32 < min_shard_size
+    odd = sharding.param_partition_specs({"y_embedder": {"embedding": jax.ShapeDtypeStruct((1001, 390), np.float32)}}, mesh, param_axes=family.param_axes)
+    assert odd["y_embedder"]["embedding"] == P(None, None)
 
 
 def test_mesh_validation():

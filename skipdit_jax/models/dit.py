@@ -246,6 +246,22 @@ def count_params(params) -> int:
     return int(sum(np.prod(a.shape) for a in jax.tree.leaves(params)))
 
 
+# The logical axes of every DiT parameter for `skipdit_jax.sharding` (FSDP shards "embed"); the
+# first matching pattern wins. Optimizer state (".../mu/encoder_blocks/...") matches by its tail.
+PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"(encoder|decoder)_blocks/mlp/fc2/kernel", ("layers", "hidden", "embed")),
+    (r"(encoder|decoder)_blocks/.*/kernel", ("layers", "embed", "hidden")),
+    (r"(encoder|decoder)_blocks/.*/bias", ("layers", "hidden")),
+    (r"skip_fusions/linear/kernel", ("layers", "hidden", "embed")),
+    (r"skip_fusions/.*", ("layers", "hidden")),
+    (r"y_embedder/embedding", ("vocab", "embed")),
+    (r"x_embedder/kernel", (None, None, None, "embed")),
+    (r"t_embedder_mlp_0/kernel", ("hidden", "embed")),
+    (r"(t_embedder_mlp_2|final_layer/adaLN_modulation)/kernel", ("embed", "hidden")),
+    (r"final_layer/linear/kernel", ("embed", None)),
+]
+
+
 @dataclasses.dataclass(frozen=True)
 class DiTFamily(ModelFamily):
     """DiT / Skip-DiT (class-to-image): condition = class ids (B,), int32; `num_classes`
@@ -277,11 +293,14 @@ class DiTFamily(ModelFamily):
             return
         if condition is None:
             raise UserError(f"this model is class-conditional: pass labels, class ids in 0..{self.config.num_classes - 1}")
+        shape, dtype = tuple(np.shape(condition)), np.dtype(condition.dtype) if hasattr(condition, "dtype") else np.asarray(condition).dtype
+        if len(shape) != 1 or shape[0] != batch:
+            raise UserError(f"labels must have shape ({batch},) to match the noise batch, got {shape}")
+        if not np.issubdtype(dtype, np.integer):
+            raise UserError(f"labels must be integer class ids, got dtype {dtype}")
+        if isinstance(condition, jax.Array) and not condition.is_fully_addressable:
+            return  # split over processes: its values cannot be read here without a collective
         labels = np.asarray(condition)
-        if labels.ndim != 1 or labels.shape[0] != batch:
-            raise UserError(f"labels must have shape ({batch},) to match the noise batch, got {labels.shape}")
-        if not np.issubdtype(labels.dtype, np.integer):
-            raise UserError(f"labels must be integer class ids, got dtype {labels.dtype}")
         n = self.config.num_classes
         if labels.size and (labels.min() < 0 or labels.max() > n):
             raise UserError(
@@ -329,6 +348,10 @@ class DiTFamily(ModelFamily):
 
     def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, self.config.num_patches, self.config.hidden_size)
+
+    @property
+    def param_axes(self):
+        return PARAM_AXES
 
     # ---- pieces for the other cache strategies (adaLN-Zero blocks, no long skips) -------
     def embed(self, params, x, t, condition):

@@ -127,6 +127,13 @@ class ModelFamily(abc.ABC):
     def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
         """Shape of the deep feature for a model batch of `batch`."""
 
+    @property
+    def param_axes(self) -> list[tuple[str, tuple[str | None, ...]]]:
+        """Sharding rules as data: (regex over the "/"-joined parameter path, one logical
+        axis name per dimension), first match wins; see `skipdit_jax.sharding`. A family
+        without rules has every parameter replicated."""
+        return []
+
     # ---- parameters and conversion ------------------------------------------------------
     @abc.abstractmethod
     def init_params(self, rng: jax.Array | int = 0):

@@ -10,7 +10,7 @@ import ml_collections
 
 from skipdit_jax import paths
 from skipdit_jax.errors import ConfigError
-from skipdit_jax.models.config import ModelConfig
+from skipdit_jax.models.families import config_from_dict
 
 VAE_FACTOR = 8  # SD-VAE downsampling: 256x256 images -> 32x32x4 latents
 
@@ -19,9 +19,11 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
 
-    # Model: any ModelConfig field; input_size and in_channels come from the data.
+    # Model: `family` names the model family (skipdit_jax.models.families); the other keys are
+    # that family's config fields, except the input shape and classes, which come from the data.
     c.model = ml_collections.ConfigDict(
         dict(
+            family="dit",
             depth=12,
             hidden_size=384,
             num_heads=6,
@@ -99,8 +101,9 @@ def finalize(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
-    """The ModelConfig a training config describes (input shape from the data)."""
+def model_config(config: ml_collections.ConfigDict):
+    """The model config a training config describes: `model.family` picks the family's
+    config class; the input shape and class count come from the data."""
     d = config.data
     if d.name == "latents":
         if d.image_size % VAE_FACTOR:
@@ -108,10 +111,11 @@ def model_config(config: ml_collections.ConfigDict) -> ModelConfig:
         input_size, channels = d.image_size // VAE_FACTOR, 4
     else:
         input_size, channels = d.image_size, (1 if d.name == "mnist" else 3)
-    return ModelConfig(input_size=input_size, in_channels=channels, num_classes=d.num_classes, **config.model.to_dict())
+    fields = dict(config.model.to_dict(), input_size=input_size, in_channels=channels, num_classes=d.num_classes)
+    return config_from_dict(fields)  # "family" selects the config class
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1) -> ModelConfig:
+def validate(config: ml_collections.ConfigDict, num_devices: int, process_count: int = 1):
     """Every check that can fail on user input, before anything compiles."""
     mc = model_config(config)  # depth parity, patch divisibility, widths
     t = config.train

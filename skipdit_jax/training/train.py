@@ -91,10 +91,10 @@ def load_init_from(family, config: ml_collections.ConfigDict, param_shardings):
     return placed
 
 
-def train_state_shardings(abstract_state: TrainState, mesh, min_shard_size: int) -> TrainState:
+def train_state_shardings(abstract_state: TrainState, mesh, min_shard_size: int, param_axes) -> TrainState:
     """Where every part of the train state lives: params, EMA and optimizer state by the
-    FSDP rules of `skipdit_jax.sharding`, the counters replicated."""
-    shard = lambda tree: sharding.param_shardings(tree, mesh, min_shard_size=min_shard_size)  # noqa: E731
+    family's `param_axes` rules (FSDP, `skipdit_jax.sharding`), the counters replicated."""
+    shard = lambda tree: sharding.param_shardings(tree, mesh, param_axes=param_axes, min_shard_size=min_shard_size)  # noqa: E731
     return TrainState(
         step=sharding.replicated(mesh),
         params=shard(abstract_state.params),
@@ -290,7 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     abstract_params = family.abstract_params()
     tx = optim.make_optimizer(_opt_cfg(config), abstract_params, t.trainable)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
-    state_shardings = train_state_shardings(abstract_state, mesh, config.mesh.min_shard_size)
+    state_shardings = train_state_shardings(abstract_state, mesh, config.mesh.min_shard_size, family.param_axes)
     abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
 
     # -- restore or initialise -----------------------------------------------------------------
@@ -368,7 +368,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                 bar.set_postfix(loss=f"{interval.flush(step)['loss']:.4f}")
             if config.sample.every and step % config.sample.every == 0:
                 sample_grid(family, state.ema_params, config, workdir / "samples" / f"step_{step:07d}.png", step, mesh, writer)
-            out_of_time = t.max_seconds is not None and time.perf_counter() - t_start > t.max_seconds
+            out_of_time = _out_of_time(t.max_seconds, t_start)
             # Asked every step (on several hosts it is a collective); a step is saved once
             # even when it is both a checkpoint step and where the stop is noticed.
             was_preempted = preempted(step)
@@ -398,6 +398,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         last_metrics=interval.last,
         preempted=was_preempted,
     )
+
+
+def _out_of_time(max_seconds: float | None, t_start: float) -> bool:
+    """Whether the time budget is spent, as process 0's clock says: every process must
+    agree, or one would save and stop while the others wait in the next step's collectives."""
+    if max_seconds is None:
+        return False
+    spent = time.perf_counter() - t_start > max_seconds
+    if jax.process_count() == 1:
+        return spent
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(spent)))
 
 
 def _flush_on_stop(interval: IntervalMetrics, step: int) -> None:
