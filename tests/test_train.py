@@ -257,7 +257,7 @@ def test_config_errors_are_one_line_before_compiling(tmp_path, overrides, needle
     assert "compiled" not in res.stdout
 
 
-def test_gs_workdir_trains_and_resumes(tmp_path):
+def test_gs_workdir_trains_resumes_and_samples(tmp_path):
     """A gs:// workdir (the fake of tests/fake_gcs.py, installed in the training process):
     checkpoints, metrics (rewritten whole, never appended), samples and the resume all go
     through epath/Orbax; nothing lands in a local "gs:" folder."""
@@ -275,6 +275,13 @@ def test_gs_workdir_trains_and_resumes(tmp_path):
     run = root / "bucket" / "run"
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
     assert (run / "samples" / "step_0000004.png").exists() and {"4", "6"} <= set(os.listdir(run / "checkpoints"))
+    # ...and the trained workdir samples from gs:// to gs://.
+    sample = ["sample", "gs://bucket/run", "--out=gs://bucket/out", "--sampler=ddim", "--steps=2", "--labels=0,1,2", "--cfg_scale=2"]
+    res = subprocess.run([sys.executable, "-c", script, *sample], capture_output=True, text=True, cwd=cwd, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    out = root / "bucket" / "out"
+    assert np.load(out / "samples.npy").shape == (3, 8, 8, 1)
+    assert json.loads((out / "samples.json").read_text())["labels"] == [0, 1, 2]
     assert not list(cwd.rglob("gs:"))
 
 
