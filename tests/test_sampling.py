@@ -40,7 +40,12 @@ def test_lowered_program_holds_a_real_conditional():
 
 
 def test_cache_with_every_step_full_is_exactly_uncached():
-    np.testing.assert_array_equal(_sample(cache=SkipCache(1, 1)), _sample())
+    # Bitwise equal at XLA's level 0; at the default level the two programs are fused
+    # differently (measured: 2e-5 relative on values ~100), far below what caching moves.
+    uncached = _sample()
+    np.testing.assert_allclose(_sample(cache=SkipCache(1, 1)), uncached, rtol=1e-4, atol=1e-4)
+    cached = _sample(cache=SkipCache(2, 1))
+    assert float(np.abs(np.asarray(cached) - np.asarray(uncached)).max()) > 1e-2
 
 
 def test_cache_changes_the_output_but_stays_close():
