@@ -105,7 +105,8 @@ def machine() -> dict:
     try:
         git = lambda *a: subprocess.run(["git", *a], cwd=here, capture_output=True, text=True, timeout=30).stdout.strip()  # noqa: E731
         commit = git("rev-parse", "--short=12", "HEAD") or None
-        dirty = bool(commit and git("status", "--porcelain", "--untracked-files=no", "--", ":/skipdit_jax", ":/experiments"))
+        # The code only: the results and RESULTS.md that make_results.py copies in do not count.
+        dirty = bool(commit and git("status", "--porcelain", "--untracked-files=no", "--", ":/skipdit_jax", ":/experiments/*.py", ":/configs"))
     except (OSError, subprocess.SubprocessError):
         commit, dirty = None, False
     return {
