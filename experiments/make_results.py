@@ -372,6 +372,8 @@ def table_convergence_summary(R) -> str:
 def table_models(R) -> str:
     """The shared models: architecture, how they were trained, on what."""
     r = R("cache_tradeoff")
+    if "settings" not in r:
+        return OLDER.replace("experiment", "cache trade-off") + "\n\n" + _table(["model"], [[MODEL_NAMES[k]] for k in MODEL_NAMES])
     s = r["settings"]
     rows = []
     for kind, src in s["models"].items():
