@@ -60,14 +60,7 @@ def save_model(path, config, params, *, overwrite: bool = False, extra: dict | N
     if extra:
         meta.update({"_" + k: v for k, v in extra.items()})
     text = json.dumps(meta, indent=2, sort_keys=True)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_dir_beside(out)
-    try:
-        paths.save_orbax_tree(tmp / PARAMS_DIR, jax.tree.map(np.asarray, params))
-        paths.atomic_write_text(tmp / CONFIG_FILE, text)
-        paths.replace_dir(tmp, out)
-    finally:
-        paths.remove_dir_quietly(tmp)
+    paths.write_tree_dir(out, PARAMS_DIR, jax.tree.map(np.asarray, params), {CONFIG_FILE: text})
 
 
 def read_model_config(path):

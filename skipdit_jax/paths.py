@@ -232,3 +232,17 @@ def save_orbax_tree(path: PathLike, tree) -> epath.Path:
     ckptr.close()
     return path
 
+
+def write_tree_dir(out: epath.Path, tree_name: str, tree, files: dict[str, str]) -> None:
+    """Build the directory `out` holding an Orbax checkpoint of `tree` (as `tree_name`)
+    and small text files, under a temporary name, then swap it in (`replace_dir`): an
+    interrupted write never leaves a half-written `out` and never loses the old one."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temporary_dir_beside(out)
+    try:
+        save_orbax_tree(tmp / tree_name, tree)
+        for name, text in files.items():
+            atomic_write_text(tmp / name, text)
+        replace_dir(tmp, out)
+    finally:
+        remove_dir_quietly(tmp)

@@ -364,14 +364,7 @@ def save_classifier(path, params, meta: dict, *, overwrite: bool = True) -> None
         raise CheckpointError(f"{out} exists and is not a directory")
     if ((out / PARAMS_DIR).exists() or (out / META_FILE).exists()) and not overwrite:
         raise CheckpointError(f"{out} already holds a classifier")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = paths.temporary_dir_beside(out)
-    try:
-        paths.save_orbax_tree(tmp / PARAMS_DIR, jax.tree.map(np.asarray, params))
-        paths.atomic_write_text(tmp / META_FILE, text)
-        paths.replace_dir(tmp, out)
-    finally:
-        paths.remove_dir_quietly(tmp)
+    paths.write_tree_dir(out, PARAMS_DIR, jax.tree.map(np.asarray, params), {META_FILE: text})
 
 
 def load_classifier(path) -> tuple[dict, dict]:
