@@ -88,7 +88,7 @@ def train_models(out: Path, train_minutes: float) -> dict:
         if not done.exists():
             raise SystemExit(f"make_results: training {kind} in {path} was interrupted; run the command again to resume it")
         record = json.loads(done.read_text())
-        if record["final_step"] < record["steps"]:
+        if record["final_step"] < record.get("steps", 0):
             raise SystemExit(
                 f"make_results: {kind} in {path} stopped at step {record['final_step']} of {record['steps']} (time budget); "
                 f"delete {done} and run again with a larger --train_minutes to finish it"
@@ -105,7 +105,9 @@ def run_experiment(name: str, out: Path, models: dict | None) -> None:
         cmd += [f"--skipdit={models['skipdit']}", f"--dit={models['dit']}"]
     print(f"== {name}: {' '.join(cmd[1:])}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(cmd, check=True)
+    rc = subprocess.run(cmd).returncode
+    if rc:
+        raise SystemExit(f"make_results: {name} failed (exit status {rc}; its output is above)")
     print(f"== {name}: {time.perf_counter() - t0:.0f} s", flush=True)
     RESULTS_DIR.mkdir(exist_ok=True)
     for src, dst in outputs.items():

@@ -98,7 +98,8 @@ def test_perturbation(models):
         assert (d / "perturbation.png").stat().st_size > 0
 
 
-def test_convergence(tmp_path):
+def test_convergence(tmp_path_factory):
+    tmp_path = tmp_path_factory.getbasetemp() / "convergence"  # also read by test_render_fresh_results
     run(
         "convergence.py", f"--out={tmp_path}", f"--overrides={TINY}", "--total_steps=4", "--eval_every=2", "--per_class=2",
         "--sample_steps=3", "--heldout=20", "--classifier_steps=10",
@@ -133,3 +134,61 @@ def test_bad_flags_one_line(script, args, match, models):
     lines = [line for line in res.stderr.strip().splitlines() if line.strip() and "libtpu" not in line and "xla_bridge" not in line]
     assert len(lines) == 1 and match in lines[0], res.stderr[-2000:]
     assert "Traceback" not in res.stderr
+
+
+def _make_results():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_results", ROOT / "experiments" / "make_results.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_results_md_is_rendered_from_the_committed_json():
+    """RESULTS.md is exactly what the template and the committed results/*.json render to:
+    no table or quoted number can drift from the JSON it came from."""
+    mr = _make_results()
+    rendered = mr.render(ROOT / "experiments" / "results", ROOT / "experiments" / "RESULTS.template.md")
+    committed = (ROOT / "experiments" / "RESULTS.md").read_text()
+    assert rendered == committed, "experiments/RESULTS.md differs from its rendering: run `python experiments/make_results.py --render_only`"
+    assert "{{" not in rendered
+    for name in mr.EXPERIMENTS:
+        res = json.loads((ROOT / "experiments" / "results" / f"{name}.json").read_text())
+        assert {"command", "flags", "machine"} <= set(res["settings"]), name
+
+
+def test_render_fails_on_unknown_placeholders(tmp_path):
+    mr = _make_results()
+    for text in ("{{table:nonsense}}", "{{value:spectral/no_such_key}}"):
+        (tmp_path / "t.md").write_text(text)
+        with pytest.raises(SystemExit, match="unknown table|no 'no_such_key'"):
+            mr.render(ROOT / "experiments" / "results", tmp_path / "t.md")
+    (tmp_path / "t.md").write_text("{{value:convergence/curves/dit/0/step|,}} {{value:spectral/timesteps/1}}")
+    steps = json.loads((ROOT / "experiments" / "results" / "convergence.json").read_text())["curves"]["dit"][0]["step"]
+    ts = json.loads((ROOT / "experiments" / "results" / "spectral.json").read_text())["timesteps"][1]
+    assert mr.render(ROOT / "experiments" / "results", tmp_path / "t.md") == mr.NOTICE + f"{steps:,} {ts}"
+
+
+def test_render_fresh_results(models, tmp_path_factory, tmp_path):
+    """The template renders from what the scripts write today (the tiny runs above), with
+    a settings line above every table."""
+    skip, dit, out = models
+    conv = tmp_path_factory.getbasetemp() / "convergence"
+    fresh = {
+        "cache_tradeoff": out / "tradeoff", "feature_similarity": out / "fs", "perturbation_input": out / "pert_input",
+        "perturbation_weights": out / "pert_weights", "spectral": out / "spectral", "convergence": conv,
+    }
+    if not all((d / "results.json").exists() for d in fresh.values()):
+        pytest.skip("needs the results of the experiment tests above")
+    for name, d in fresh.items():
+        (tmp_path / f"{name}.json").write_text((d / "results.json").read_text())
+    mr = _make_results()
+    text = mr.render(tmp_path, ROOT / "experiments" / "RESULTS.template.md")
+    assert "{{" not in text
+    blocks = text.split("\n\n")
+    tables = [i for i, b in enumerate(blocks) if b.startswith("| ")]
+    assert len(tables) == (ROOT / "experiments" / "RESULTS.template.md").read_text().count("{{table:")
+    for i in tables:
+        assert blocks[i - 1].startswith("*"), blocks[i - 1]  # the generated settings line
+    assert "--per_class=1" in text and "--steps=6" in text  # the commands of these runs
