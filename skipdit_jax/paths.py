@@ -91,16 +91,9 @@ def copy_file(src: PathLike, dst: PathLike) -> epath.Path:
     """Stream `src` to `dst` (either local or remote) through a temporary sibling of `dst`
     and a rename: `dst` holds either its old content or all of `src`."""
     src, dst = as_path(src), as_path(dst)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temporary_sibling(dst)
-    try:
-        with src.open("rb") as fin, tmp.open("wb") as fout:
-            while chunk := fin.read(_CHUNK):
-                fout.write(chunk)
-        tmp.replace(dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with _written_atomically(dst) as tmp, src.open("rb") as fin, tmp.open("wb") as fout:
+        while chunk := fin.read(_CHUNK):
+            fout.write(chunk)
     return dst
 
 
@@ -136,17 +129,25 @@ def _temporary_sibling(path: epath.Path) -> epath.Path:
     return path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
 
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
-    """Write `data` to `path` through a temporary sibling and a rename."""
-    path = as_path(path)
+@contextlib.contextmanager
+def _written_atomically(path: epath.Path) -> Iterator[epath.Path]:
+    """A temporary sibling of `path` to write; renamed over `path` when the block
+    completes, removed if it raises (so `path` keeps its old content)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary_sibling(path)
     try:
-        tmp.write_bytes(data)
+        yield tmp
         tmp.replace(path)
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
+    """Write `data` to `path` through a temporary sibling and a rename."""
+    path = as_path(path)
+    with _written_atomically(path) as tmp:
+        tmp.write_bytes(data)
     return path
 
 
