@@ -21,6 +21,10 @@ COMMANDS = {
     "train": "train a DiT / Skip-DiT from a config file (skipdit train --config configs/NAME.py --workdir DIR)",
     "export": "export a model directory to an official-layout PyTorch .safetensors file",
     "sample": "sample images (or latents) from a model, optionally with Skip-Cache",
+    "sample-many": "draw a large, resumable, sharded sample set (ADM .npz) for FID evaluation",
+    "evaluate": "FID, sFID, Inception Score, precision and recall of a sample .npz against a reference",
+    "convert-inception": "convert the pytorch-fid Inception weight file into a safetensors copy for evaluation",
+    "plot-curves": "plot a logged metric (e.g. FID) against training steps for one or more runs",
     "calibrate": "fit TeaCache's rescaling polynomial for a DiT (a cache baseline)",
 }
 
