@@ -106,23 +106,34 @@ def test_bfloat16_compute_close_to_float32():
     assert float(jnp.abs(bf16 - f32).max()) > 0  # it really ran in bfloat16
 
 
-@pytest.mark.parametrize("change", [dict(remat_policy="nothing_saveable"), dict(remat_policy="dots_saveable"), dict(scan_unroll=0), dict(scan_unroll=2)], ids=str)
-def test_execution_options_keep_values_and_grads(change):
-    """Rematerialisation and unrolled block loops change how, not what, is computed."""
-    cfg = tiny_config(depth=4)
-    params = random_params(cfg)
-    x, t, y = _inputs(cfg)
+class _ExecutionOptionCase:
+    """A depth-4 model, its inputs and its reference results (value, grads, cached passes),
+    computed once for every execution option compared against them."""
 
-    def loss(p, c):
-        return jnp.mean(DiT(c).apply({"params": p}, x, t, y) ** 2)
+    def __init__(self):
+        self.cfg = tiny_config(depth=4)
+        self.params = random_params(self.cfg)
+        self.x, self.t, self.y = _inputs(self.cfg)
+        self.reference = self.results(self.cfg)
 
-    def cached_passes(c):  # partial block ranges
+    def results(self, c):
+        x, t, y, params = self.x, self.t, self.y, self.params
+        loss = lambda p: jnp.mean(DiT(c).apply({"params": p}, x, t, y) ** 2)  # noqa: E731
         out, deep = DiT(c).apply({"params": params}, x, t, y, 1, method=DiT.forward_full)
-        return out, deep, DiT(c).apply({"params": params}, x, t, y, deep * 0.9, 1, method=DiT.forward_shallow)
+        shallow = DiT(c).apply({"params": params}, x, t, y, deep * 0.9, 1, method=DiT.forward_shallow)  # partial block ranges
+        return jax.value_and_grad(loss)(params), (out, deep, shallow)
 
-    other = cfg.replace(**change)
-    chex.assert_trees_all_close(jax.value_and_grad(loss)(params, cfg), jax.value_and_grad(loss)(params, other), atol=1e-6)
-    chex.assert_trees_all_close(cached_passes(cfg), cached_passes(other), atol=1e-6)
+
+@pytest.fixture(scope="module")
+def execution_option_case():
+    return _ExecutionOptionCase()
+
+
+@pytest.mark.parametrize("change", [dict(remat_policy="nothing_saveable"), dict(remat_policy="dots_saveable"), dict(scan_unroll=0), dict(scan_unroll=2)], ids=str)
+def test_execution_options_keep_values_and_grads(change, execution_option_case):
+    """Rematerialisation and unrolled block loops change how, not what, is computed."""
+    case = execution_option_case
+    chex.assert_trees_all_close(case.reference, case.results(case.cfg.replace(**change)), atol=1e-6)
 
 
 def test_unconditional_model():
