@@ -1,0 +1,174 @@
+"""The Colab notebook (notebooks/skipdit_colab.ipynb): the committed file carries no outputs
+and a papermill `parameters` cell; its offline path runs end to end in a fresh kernel of
+this interpreter on a tiny model, and shows the timing table and the images.
+
+The kernel is launched from a kernelspec written into the test's scratch directory (argv =
+this interpreter), so nothing is registered globally and the kernel cannot pick up another
+Python. It inherits this process's environment, including the suite's XLA_FLAGS
+(tests/conftest.py) and HF_HUB_OFFLINE=1.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+nbformat = pytest.importorskip("nbformat")
+nbclient = pytest.importorskip("nbclient")
+
+ROOT = Path(__file__).resolve().parents[1]
+NOTEBOOK = ROOT / "notebooks" / "skipdit_colab.ipynb"
+
+# The demo's model shrunk as tests/test_demo.py shrinks it: depth 6, 8x8 digits, DDIM-5.
+TINY = {
+    "model.depth": 6,
+    "model.hidden_size": 32,
+    "model.num_heads": 2,
+    "model.scan_unroll": 1,
+    "data.image_size": 8,
+    "train.steps": 12,
+    "train.global_batch_size": 16,
+    "train.log_every": 4,
+    "checkpoint.every": 12,
+    "optimizer.warmup_steps": 0,
+    "sample.every": 0,
+    "sample.num_steps": 5,
+}
+# DDIM-5 visits t = 800, 600, 400, 200, 0; depth 6, k = 2 (4 blocks per cached step), and
+# t = 0 <= close_t ends the cache after that step. Counted by hand (as in test_demo.py):
+#   N=2: full at steps 0, 2, 4 -> 3 x 6 + 2 x 4 = 26 blocks vs 30
+#   N=3, N=4: full at steps 0, 3 / 0, 4 -> 2 x 6 + 3 x 4 = 24 blocks
+EXPECTED_PREDICTED = {"Skip-Cache N=2": 30 / 26, "Skip-Cache N=3": 30 / 24, "Skip-Cache N=4": 30 / 24}
+EXPECTED_STEPS = {"no cache": "5 / 0", "Skip-Cache N=2": "3 / 2", "Skip-Cache N=3": "2 / 3", "Skip-Cache N=4": "2 / 3"}
+
+
+def _read():
+    nb = nbformat.read(NOTEBOOK, as_version=4)
+    nbformat.validate(nb)
+    return nb
+
+
+def _parameters_cell(nb):
+    tagged = [c for c in nb.cells if "parameters" in c.get("metadata", {}).get("tags", [])]
+    assert len(tagged) == 1, f"expected one cell tagged 'parameters', found {len(tagged)}"
+    return tagged[0]
+
+
+def test_committed_notebook_has_no_outputs_and_a_parameters_cell():
+    nb = _read()
+    code = [c for c in nb.cells if c.cell_type == "code"]
+    dirty = [i for i, c in enumerate(code) if c.outputs or c.execution_count is not None]
+    assert not dirty, f"code cells {dirty} carry outputs or execution counts; clear them before committing"
+    params = _parameters_cell(nb)
+    assert params is code[0], "the parameters cell must be the first code cell"
+    assigned = {}
+    for node in ast.parse(params.source).body:
+        assert isinstance(node, ast.Assign), f"the parameters cell holds only assignments, found {ast.dump(node)[:60]}"
+        for target in node.targets:
+            names = target.elts if isinstance(target, ast.Tuple) else [target]
+            for name in names:
+                assigned[name.id] = node.value
+    for name in ("TRAIN_SECONDS", "SAMPLES_PER_CLASS", "USE_NETWORK", "INSTALL", "WORKDIR", "OVERRIDES"):
+        assert name in assigned, f"parameter {name} missing"
+    assert ast.literal_eval(assigned["USE_NETWORK"]) is None  # detect by default
+    assert ast.literal_eval(assigned["INSTALL"]) is True
+
+
+def _kernel_manager(tmp_path):
+    from jupyter_client.kernelspec import KernelSpecManager
+    from jupyter_client.manager import KernelManager
+
+    spec_dir = tmp_path / "kernels" / "skipdit-test"
+    spec_dir.mkdir(parents=True)
+    spec = {"argv": [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"], "display_name": "skipdit test", "language": "python"}
+    (spec_dir / "kernel.json").write_text(json.dumps(spec))
+    ksm = KernelSpecManager(kernel_dirs=[str(tmp_path / "kernels")])
+    return KernelManager(kernel_name="skipdit-test", kernel_spec_manager=ksm)
+
+
+def _outputs(nb):
+    texts, pngs = [], 0
+    for cell in nb.cells:
+        for out in cell.get("outputs", []):
+            assert out.output_type != "error", f"cell failed: {out.get('ename')}: {out.get('evalue')}"
+            if out.output_type == "stream":
+                texts.append(out.text)
+            data = out.get("data", {})
+            texts += [data[k] for k in ("text/markdown", "text/plain") if k in data]
+            pngs += "image/png" in data
+    return "\n".join(texts), pngs
+
+
+def _table(text: str) -> dict[str, list[str]]:
+    """The MNIST timing table's rows, by sampler name."""
+    header = "| sampler | seconds | measured speedup | predicted speedup | full / cached steps | PSNR vs uncached (dB) |"
+    assert header in text, "the timing table is missing"
+    lines = text[text.index(header):].splitlines()[2:]
+    rows = {}
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = cells[1:]
+    return rows
+
+
+def test_notebook_offline_path_runs_and_shows_the_table_and_images(tmp_path):
+    nb = _read()
+    params = _parameters_cell(nb)
+    params.source = "\n".join(
+        [
+            "TRAIN_SECONDS = 20",
+            "SAMPLES_PER_CLASS = 1",
+            "USE_NETWORK = False",
+            "INSTALL = False",
+            f"WORKDIR = {str(tmp_path / 'work')!r}",
+            f"OVERRIDES = {TINY!r}",
+            "SEED = 0",
+            "XL_CHECKPOINT = 'hf://GuanjieChen/Skip-DiT/DiT-XL-2-skip.pt'",
+            "XL_VAE = 'hf://stabilityai/sd-vae-ft-mse'",
+            "XL_CLASSES = [207]",
+            "XL_SAMPLER, XL_STEPS, XL_CFG = 'ddim', 5, 4.0",
+            "XL_CACHE_INTERVALS = [2]",
+            "XL_ON_CPU = False",
+        ]
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env["HF_HUB_OFFLINE"] = "1"
+    client = nbclient.NotebookClient(
+        nb, km=_kernel_manager(tmp_path), timeout=240, resources={"metadata": {"path": str(tmp_path)}}
+    )
+    client.execute(env=env)  # raises CellExecutionError on the first failing cell
+
+    text, pngs = _outputs(nb)
+    assert "skipdit_jax is already importable: nothing to install" in text and "skipdit_jax from" in text
+    assert "backend cpu" in text
+    assert "Skipping the DiT-XL/2-skip section: no network access" in text
+    assert pngs >= 2, f"expected the loss plot and the sample grids as images, got {pngs} PNG outputs"
+
+    rows = _table(text)
+    assert list(rows) == ["no cache", "Skip-Cache N=2", "Skip-Cache N=3", "Skip-Cache N=4"]
+    for name, (seconds, measured, predicted, steps, psnr_db) in rows.items():
+        assert float(seconds) > 0
+        assert measured.endswith("x") and float(measured[:-1]) > 0
+        assert steps == EXPECTED_STEPS[name]
+        if name == "no cache":
+            assert predicted == "1.00x" and psnr_db == "n/a"
+        else:
+            assert float(predicted[:-1]) == pytest.approx(EXPECTED_PREDICTED[name], abs=0.006)
+            assert 0 < float(psnr_db) < 200  # cached samples differ from the uncached ones, but not wildly
+
+    # The run went through the trainer into WORKDIR and saved the grids there.
+    work = tmp_path / "work"
+    assert (work / "train" / "metrics.jsonl").is_file()
+    assert sorted(p.name for p in work.glob("mnist_*.png")) == [
+        "mnist_Skip-Cache_N2.png", "mnist_Skip-Cache_N3.png", "mnist_Skip-Cache_N4.png", "mnist_no_cache.png"
+    ]
+    trained = re.search(r"step (\d+) of 12 ", text)
+    assert trained and 1 <= int(trained.group(1)) <= 12
