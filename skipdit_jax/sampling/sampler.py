@@ -69,6 +69,10 @@ def build_sampler(
 ):
     """A jitted `fn(params, noise, condition, cfg_scale, rng) -> x_0`, one per setting.
 
+    `rng` is one PRNG key (the step noise of the whole batch is split from it step by
+    step) or a batch of per-sample keys, shape (B,) (raw uint32 keys: (B, 2)): then sample
+    b's noise at step index i is `normal(fold_in(rng[b], i))`, independent of the batch.
+
     `condition` is the family's condition pytree (class ids for DiT, None for an
     unconditional model). `cache` is any cache strategy (`skipdit_jax.cache`). With
     `return_schedule` it returns `(x_0, full)`: the realised full (True) / cached decision
@@ -106,13 +110,18 @@ def build_sampler(
         cond = _tree_concat(condition, family.null_condition(condition)) if guided else condition
         model_batch = noise.shape[0] * (2 if guided else 1)
         carry = cache.init_carry(family, model_batch) if cache is not None else None
+        per_sample = is_key_batch(rng)
 
         def step(state, xs):
             x, carry, key = state
             i, t_orig, is_full = xs
             out, carry, is_full = denoise(params, x, cond, cfg_scale, t_orig, is_full, carry)
             t = jnp.full((x.shape[0],), i, jnp.int32)
-            if needs_noise:
+            if needs_noise and per_sample:
+                # Sample b's step noise from its own key and the step index alone, so it
+                # does not depend on which other samples share the batch.
+                z = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, i), x.shape[1:], x.dtype))(key)
+            elif needs_noise:
                 key, sub = jax.random.split(key)
                 z = jax.random.normal(sub, x.shape, x.dtype)
             else:
@@ -133,6 +142,13 @@ def build_sampler(
         return out if len(out) > 1 else x
 
     return jax.jit(run)
+
+
+def is_key_batch(rng) -> bool:
+    """Whether `rng` is a batch of keys (typed keys of shape (B,), raw keys (B, 2))
+    rather than one key (shape (), raw (2,))."""
+    typed = jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+    return len(rng.shape) == (1 if typed else 2)
 
 
 def validate_inputs(config, noise, condition) -> None:
@@ -186,7 +202,8 @@ def sample(
     unconditional half of the guidance batch is built here (the null label for DiT);
     `cfg_channels` guides only the first C eps channels (3 = official DiT). `cache` (e.g.
     `SkipCache(2)`) turns on deep-feature caching. `rng` drives DDPM's (and DDIM eta > 0's)
-    per-step noise. Inputs may be sharded over a mesh's batch axis; the computation
+    per-step noise: one key for the batch, or one key per sample (shape (B,)), which makes
+    each sample's noise independent of the rest of the batch (`build_sampler`). Inputs may be sharded over a mesh's batch axis; the computation
     follows their sharding.
     """
     if labels is not None and condition is not None:
@@ -199,6 +216,8 @@ def sample(
     guided = check_settings(model_config, cache=cache, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     if rng is None:
         rng = jax.random.key(0)
+    if is_key_batch(rng) and rng.shape[0] != np.shape(noise)[0]:
+        raise UserError(f"rng holds {rng.shape[0]} per-sample keys for a batch of {np.shape(noise)[0]}")
     fn = build_sampler(model_config, sampler, respacing, guided, cfg_channels, cache, float(eta), bool(clip_denoised))
     return fn(params, noise, cond, jnp.float32(cfg_scale), rng)
 
