@@ -10,7 +10,7 @@ import ml_collections
 
 from skipdit_jax import paths
 from skipdit_jax.errors import ConfigError
-from skipdit_jax.models.families import config_from_dict
+from skipdit_jax.models.families import config_from_dict, family_of
 
 VAE_FACTOR = 8  # SD-VAE downsampling: 256x256 images -> 32x32x4 latents
 
@@ -86,10 +86,19 @@ def default_config() -> ml_collections.ConfigDict:
     # are replicated rather than FSDP-sharded.
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, min_shard_size=2**14))
 
-    # Periodic sample grids from the EMA weights, with the cached sampler.
+    # The default sampler settings of the in-loop evaluators (each may override any of
+    # them). `every` is the old spelling of `evals.grid.every` (None = unset; still honoured).
     c.sample = ml_collections.ConfigDict(
-        dict(every=0, num_per_class=1, batch_size=16, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=1, clip_denoised=True, vae="")
+        dict(
+            every=ml_collections.FieldReference(None, field_type=int),
+            num_per_class=1, batch_size=16, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=1,
+            clip_denoised=True, vae="",
+        )
     )
+    # In-loop evaluators as data (skipdit_jax/training/evaluators.py): name -> dict(type, every
+    # (steps, 0 = off), the type's keys, overrides of `sample`). Types: grid, fid, classifier_fid.
+    # Each runs after the checkpoint of its step is saved; an interrupted one reruns on resume.
+    c.evals = ml_collections.ConfigDict(dict(grid=dict(type="grid", every=0)))
     # `skipdit demo` only: samples per class, and seconds kept back from the training budget
     # for the classifier and the five timed sampling runs.
     c.demo = ml_collections.ConfigDict(dict(samples_per_class=10, reserve_seconds=150.0))
@@ -163,6 +172,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"data folder not found: {config.data.path}")
     if dn == "mnist" and config.data.num_classes != 10:
         raise ConfigError("MNIST has 10 classes: data.num_classes must be 10")
-    if config.sample.every < 0:
-        raise ConfigError("sample.every must be >= 0 (0 = never)")
+    if config.sample.every is not None and config.sample.every < 0:
+        raise ConfigError("sample.every must be >= 0 (0 = never); better, set evals.grid.every")
+    from skipdit_jax.training.evaluators import build_evaluators  # imports jax: only when validating
+
+    build_evaluators(config, family_of(mc))  # unknown types/keys, missing references: one line each
     return mc

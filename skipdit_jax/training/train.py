@@ -1,7 +1,8 @@
 """The trainer: one readable function, top to bottom.
 
     config -> validate -> mesh -> data -> model + optimizer (created sharded) -> restore
-    -> compile the step once -> loop (log, profile, sample, checkpoint, preemption) -> final save
+    -> compile the step once -> evaluations left pending at the restored step
+    -> loop (log, profile, checkpoint, evaluate, preemption) -> final save
 
 Checkpoints (Orbax `CheckpointManager`, local or `gs://` workdirs) hold the train state
 (params, EMA, optimizer state, step, skipped-update count), the base RNG key, the data
@@ -9,6 +10,13 @@ iterator's position and the config, so a restarted run continues exactly where t
 checkpoint left it. SIGTERM saves a checkpoint and stops; SIGKILL loses at most the steps
 since the last one. Every stop (preemption, time budget, an exception) first writes the
 metrics of the steps since the last logged row.
+
+Evaluations (`config.evals`, `skipdit_jax.training.evaluators`) at step s run after the
+checkpoint of step s is saved (a step with an evaluation due is always saved, and the save
+is waited for), so a stop during a long evaluation loses no training. A restarted run first
+runs the evaluations due at the restored step that have no row in metrics.jsonl (SIGTERM
+during an evaluation aborts it between batches; SIGKILL or an error just ends the process),
+then trains on; a completed evaluation is never repeated.
 """
 
 from __future__ import annotations
@@ -20,20 +28,16 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
-from etils import epath
 from tqdm import tqdm
 
 from skipdit_jax import data as data_lib
-from skipdit_jax import images, paths, sharding
-from skipdit_jax.cache import SkipCache
+from skipdit_jax import paths, sharding
 from skipdit_jax.errors import ConfigError
 from skipdit_jax.models.families import config_to_dict, family_of
-from skipdit_jax.sampling import sample
-from skipdit_jax.training import checkpoints, optim
+from skipdit_jax.training import checkpoints, evaluators, optim
 from skipdit_jax.training import config as train_config
 from skipdit_jax.training.metric_logging import MetricWriter
 from skipdit_jax.training.train_step import TrainState, init_train_state, make_train_step
@@ -126,78 +130,6 @@ def sharded_initializer(family, tx, state_shardings: TrainState, loaded=None):
     return jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=state_shardings)
 
 
-# ---- sample grids -----------------------------------------------------------------------------
-MAX_GRID_SAMPLES = 64  # a preview, not an evaluation: at most this many cells
-
-
-def sample_grid(family, params, config, path: epath.Path, step: int, mesh, writer: MetricWriter | None = None) -> None:
-    """A preview grid from `params` (the EMA weights) with the cached sampler: at most
-    MAX_GRID_SAMPLES samples, `sample.num_per_class` per class with the family's example
-    conditions (every class in turn), drawn in sharded batches of `sample.batch_size`.
-    Every process takes part in the sampling; process 0 writes the PNG (and TensorBoard)."""
-    s = config.sample
-    classes = getattr(family.config, "num_classes", 0) or 1
-    num = min(classes * s.num_per_class, MAX_GRID_SAMPLES)
-    cond = family.example_condition(num)  # None for an unconditional model
-    # The same key on every process: all hold the same full noise, each places its shards.
-    noise = np.asarray(jax.random.normal(jax.random.key(1234), (num, *family.sample_shape)))
-    cache = None
-    if family.has_long_skips and s.cache_interval > 1 and 1 <= s.shallow_blocks < family.cache_units:
-        cache = SkipCache(s.cache_interval, s.shallow_blocks)
-    x = _sample_in_batches(family, params, s, noise, cond, mesh, cache)
-    if x.shape[-1] not in (1, 3):
-        x = images.latents_for_display(x)
-    if jax.process_index() == 0:
-        # One column per class when every class fits in the grid, else a square grid.
-        nrow = classes if cond is not None and 1 < classes * s.num_per_class <= MAX_GRID_SAMPLES else None
-        images.save_grid(x, path, nrow=nrow, upscale=max(1, 64 // x.shape[1]))
-        if writer is not None:
-            writer.write_image(step, "samples", images.make_grid(images.to_uint8(x), nrow))
-        print(f"step {step}: sample grid of {len(x)} written to {path}")
-
-
-def _sample_in_batches(family, params, s, noise: np.ndarray, cond, mesh, cache) -> np.ndarray:
-    """Samples for `noise` and `cond` (numpy, the same on every process) in calls of
-    `sample.batch_size` rounded down to a multiple of the device count (at least one per
-    device; the last call padded), sharded over the mesh's batch axes. Returns all samples,
-    as numpy, on every process."""
-    n_dev = jax.device_count()
-    per_call = max(n_dev, s.batch_size // n_dev * n_dev)
-    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    outs = []
-    for lo in range(0, len(noise), per_call):
-        n = min(per_call, len(noise) - lo)
-        z = _to_global(_pad_rows(noise[lo : lo + n], per_call), batch_sharding)
-        # The condition (small) is replicated: the sampler checks its values on the host,
-        # which a process can only do for an array it holds whole.
-        y = jax.tree.map(lambda a: _to_global(_pad_rows(a[lo : lo + n], per_call), replicated), cond)
-        x = sample(
-            family.config, params, noise=z, condition=y, sampler=s.sampler, num_steps=s.num_steps,
-            cfg_scale=s.cfg_scale if family.is_conditional else 1.0, cache=cache, clip_denoised=s.clip_denoised,
-        )
-        outs.append(_gather(x)[:n])
-    return np.concatenate(outs)
-
-
-def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    return np.concatenate([a, np.zeros((rows - len(a), *a.shape[1:]), a.dtype)])
-
-
-def _to_global(a: np.ndarray, array_sharding) -> jax.Array:
-    """A global array from a host array every process holds whole: each process fills
-    only its addressable shards (works across hosts, unlike `jax.device_put`)."""
-    return jax.make_array_from_callback(a.shape, array_sharding, lambda idx: a[idx])
-
-
-def _gather(x: jax.Array) -> np.ndarray:
-    """The whole of a batch-sharded array on every process."""
-    if jax.process_count() == 1:
-        return np.asarray(x)
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 # ---- loop helpers -----------------------------------------------------------------------------
 class IntervalMetrics:
     """The step metrics of the current logging interval, kept on device until `flush`
@@ -267,6 +199,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     # -- validate (before anything compiles) -------------------------------------------------
     mc = train_config.validate(config, jax.device_count(), jax.process_count())
     family = family_of(mc)
+    evals = [ev for ev in evaluators.build_evaluators(config, family) if ev.every > 0]
     t = config.train
 
     # -- mesh ---------------------------------------------------------------------------------
@@ -329,7 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     if jax.process_index() == 0:
         print(
             f"{family.describe()}; train step compiled in {compile_seconds:.1f} s; "
-            f"{'resuming at' if start_step else 'starting at'} step {start_step} of {t.steps}"
+            f"{'resuming at' if start_step else 'starting at'} step {start_step} of {t.steps}; {evaluators.describe(evals)}"
         )
 
     # -- preemption: SIGTERM -> save and stop --------------------------------------------------
@@ -351,12 +284,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         return stop["requested"]
 
     # -- loop ----------------------------------------------------------------------------------
+    eval_ctx = evaluators.EvalContext(workdir=workdir, mesh=mesh, writer=writer, should_stop=lambda: stop["requested"])
     interval = IntervalMetrics(writer, optim.learning_rate_schedule(_opt_cfg(config)), t.global_batch_size)
     profiler = StepProfiler(workdir / "profile", start_step, t.profile_after, t.profile_steps)
     bar = tqdm(total=t.steps, initial=start_step, desc="train", unit="step", disable=not progress or jax.process_index() > 0)
     t_loop, step, was_preempted = time.perf_counter(), start_step, False
     try:
-        while step < t.steps:
+        # Evaluators load their weights and references first (a bad file fails now, not at
+        # the first evaluation), then finish the evaluations left pending at this step.
+        for ev in evals:
+            ev.prepare(eval_ctx)
+        left = evaluators.pending(evals, start_step, workdir)
+        if left and jax.process_index() == 0:
+            print(f"step {start_step}: running the evaluations left unfinished: {', '.join(ev.name for ev in left)}")
+        was_preempted = not _evaluate(left, state, start_step, eval_ctx)
+        while step < t.steps and not was_preempted:
             profiler.before_step(step)
             batch = sharding.global_batch(mesh, next(it))
             state, metrics = compiled(state, batch, rng)
@@ -366,28 +308,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
             profiler.after_step(step, state)
             if step % t.log_every == 0 or step == t.steps:
                 bar.set_postfix(loss=f"{interval.flush(step)['loss']:.4f}")
-            if config.sample.every and step % config.sample.every == 0:
-                sample_grid(family, state.ema_params, config, workdir / "samples" / f"step_{step:07d}.png", step, mesh, writer)
             out_of_time = _out_of_time(t.max_seconds, t_start)
             # Asked every step (on several hosts it is a collective); a step is saved once
             # even when it is both a checkpoint step and where the stop is noticed.
             was_preempted = preempted(step)
-            if step % config.checkpoint.every == 0 or step == t.steps or out_of_time or was_preempted:
+            due = evaluators.due(evals, step)
+            if step % config.checkpoint.every == 0 or step == t.steps or out_of_time or was_preempted or due:
                 checkpoints.save(mngr, step, state, rng, it, config)
             if was_preempted:
                 print(f"preempted: saved a checkpoint at step {step}")
                 break
-            if out_of_time:
+            if out_of_time:  # evaluations due now run when the run is resumed
                 print(f"time budget of {t.max_seconds:.0f} s reached at step {step}")
                 break
+            if due:
+                mngr.wait_until_finished()  # the checkpoint of this step is on disk before its evaluations
+                t_eval = time.perf_counter()
+                was_preempted = not _evaluate(due, state, step, eval_ctx)
+                interval.t_start += time.perf_counter() - t_eval  # throughput counts training only
     finally:
         bar.close()
         _flush_on_stop(interval, step)
         profiler.stop()
         mngr.wait_until_finished()
         writer.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
+        _restore_handler(previous_handler)
     return TrainResult(
         model_config=mc,
         state=state,
@@ -420,6 +365,22 @@ def _flush_on_stop(interval: IntervalMetrics, step: int) -> None:
         interval.flush(step)
     except Exception as e:  # noqa: BLE001 - e.g. the device error that stopped training
         logging.warning("could not write the metrics of the steps before step %d: %s", step, e)
+
+
+def _evaluate(evals, state: TrainState, step: int, ctx) -> bool:
+    """Run `evals` on the EMA weights at `step`; False when a stop request interrupted them
+    (the checkpoint of `step` is saved: they rerun on restart)."""
+    try:
+        evaluators.run_evaluations(evals, state.ema_params, step, ctx)
+        return True
+    except evaluators.EvaluationInterrupted:
+        print(f"preempted during the evaluations of step {step}: its checkpoint is saved; they rerun on restart")
+        return False
+
+
+def _restore_handler(previous_handler) -> None:
+    if previous_handler is not None:
+        signal.signal(signal.SIGTERM, previous_handler)
 
 
 def _opt_cfg(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
