@@ -280,24 +280,24 @@ class _LogitsNoBias(nn.Module):
 def init_inception(rng) -> dict:
     """Random FID-Inception params in the `inception_from_torch` layout (tests, benchmarks):
     He-normal conv kernels and random BatchNorm statistics (positive variances), so
-    activations stay O(1) through the network."""
-    shapes = _param_shapes()
-    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-    keys = jax.random.split(rng, len(leaves))
+    activations stay O(1) through the network. Deterministic for the key `rng`."""
+    # numpy draws from a seed taken from the key: one jax.random call per distinct leaf
+    # shape would compile ~100 small programs.
+    seed = int(jax.random.randint(rng, (), 0, np.iinfo(np.int32).max))
+    gen = np.random.default_rng(seed)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(_param_shapes())
     out = []
-    for (path, leaf), key in zip(leaves, keys):
-        name = _key_name(path[-1])
-        shape = leaf.shape
+    for path, leaf in leaves:
+        name, shape = _key_name(path[-1]), leaf.shape
         if name == "kernel" and len(shape) == 4:
-            fan_in = shape[0] * shape[1] * shape[2]
-            value = jax.random.normal(key, shape) * math.sqrt(2.0 / fan_in)
+            value = gen.standard_normal(shape) * math.sqrt(2.0 / (shape[0] * shape[1] * shape[2]))
         elif name == "kernel":
-            value = jax.random.normal(key, shape) / math.sqrt(shape[0])
+            value = gen.standard_normal(shape) / math.sqrt(shape[0])
         elif name in ("scale", "var"):
-            value = jax.random.uniform(key, shape, minval=0.5, maxval=1.5)
+            value = gen.uniform(0.5, 1.5, shape)
         else:  # bias, mean
-            value = 0.1 * jax.random.normal(key, shape)
-        out.append(np.asarray(value, np.float32))
+            value = 0.1 * gen.standard_normal(shape)
+        out.append(value.astype(np.float32))
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
@@ -340,11 +340,14 @@ def fold_batchnorm(params) -> dict:
 def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out, in) weights of torch's bilinear `F.interpolate(size=out, align_corners=False)`
     along one axis: half-pixel centres, source index clamped at 0, no antialiasing."""
-    scale = in_size / out_size
-    src = np.maximum((np.arange(out_size, dtype=np.float64) + 0.5) * scale - 0.5, 0.0)
+    # In float32, step by step, as torch computes it for float input (its rounding of the
+    # source index shifts the weights by up to ~1e-4 when shrinking 512 -> 299).
+    f32 = np.float32
+    scale = f32(in_size) / f32(out_size)
+    src = np.maximum(scale * (np.arange(out_size, dtype=f32) + f32(0.5)) - f32(0.5), f32(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), in_size - 1)
     i1 = np.minimum(i0 + 1, in_size - 1)
-    lam = src - i0
+    lam = np.clip(src - i0.astype(f32), f32(0), f32(1))
     m = np.zeros((out_size, in_size), np.float64)
     np.add.at(m, (np.arange(out_size), i0), 1.0 - lam)
     np.add.at(m, (np.arange(out_size), i1), lam)
