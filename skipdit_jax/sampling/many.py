@@ -32,6 +32,7 @@ that touches nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import io
 import json
@@ -117,6 +118,7 @@ def pixel_note(channels: int, vae: bool) -> str:
 
 
 # ---- the jitted batch function ----------------------------------------------------------------
+@functools.lru_cache(maxsize=16)
 def make_batch_fn(
     config,
     mesh,
@@ -134,12 +136,12 @@ def make_batch_fn(
 ):
     """A jitted `fn(params, vae_params, indices (B,) int32) -> (images uint8 (B, H, W, 3),
     labels int32 (B,))`, batch-sharded over `mesh` (params replicated). Labels are -1 for
-    an unconditional model. `vae_params` is None without a VAE."""
+    an unconditional model. `vae_params` is None without a VAE. Cached per setting (all
+    arguments hashable: `classes` a tuple), so a repeated run reuses the compiled program."""
     family = family_of(config)
     guided = check_settings(config, cache=cache, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     run = build_sampler(config, sampler, respacing, guided, cfg_channels, cache, float(eta), bool(clip_denoised))
     num_classes = config.num_classes if family.is_conditional else 0
-    classes = None if classes is None else tuple(int(c) for c in classes)
 
     def fn(params, vae_params, indices):
         noise, labels, step_keys = sample_inputs(seed, indices, family.sample_shape, classes, num_classes)
@@ -448,6 +450,7 @@ def sample_many(
 
     mesh = mesh or sharding.make_mesh()
     rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
+    classes = None if classes is None else tuple(int(c) for c in classes)
     kw = dict(seed=seed, sampler=sampler, respacing=respacing, cfg_scale=cfg_scale, cfg_channels=cfg_channels, eta=eta,
               clip_denoised=clip_denoised, classes=classes, vae_config=vae_config)
     summary = {"num": num, "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": batch_size,
