@@ -62,6 +62,7 @@ def test_frechet_distance_agrees_with_adm_scipy_formula(n):
     a, b = im.feature_stats(x), im.feature_stats(y)
     want = adm_frechet(a.mu, a.sigma, b.mu, b.sigma)
     assert im.frechet_distance(a, b) == pytest.approx(want, rel=1e-6)
+    assert im.frechet_distance_of_features(x, b) == pytest.approx(want, rel=1e-6)  # n x n path when n <= d
     with pytest.raises(UserError, match="mismatched feature dimensions"):
         im.frechet_distance(a, im.feature_stats(y[:, :3]))
 
@@ -380,22 +381,22 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("SKIPDIT_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "inception.safetensors"
     inception.save_inception(inception.init_inception(jax.random.key(0)), weights)
-    x = images(8, 16, 16, seed=7)
+    x = images(5, 16, 16, seed=7)
     np.savez(tmp_path / "ref.npz", x)
-    np.savez(tmp_path / "samples.npz", x[::-1], np.arange(8))
-    assert run_cli(tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", "--inception", weights, "--batch_size", 4, "--noprogress") == 0
+    np.savez(tmp_path / "samples.npz", x[::-1], np.arange(5))
+    assert run_cli(tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", "--inception", weights, "--batch_size", 5, "--noprogress") == 0
     stdout = capsys.readouterr().out
     assert "FID" in stdout and "Precision" in stdout and "samples.metrics.json" in stdout
     report = json.loads((tmp_path / "samples.metrics.json").read_text())
     [cache] = list((tmp_path / "cache" / "inception_features").iterdir())
     with np.load(cache) as z:
         trace = np.trace(im.feature_stats(z["pool"]).sigma)
-        assert z["pool"].shape == (8, 2048) and z["spatial"].shape == (8, 2023)
+        assert z["pool"].shape == (5, 2048) and z["spatial"].shape == (5, 2023)
     assert trace > 0
     assert abs(report["fid"]) < 1e-5 * trace and abs(report["sfid"]) < 1e-3
     assert report["precision"] == report["recall"] == 1.0
     assert np.isfinite(report["inception_score"]) and report["inception_score"] >= 1.0 - 1e-6
-    assert report["num_samples"] == report["num_reference"] == 8
+    assert report["num_samples"] == report["num_reference"] == 5
     assert report["inception"]["weights"] == str(weights) and len(report["inception"]["fingerprint"]) == 16
     assert report["settings"]["k"] == 3 and report["settings"]["distance_dtype"] == "float16"
     assert report["reference_statistics"].startswith("computed")

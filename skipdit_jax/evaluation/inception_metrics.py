@@ -102,6 +102,29 @@ def frechet_distance(a: FeatureStats, b: FeatureStats) -> float:
     return image_metrics.frechet_distance(a.mu, a.sigma, b.mu, b.sigma)
 
 
+def frechet_distance_of_features(features, other: FeatureStats) -> float:
+    """frechet_distance(feature_stats(features), other), exactly, without a d x d
+    eigendecomposition when there are no more feature vectors than dimensions: with
+    S1 = C^T C (C the centred features / sqrt(n - 1)), the non-zero eigenvalues of S1 S2
+    are those of the symmetric PSD n x n matrix C S2 C^T, so tr((S1 S2)^1/2) is the sum of
+    the square roots of its eigenvalues (few samples against a 2048-d reference)."""
+    f = np.asarray(features, np.float64)
+    n = len(f)
+    if n < 2:
+        raise UserError(f"a covariance needs at least 2 feature vectors, got {n}")
+    f = f.reshape(n, -1)
+    if f.shape[1] != other.dim:
+        raise UserError(f"cannot compare statistics of {f.shape[1]}-d and {other.dim}-d features (mismatched feature dimensions)")
+    if n > f.shape[1]:
+        return frechet_distance(feature_stats(f), other)
+    mu = f.mean(axis=0)
+    c = (f - mu) / np.sqrt(n - 1)
+    m = c @ np.asarray(other.sigma, np.float64) @ c.T
+    covmean_trace = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh((m + m.T) / 2), 0, None)))
+    diff = mu - np.asarray(other.mu, np.float64)
+    return float(diff @ diff + np.sum(c * c) + np.trace(other.sigma) - 2 * covmean_trace)
+
+
 # ---- Inception Score ----------------------------------------------------------------------
 
 
@@ -627,9 +650,9 @@ def compute_metrics(
         return stats if stats is not None else feature_stats(reference_feats[key])
 
     if "fid" in metrics:
-        out["fid"] = frechet_distance(feature_stats(sample_features["pool"]), ref_stats(reference.stats, "pool"))
+        out["fid"] = frechet_distance_of_features(sample_features["pool"], ref_stats(reference.stats, "pool"))
     if "sfid" in metrics:
-        out["sfid"] = frechet_distance(feature_stats(sample_features["spatial"]), ref_stats(reference.spatial_stats, "spatial"))
+        out["sfid"] = frechet_distance_of_features(sample_features["spatial"], ref_stats(reference.spatial_stats, "spatial"))
     if "is" in metrics:
         out["inception_score"] = inception_score(sample_features["logits"])
     if {"precision", "recall"} & set(metrics):
