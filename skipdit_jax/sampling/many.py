@@ -466,9 +466,11 @@ def sample_many(
         if cache is not None and compare:
             summary.update(_compare(fn, make_batch_fn(config, mesh, cache=None, **kw), g_params, g_vae, idx0))
     if not final_done:
+        t0 = time.perf_counter()
         if main:
             _assemble(out, plan, family.is_conditional)
         _barrier("assembled")
+        summary["assemble_seconds"] = round(time.perf_counter() - t0, 3)
     if main:
         if png:
             summary["png_written"] = _write_pngs(out, plan)
