@@ -299,7 +299,8 @@ def test_reference_features_cache(tmp_path, monkeypatch):
     def fake_extract(params, imgs, **kw):
         calls.append(len(imgs))
         x = np.asarray(imgs, np.float32).reshape(len(imgs), -1)
-        return {"pool": np.resize(x, (len(imgs), 2048)), "spatial": np.resize(x, (len(imgs), 2023)), "logits": np.zeros((len(imgs), 1008), np.float32)}
+        n = len(imgs)
+        return {"pool": np.resize(x, (n, 2048)), "spatial": np.resize(x, (n, 2023)), "logits": np.zeros((n, 1008), np.float32)}
 
     monkeypatch.setattr(inception, "extract_features", fake_extract)
     np.savez(tmp_path / "ref.npz", images(5))
@@ -384,7 +385,8 @@ def test_evaluate_command_end_to_end(tmp_path, monkeypatch, capsys):
     x = images(5, 16, 16, seed=7)
     np.savez(tmp_path / "ref.npz", x)
     np.savez(tmp_path / "samples.npz", x[::-1], np.arange(5))
-    assert run_cli(tmp_path / "samples.npz", "--ref", tmp_path / "ref.npz", "--inception", weights, "--batch_size", 5, "--noprogress") == 0
+    args = ("--ref", tmp_path / "ref.npz", "--inception", weights, "--batch_size", 5, "--noprogress")
+    assert run_cli(tmp_path / "samples.npz", *args) == 0
     stdout = capsys.readouterr().out
     assert "FID" in stdout and "Precision" in stdout and "samples.metrics.json" in stdout
     report = json.loads((tmp_path / "samples.metrics.json").read_text())

@@ -20,13 +20,18 @@ from skipdit_jax import distributed, paths
 from skipdit_jax.errors import UserError
 from skipdit_jax.evaluation import inception_metrics as im
 
-USAGE = "SAMPLES.npz --ref REF.npz|DIR [--inception SPEC] [--batch_size 200] [--out FILE.json] [--metrics fid,sfid,is,precision,recall]"
+USAGE = (
+    "SAMPLES.npz --ref REF.npz|DIR [--inception SPEC] [--batch_size 200] [--out FILE.json] "
+    "[--metrics fid,sfid,is,precision,recall]"
+)
 
 _LABELS = {"fid": "FID", "sfid": "sFID", "inception_score": "Inception Score", "precision": "Precision", "recall": "Recall"}
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-    flags.DEFINE_string("ref", None, "reference: ADM reference batch .npz, an image .npz (arr_0) or an image folder", flag_values=fv)
+    flags.DEFINE_string(
+        "ref", None, "reference: ADM reference batch .npz, an image .npz (arr_0) or an image folder", flag_values=fv
+    )
     flags.DEFINE_string(
         "inception",
         None,
@@ -37,7 +42,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("batch_size", 200, "images per Inception call, over all devices", flag_values=fv)
     flags.DEFINE_string("out", None, "metrics JSON (default: SAMPLES.metrics.json beside the samples)", flag_values=fv)
     flags.DEFINE_string("metrics", ",".join(im.METRICS), "comma-separated subset of fid,sfid,is,precision,recall", flag_values=fv)
-    flags.DEFINE_enum("distance_dtype", "float16", ["float16", "float32"], "precision/recall distances (float16 = ADM)", flag_values=fv)
+    flags.DEFINE_enum(
+        "distance_dtype", "float16", ["float16", "float32"], "precision/recall distances (float16 = ADM)", flag_values=fv
+    )
     flags.DEFINE_bool("progress", True, "show progress bars", flag_values=fv)
     distributed.define_flags(fv)
 

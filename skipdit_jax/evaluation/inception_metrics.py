@@ -227,7 +227,11 @@ def _check_dtype(distance_dtype: str) -> bool:
 
 
 def manifold_radii(
-    features, k: int = K, row_batch_size: int = ROW_BATCH_SIZE, col_batch_size: int = COL_BATCH_SIZE, distance_dtype: str = "float16"
+    features,
+    k: int = K,
+    row_batch_size: int = ROW_BATCH_SIZE,
+    col_batch_size: int = COL_BATCH_SIZE,
+    distance_dtype: str = "float16",
 ) -> np.ndarray:
     """Radius of each point's k-NN hypersphere, float32 (n,): the squared distance at index
     k of its sorted row of distances to all n points, its own (zero) distance included, as
@@ -283,7 +287,8 @@ def precision_recall(
     for r0, r1 in _blocks(len(ref), rb):
         rows, rows_r = jnp.asarray(_padded(ref[r0:r1], rb)), jnp.asarray(_padded(ref_r[r0:r1], rb, -np.inf))
         for c0, c1 in _blocks(len(smp), cb):
-            s_in, r_in = _in_manifold_block(rows, rows_r, jnp.asarray(_padded(smp[c0:c1], cb)), jnp.asarray(_padded(smp_r[c0:c1], cb, -np.inf)), half)
+            cols, cols_r = jnp.asarray(_padded(smp[c0:c1], cb)), jnp.asarray(_padded(smp_r[c0:c1], cb, -np.inf))
+            s_in, r_in = _in_manifold_block(rows, rows_r, cols, cols_r, half)
             samples_in[c0:c1] |= np.asarray(s_in)[: c1 - c0]
             ref_in[r0:r1] |= np.asarray(r_in)[: r1 - r0]
     return float(np.mean(samples_in.astype(np.float64))), float(np.mean(ref_in.astype(np.float64)))
@@ -427,8 +432,13 @@ class ImageFolderArray:
             return self._read(range(len(self))[index])
         idx = np.arange(len(self))[index]
         out = np.empty((len(idx), *self.shape[1:]), np.uint8)
-        for j, i in enumerate(idx):
-            out[j] = self._read(int(i))
+        if len(idx):
+            from concurrent.futures import ThreadPoolExecutor
+
+            # PIL decodes without the GIL: a few threads keep the accelerator fed.
+            with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1, len(idx))) as pool:
+                for j, image in enumerate(pool.map(self._read, (int(i) for i in idx))):
+                    out[j] = image
         return out
 
     def __array__(self, dtype=None, copy=None):
@@ -483,12 +493,14 @@ def _identity(p: paths.epath.Path, kind: str) -> dict:
     def stat(q):
         try:
             s = q.stat()
-            return [int(getattr(s, "st_size", 0) or getattr(s, "length", 0)), str(getattr(s, "st_mtime_ns", None) or getattr(s, "mtime", None))]
+            size = getattr(s, "st_size", None) or getattr(s, "length", None)
+            return [size, str(getattr(s, "st_mtime_ns", None) or getattr(s, "mtime", None))]
         except Exception:  # noqa: BLE001 - a remote file system without stat: name-only identity
             return [None, None]
 
     if kind == "folder":
-        return {"kind": kind, "path": str(p), "files": hashlib.sha256(json.dumps([[str(f)] + stat(f) for f in sorted(paths.walk_files(p), key=str)]).encode()).hexdigest()}
+        listing = json.dumps([[str(f), *stat(f)] for f in sorted(paths.walk_files(p), key=str)])
+        return {"kind": kind, "path": str(p), "files": hashlib.sha256(listing.encode()).hexdigest()}
     if paths.is_local(p):
         s = os.stat(os.fspath(p))
         return {"kind": kind, "path": os.path.realpath(os.fspath(p)), "size": s.st_size, "mtime_ns": s.st_mtime_ns}
@@ -513,9 +525,11 @@ def load_reference(path: PathLike) -> Reference:
             raise UserError(f"reference {path} has mu but no sigma")
         stats = _as_stats(_npz_member(local, "mu", str(path)), _npz_member(local, "sigma", str(path)), f"reference {path}")
         if "mu_s" in keys and "sigma_s" in keys:
-            spatial = _as_stats(_npz_member(local, "mu_s", str(path)), _npz_member(local, "sigma_s", str(path)), f"reference {path} (spatial)")
+            mu_s, sigma_s = _npz_member(local, "mu_s", str(path)), _npz_member(local, "sigma_s", str(path))
+            spatial = _as_stats(mu_s, sigma_s, f"reference {path} (spatial)")
     if images is None and stats is None:
-        raise UserError(f"reference {path} has neither arr_0 (images) nor mu/sigma (statistics); it holds {sorted(keys) or 'nothing'}")
+        held = sorted(keys) or "nothing"
+        raise UserError(f"reference {path} has neither arr_0 (images) nor mu/sigma (statistics); it holds {held}")
     return Reference(str(path), "npz", images, stats, spatial, _identity(p, "npz"))
 
 
@@ -616,15 +630,23 @@ def check_inputs(num_samples: int, reference: Reference, metrics: tuple[str, ...
         raise UserError(f"FID needs at least 2 samples for a covariance, got {num_samples}")
     if reference.images is None:
         if {"precision", "recall"} & set(metrics):
-            raise UserError(f"precision/recall need reference images; {reference.path} holds statistics only (choose --metrics fid,sfid,is)")
+            raise UserError(
+                f"precision/recall need reference images; {reference.path} holds statistics only (choose --metrics fid,sfid,is)"
+            )
         if "sfid" in metrics and reference.spatial_stats is None:
             raise UserError(f"sFID needs reference images or mu_s/sigma_s; {reference.path} has neither")
     elif reference.stats is None and {"fid", "sfid"} & set(metrics) and reference.num_images < 2:
         raise UserError(f"FID needs at least 2 reference images for a covariance, got {reference.num_images}")
     if reference.stats is not None and reference.stats.dim != POOL_DIM:
-        raise UserError(f"reference {reference.path}: mu is {reference.stats.dim}-d, Inception pool features are {POOL_DIM}-d (mismatched feature dimensions)")
+        raise UserError(
+            f"reference {reference.path}: mu is {reference.stats.dim}-d, Inception pool features are {POOL_DIM}-d "
+            "(mismatched feature dimensions)"
+        )
     if reference.spatial_stats is not None and reference.spatial_stats.dim != SPATIAL_DIM:
-        raise UserError(f"reference {reference.path}: mu_s is {reference.spatial_stats.dim}-d, spatial features are {SPATIAL_DIM}-d (mismatched feature dimensions)")
+        raise UserError(
+            f"reference {reference.path}: mu_s is {reference.spatial_stats.dim}-d, spatial features are {SPATIAL_DIM}-d "
+            "(mismatched feature dimensions)"
+        )
     if {"precision", "recall"} & set(metrics):
         for what, n in (("samples", num_samples), ("reference images", reference.num_images)):
             if n <= k:
@@ -657,7 +679,11 @@ def compute_metrics(
         out["inception_score"] = inception_score(sample_features["logits"])
     if {"precision", "recall"} & set(metrics):
         p, r = precision_recall(
-            reference_feats["pool"], sample_features["pool"], row_batch_size=row_batch_size, col_batch_size=col_batch_size, distance_dtype=distance_dtype
+            reference_feats["pool"],
+            sample_features["pool"],
+            row_batch_size=row_batch_size,
+            col_batch_size=col_batch_size,
+            distance_dtype=distance_dtype,
         )
         if "precision" in metrics:
             out["precision"] = p
@@ -712,7 +738,9 @@ def evaluate_samples(
     )
     ref_feats, cached = (None, False)
     if need_ref:
-        ref_feats, cached = reference_features(reference, params, batch_size=batch_size, mesh=mesh, progress=progress, fingerprint=fingerprint)
+        ref_feats, cached = reference_features(
+            reference, params, batch_size=batch_size, mesh=mesh, progress=progress, fingerprint=fingerprint
+        )
     feats = inception_lib.extract_features(params, images, batch_size=batch_size, mesh=mesh, progress=progress)
     values = compute_metrics(feats, reference, ref_feats, metrics, distance_dtype=distance_dtype)
     precomputed = reference.stats is not None
@@ -720,7 +748,9 @@ def evaluate_samples(
         **values,
         "num_samples": int(images.shape[0]),
         "num_reference": reference.num_images,
-        "reference_statistics": "precomputed (mu/sigma in the reference file)" if precomputed else "computed from the reference images",
+        "reference_statistics": (
+            "precomputed (mu/sigma in the reference file)" if precomputed else "computed from the reference images"
+        ),
         "reference_features_cached": bool(cached),
         "inception": {"weights": shown, "fingerprint": fingerprint},
         "settings": {
