@@ -92,9 +92,9 @@ def _kernel_manager(tmp_path):
     return KernelManager(kernel_name="skipdit-test", kernel_spec_manager=ksm)
 
 
-def _outputs(nb):
+def _outputs(cells):
     texts, pngs = [], 0
-    for cell in nb.cells:
+    for cell in cells:
         for out in cell.get("outputs", []):
             assert out.output_type != "error", f"cell failed: {out.get('ename')}: {out.get('evalue')}"
             if out.output_type == "stream":
@@ -106,7 +106,7 @@ def _outputs(nb):
 
 
 def _table(text: str) -> dict[str, list[str]]:
-    """The MNIST timing table's rows, by sampler name."""
+    """The rows of the first timing table in `text`, by sampler name."""
     header = "| sampler | seconds | measured speedup | predicted speedup | full / cached steps | PSNR vs uncached (dB) |"
     assert header in text, "the timing table is missing"
     lines = text[text.index(header):].splitlines()[2:]
@@ -119,56 +119,109 @@ def _table(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def test_notebook_offline_path_runs_and_shows_the_table_and_images(tmp_path):
+def _execute(tmp_path, params: dict, then: list[str] = ()):
+    """Execute the notebook in a fresh kernel (working directory tmp_path) with the
+    parameters cell replaced by `params`, then, in the same kernel, the extra code cells
+    `then`; returns (the executed notebook, the number of its own cells). The kernel is
+    shut down at the end whatever happens."""
     nb = _read()
-    params = _parameters_cell(nb)
-    params.source = "\n".join(
-        [
-            "TRAIN_SECONDS = 20",
-            "SAMPLES_PER_CLASS = 1",
-            "USE_NETWORK = False",
-            "INSTALL = False",
-            f"WORKDIR = {str(tmp_path / 'work')!r}",
-            f"OVERRIDES = {TINY!r}",
-            "SEED = 0",
-            "XL_CHECKPOINT = 'hf://GuanjieChen/Skip-DiT/DiT-XL-2-skip.pt'",
-            "XL_VAE = 'hf://stabilityai/sd-vae-ft-mse'",
-            "XL_CLASSES = [207]",
-            "XL_SAMPLER, XL_STEPS, XL_CFG = 'ddim', 5, 4.0",
-            "XL_CACHE_INTERVALS = [2]",
-            "XL_ON_CPU = False",
-        ]
-    )
+    _parameters_cell(nb).source = "\n".join(f"{k} = {v!r}" for k, v in params.items())
+    own = len(nb.cells)
+    nb.cells += [nbformat.v4.new_code_cell(src) for src in then]
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
-    env["HF_HUB_OFFLINE"] = "1"
-    client = nbclient.NotebookClient(
-        nb, km=_kernel_manager(tmp_path), timeout=240, resources={"metadata": {"path": str(tmp_path)}}
-    )
-    client.execute(env=env)  # raises CellExecutionError on the first failing cell
+    env["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the Hub
+    km = _kernel_manager(tmp_path)
+    client = nbclient.NotebookClient(nb, km=km, timeout=240, resources={"metadata": {"path": str(tmp_path)}})
+    try:
+        with client.setup_kernel(env=env):
+            for index, cell in enumerate(nb.cells):
+                client.execute_cell(cell, index)  # raises CellExecutionError when the cell fails
+    finally:
+        if km.has_kernel:
+            km.shutdown_kernel(now=True)
+    return nb, own
 
-    text, pngs = _outputs(nb)
-    assert "skipdit_jax is already importable: nothing to install" in text and "skipdit_jax from" in text
-    assert "backend cpu" in text
-    assert "Skipping the DiT-XL/2-skip section: no network access" in text
-    assert pngs >= 2, f"expected the loss plot and the sample grids as images, got {pngs} PNG outputs"
 
-    rows = _table(text)
-    assert list(rows) == ["no cache", "Skip-Cache N=2", "Skip-Cache N=3", "Skip-Cache N=4"]
+def _check_rows(rows, expected_predicted, expected_steps):
+    assert list(rows) == list(expected_steps)
     for name, (seconds, measured, predicted, steps, psnr_db) in rows.items():
         assert float(seconds) > 0
         assert measured.endswith("x") and float(measured[:-1]) > 0
-        assert steps == EXPECTED_STEPS[name]
+        assert steps == expected_steps[name]
         if name == "no cache":
             assert predicted == "1.00x" and psnr_db == "n/a"
         else:
-            assert float(predicted[:-1]) == pytest.approx(EXPECTED_PREDICTED[name], abs=0.006)
+            assert float(predicted[:-1]) == pytest.approx(expected_predicted[name], abs=0.006)
             assert 0 < float(psnr_db) < 200  # cached samples differ from the uncached ones, but not wildly
 
-    # The run went through the trainer into WORKDIR and saved the grids there.
+
+PARAMS = dict(
+    TRAIN_SECONDS=20, SAMPLES_PER_CLASS=1, USE_NETWORK=False, INSTALL=False, OVERRIDES=TINY, TIMING_REPEATS=1, SEED=0,
+    XL_CHECKPOINT="hf://GuanjieChen/Skip-DiT/DiT-XL-2-skip.pt", XL_VAE="hf://stabilityai/sd-vae-ft-mse",
+    XL_CLASSES=[207, 3], XL_SAMPLER="ddim", XL_STEPS=5, XL_CFG=4.0, XL_CACHE_INTERVALS=[2], XL_ON_CPU=False,
+)
+
+
+def _tiny_vae_folder(path: Path) -> None:
+    """A diffusers-layout AutoencoderKL folder (config.json + safetensors) with random
+    weights: 2x upsampling, 4 latent channels."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from skipdit_jax.encoders.vae import VAEConfig, diffusers_key_shapes
+
+    cfg = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[8, 8], layers_per_block=1, norm_num_groups=4)
+    rng = np.random.default_rng(0)
+    weights = {k: (0.2 * rng.standard_normal(shape)).astype(np.float32) for k, shape in diffusers_key_shapes(VAEConfig(**cfg)).items()}
+    path.mkdir(parents=True)
+    (path / "config.json").write_text(json.dumps({"_class_name": "AutoencoderKL", **cfg}))
+    save_file(weights, str(path / "diffusion_pytorch_model.safetensors"))
+
+
+def test_notebook_runs_offline_then_its_imagenet_section_on_stand_ins(tmp_path):
+    """1. The whole notebook offline (USE_NETWORK=False): install skipped, backend,
+    training, the MNIST table and grids, the ImageNet section skipped with its reason.
+    2. Then, in the same kernel, the ImageNet section's cells again as if online, past the
+    download: a tiny latent Skip-DiT already in WORKDIR/skipdit-xl-2 (where the section keeps
+    the converted checkpoint) and a local VAE folder stand in for the Hub files."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from helpers import random_params, tiny_config
+
+    from skipdit_jax import model_store
+
     work = tmp_path / "work"
-    assert (work / "train" / "metrics.jsonl").is_file()
+    # depth 10: k = 4 shallow blocks (the official Skip-Cache setting) needs 5 block pairs.
+    xl_config = tiny_config(input_size=4, depth=10, num_heads=2, num_classes=1000, learn_sigma=True)
+    model_store.save_model(work / "skipdit-xl-2", xl_config, random_params(xl_config))
+    _tiny_vae_folder(tmp_path / "vae")
+
+    section = [c.source for c in _read().cells if c.cell_type == "code" and "RUN_XL" in c.source]
+    assert len(section) == 3 and "RUN_XL, why" in section[0]
+    online = f"NETWORK, XL_ON_CPU, XL_VAE = True, True, {str(tmp_path / 'vae')!r}"
+    nb, own = _execute(tmp_path, dict(PARAMS, WORKDIR=str(work)), then=[online, *section])
+
+    # 1. offline
+    text, pngs = _outputs(nb.cells[:own])
+    assert "skipdit_jax is already importable: nothing to install" in text and "skipdit_jax from" in text
+    assert "backend cpu" in text and "network: no (USE_NETWORK)" in text
+    assert "Skipping the DiT-XL/2-skip section: no network access" in text
+    assert pngs == 2, f"expected the loss plot and the sample grids as images, got {pngs} PNG outputs"
+    _check_rows(_table(text), EXPECTED_PREDICTED, EXPECTED_STEPS)
+    trained = re.search(r"step (\d+) of 12 ", text)
+    assert trained and 1 <= int(trained.group(1)) <= 12
+    assert (work / "train" / "metrics.jsonl").is_file()  # trained through the trainer, in WORKDIR
     assert sorted(p.name for p in work.glob("mnist_*.png")) == [
         "mnist_Skip-Cache_N2.png", "mnist_Skip-Cache_N3.png", "mnist_Skip-Cache_N4.png", "mnist_no_cache.png"
     ]
-    trained = re.search(r"step (\d+) of 12 ", text)
-    assert trained and 1 <= int(trained.group(1)) <= 12
+
+    # 2. the ImageNet section on the stand-ins
+    text, pngs = _outputs(nb.cells[own:])
+    assert "running the DiT-XL/2-skip section on cpu" in text
+    assert f"loaded the converted model from {work / 'skipdit-xl-2'}" in text
+    assert pngs == 1, f"expected the ImageNet grids as one image, got {pngs} PNG outputs"
+    # DDIM-5 (t = 800 ... 0), depth 10, k = 4, N = 2: full at steps 0, 2, 4 -> 3 x 10 + 2 x 8 = 46 blocks vs 50.
+    _check_rows(_table(text), {"Skip-Cache N=2": 50 / 46}, {"no cache": "5 / 0", "Skip-Cache N=2": "3 / 2"})
+    assert sorted(p.name for p in work.glob("xl_*.png")) == ["xl_Skip-Cache_N2.png", "xl_no_cache.png"]
+    from PIL import Image
+
+    assert Image.open(work / "xl_no_cache.png").size == (2 * (8 + 2) + 2, 8 + 4)  # decoded 8x8 images: 4x4 latents, 2x VAE
