@@ -4,6 +4,7 @@ the file readers, the reference-feature cache and one-line errors."""
 
 import json
 import re
+import zipfile
 
 import numpy as np
 import pytest
@@ -204,6 +205,13 @@ def test_read_image_npz_memmaps_stored_arrays_and_reads_compressed_ones(tmp_path
     assert isinstance(got, np.memmap) and not got.flags.writeable  # no copy of 50K images
     np.testing.assert_array_equal(got, x)
     np.testing.assert_array_equal(labels, y)
+    # A zip64 entry with a version-2.0 .npy header (what large streamed sample files hold).
+    with zipfile.ZipFile(tmp_path / "z.npz", "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        with zf.open(zipfile.ZipInfo("arr_0.npy"), "w", force_zip64=True) as out:
+            np.lib.format.write_array(out, x, version=(2, 0))
+    got, _ = im.read_image_npz(tmp_path / "z.npz")
+    assert isinstance(got, np.memmap)
+    np.testing.assert_array_equal(got, x)
     np.savez_compressed(tmp_path / "c.npz", arr_0=x)
     got, labels = im.read_image_npz(tmp_path / "c.npz")
     np.testing.assert_array_equal(got, x)
