@@ -374,11 +374,18 @@ def _check_images(images) -> None:
         raise UserError(f"Inception features need uint8 images (0-255), got {dtype}")
 
 
+def _network(folded_params, x):
+    return InceptionV3(folded=True).apply({"params": folded_params}, x)
+
+
 def _forward(folded_params, images):
-    return InceptionV3(folded=True).apply({"params": folded_params}, preprocess(images))
+    return _network(folded_params, preprocess(images))
 
 
-_forward_jit = jax.jit(_forward)
+# inception_features resizes and runs the network as two programs, so every image size
+# shares the network's compilation (per batch size); make_feature_fn fuses them.
+_preprocess_jit = jax.jit(preprocess)
+_network_jit = jax.jit(_network)
 _fold_jit = jax.jit(fold_batchnorm)
 
 
@@ -387,7 +394,7 @@ def inception_features(params, images) -> dict[str, jax.Array]:
     uint8 images (B, H, W, 3) of any size (resized inside as pytorch-fid does). `params`
     as `inception_from_torch` / `load_inception` return. Meanings: module docstring."""
     _check_images(images)
-    return _forward_jit(_fold_jit(params), images)
+    return _network_jit(_fold_jit(params), _preprocess_jit(images))
 
 
 # --------------------------------------------------------------------------------------
