@@ -1,6 +1,8 @@
 """The Colab notebook (notebooks/skipdit_colab.ipynb): the committed file carries no outputs
 and a papermill `parameters` cell; its offline path runs end to end in a fresh kernel of
-this interpreter on a tiny model, and shows the timing table and the images.
+this interpreter on a tiny model and shows the timing table and the images; then its
+ImageNet section runs in the same kernel past the download, on a tiny converted model and
+a local VAE (the download and conversion themselves need the network and are not run).
 
 The kernel is launched from a kernelspec written into the test's scratch directory (argv =
 this interpreter), so nothing is registered globally and the kernel cannot pick up another
