@@ -227,3 +227,28 @@ def test_notebook_runs_offline_then_its_imagenet_section_on_stand_ins(tmp_path):
     from PIL import Image
 
     assert Image.open(work / "xl_no_cache.png").size == (2 * (8 + 2) + 2, 8 + 4)  # decoded 8x8 images: 4x4 latents, 2x VAE
+
+
+def test_install_cell_finds_the_checkout_or_says_what_to_run(tmp_path):
+    """The install cell, outside a kernel: `find_checkout` from the notebook's own folder,
+    from a folder holding a clone, and nowhere; without the package or a checkout it stops
+    with the pip command (run with `python -S`, where the installed package is not importable)."""
+    import subprocess
+
+    cell = next(c.source for c in _read().cells if "def find_checkout" in c.source)
+    namespace: dict = {}
+    exec(cell[: cell.index("\nif importlib.util.find_spec")], namespace)  # imports + find_checkout only
+    find_checkout = namespace["find_checkout"]
+    assert find_checkout(ROOT / "notebooks") == ROOT
+    clone = tmp_path / "content" / "skipdit-jax"
+    (clone / "skipdit_jax").mkdir(parents=True)
+    (clone / "pyproject.toml").write_text("")
+    assert find_checkout(tmp_path / "content") == clone
+    assert find_checkout(tmp_path) is None
+
+    res = subprocess.run([sys.executable, "-S", "-c", "INSTALL = True\n" + cell], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert "ModuleNotFoundError: skipdit_jax is not installed and no skipdit-jax checkout was found" in res.stderr
+    assert "pip install -e PATH/TO/skipdit-jax" in res.stderr
+    res = subprocess.run([sys.executable, "-S", "-c", "INSTALL = False\n" + cell], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "INSTALL = False: nothing installed" in res.stdout and "No module named 'skipdit_jax'" in res.stderr
