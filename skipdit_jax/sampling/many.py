@@ -46,7 +46,7 @@ import numpy as np
 
 import skipdit_jax
 from skipdit_jax import paths, sharding
-from skipdit_jax.errors import ConfigError, UserError
+from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import config_to_dict, family_of
 from skipdit_jax.sampling.sampler import build_sampler, check_settings, resolve_respacing
 
@@ -303,7 +303,8 @@ def _final_ok(path, plan: Plan, conditional: bool) -> bool:
             names = sorted(zf.namelist())
             with zf.open("arr_0.npy") as f:
                 version = np.lib.format.read_magic(f)
-                shape, _, dtype = np.lib.format._read_array_header(f, version)  # noqa: SLF001
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, _, dtype = read(f)
     except Exception:
         return False
     want = ["arr_0.npy", "arr_1.npy"] if conditional else ["arr_0.npy"]
@@ -369,7 +370,8 @@ def _check_settings_file(out, settings: dict) -> str | None:
         if diff:
             return f"{out} holds samples drawn with other settings ({'; '.join(diff)}); use another --out or the same settings"
         return None
-    ours = [n for n in (SHARDS_DIR, PNG_DIR) if (out / n).exists()] + [p.name for p in (out.glob("samples_*.npz") if out.exists() else [])]
+    ours = [n for n in (SHARDS_DIR, PNG_DIR) if (out / n).exists()]
+    ours += [p.name for p in (out.glob("samples_*.npz") if out.exists() else [])]
     if ours:
         return f"{out} holds {', '.join(ours)} but no {SETTINGS_FILE}; use another --out"
     paths.atomic_write_text(file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
@@ -411,7 +413,9 @@ def sample_many(
     restricts the labels to these class ids (default: all). `batch_size` is the global
     batch (a multiple of the device count), also the shard size. With a cache and
     `compare`, one batch is timed with and without the cache for the measured speedup.
-    `_stop_after` (tests) raises after that many batches, as a crash would.
+    `progress`: a progress bar and a line on what the directory already holds (process
+    0). `keep_shards`: keep OUT/shards once the final .npz is written. `_stop_after`
+    (tests) raises after that many batches, as a crash would.
     """
     family = family_of(config)
     respacing = resolve_respacing(sampler, num_steps, respacing)
@@ -421,7 +425,9 @@ def sample_many(
     )
     vae_config, vae_params = vae if vae is not None else (None, None)
     if vae_config is not None and vae_config.latent_channels != family.eps_channels:
-        raise UserError(f"the VAE's {vae_config.latent_channels} latent channels do not fit the model's {family.eps_channels} channels")
+        raise UserError(
+            f"the VAE's {vae_config.latent_channels} latent channels do not fit the model's {family.eps_channels} channels"
+        )
     h, w = family.sample_shape[:2]
     if vae_config is not None:
         h, w = h * vae_config.downsample_factor, w * vae_config.downsample_factor
@@ -445,8 +451,9 @@ def sample_many(
     out = paths.as_path(out)
     todo, final_done = prepare_out_dir(out, settings, plan, family.is_conditional)
     main = jax.process_index() == 0
-    if main:
-        print(f"{out}: {plan.num_batches - int(todo.sum())} of {plan.num_batches} shards present" + (", final .npz present" if final_done else ""))
+    if main and progress:
+        have = plan.num_batches - int(todo.sum())
+        print(f"{out}: {have} of {plan.num_batches} shards present" + (", final .npz present" if final_done else ""))
 
     mesh = mesh or sharding.make_mesh()
     rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
@@ -580,7 +587,11 @@ def _compare(cached_fn, make_uncached, params, vae_params, idx) -> dict:
         return time.perf_counter() - t0
 
     t_full, t_cached = timed(full_fn), timed(cached_fn)
-    return {"full_seconds_batch": round(t_full, 4), "cached_seconds_batch": round(t_cached, 4), "measured_speedup": round(t_full / t_cached, 3)}
+    return {
+        "full_seconds_batch": round(t_full, 4),
+        "cached_seconds_batch": round(t_cached, 4),
+        "measured_speedup": round(t_full / t_cached, 3),
+    }
 
 
 def _shard_chunks(out, plan: Plan) -> Iterable[np.ndarray]:
