@@ -13,7 +13,8 @@ applied to class-to-image).
 workdir (its latest raw parameters). Weights it lacks (the skip modules, from a vanilla
 DiT) keep their fresh initialisation (PyTorch's Linear default, as the official code).
 Stage 1 uses the recipe's update guard: an update whose gradient norm is not finite or above
-`train.grad_skip_threshold` is skipped and counted.
+`train.grad_skip_threshold` is skipped and counted. A preview grid (DDIM-50, Skip-Cache N=2)
+every 10K steps; for an in-loop FID add `evals.fid` as in configs/imagenet256_skipdit_xl2.py.
 """
 
 from skipdit_jax.training.config import default_config, finalize
@@ -36,5 +37,6 @@ def get_config(arg: str | None = "stage1"):
     )
     c.optimizer.update(lr=1e-4, decay="constant")
     c.checkpoint.update(every=5_000, keep=3)
-    c.sample.update(every=10_000, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=4, clip_denoised=False)
+    c.sample.update(sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=4, clip_denoised=False)
+    c.evals.grid.every = 10_000
     return finalize(c)

@@ -14,6 +14,26 @@ import pytest
 from skipdit_jax.errors import ConfigError
 
 
+@pytest.fixture
+def compilation_cache(tmp_path_factory):
+    """A persistent XLA compilation cache: the resume test starts the trainer three times
+    with one config, and only the first run needs to compile (the test's wall time, not its
+    meaning). Restored afterwards."""
+    import jax
+    from jax._src import compilation_cache as cc
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+    before = {n: getattr(jax.config, n) for n in names}
+    values = (str(tmp_path_factory.mktemp("xla_cache")), 0.0, -1)
+    for n, v in zip(names, values):
+        jax.config.update(n, v)
+    cc.reset_cache()
+    yield
+    for n, v in before.items():
+        jax.config.update(n, v)
+    cc.reset_cache()
+
+
 def _config(steps=8, **evals):
     """A tiny MNIST Skip-DiT config with `evals` added (locked afterwards)."""
     from skipdit_jax.training import config as train_config
@@ -99,12 +119,21 @@ def test_sample_every_is_the_old_spelling_of_evals_grid_every():
         _build(config)
 
 
+def _frechet_low_rank(f, mu2, s2):
+    """||mu1 - mu2||^2 + tr(S1) + tr(S2) - 2 tr((S1 S2)^1/2) for the n < d samples `f`,
+    without a d x d square root: S1 = A A^T with A = (f - mean)^T / sqrt(n - 1), and the
+    non-zero eigenvalues of S1 S2 are those of the n x n matrix A^T S2 A."""
+    a = (f - f.mean(0)).T / np.sqrt(len(f) - 1)
+    trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvalsh(a.T @ s2 @ a), 0, None)))
+    return np.sum((f.mean(0) - mu2) ** 2) + np.sum(a * a) + np.trace(s2) - 2 * trace_sqrt
+
+
 # ---- resumption -----------------------------------------------------------------------------------
 def _rows(workdir):
     return [json.loads(line) for line in open(workdir / "metrics.jsonl")]
 
 
-def test_an_interrupted_evaluation_is_redone_once_and_a_completed_one_never(tmp_path, monkeypatch):
+def test_an_interrupted_evaluation_is_redone_once_and_a_completed_one_never(tmp_path, monkeypatch, compilation_cache):
     """Evaluators a (every 4) and b (every 6), 12 steps.
     Run 1: SIGTERM arrives during a's evaluation at step 8: it stops between batches, the
     run ends preempted at step 8 (checkpoint saved, no row for a@8).
@@ -164,7 +193,7 @@ def test_classifier_fid_against_an_independent_computation_and_its_classifier_ca
     from skipdit_jax.training import evaluators
 
     monkeypatch.setenv("SKIPDIT_CACHE", str(tmp_path / "cache"))
-    entry = dict(type="classifier_fid", every=1, num_samples=12, classifier_steps=3)
+    entry = dict(type="classifier_fid", every=1, num_samples=12, batch_size=12, classifier_steps=3)
     [ev] = [e for e in _build(_config(c=entry)) if e.name == "c"]
     ctx = evaluators.EvalContext(workdir=tmp_path, mesh=sharding.make_mesh(-1, 1))
     ev.prepare(ctx)  # trains the classifier (3 steps) and caches it
@@ -188,26 +217,27 @@ def test_classifier_fid_against_an_independent_computation_and_its_classifier_ca
     np.testing.assert_allclose(metrics["fid"], expected, rtol=1e-3)
     assert metrics["class_accuracy"] == np.mean(clf.predict(cparams, x) == labels)
 
-    # A second evaluator of the same setting loads the cached classifier; one given by path too.
+    # A second evaluator of the same setting loads the cached classifier.
     monkeypatch.setattr(clf, "fit_mnist_classifier", lambda *a, **k: pytest.fail("trained again"))
-    for extra in ({}, {"classifier": str(ev.cache_path())}):
-        [again] = [e for e in _build(_config(c={**entry, **extra})) if e.name == "c"]
-        again.prepare(ctx)
-        assert again.run(params, 1, ctx) == metrics
+    [again] = [e for e in _build(_config(c=entry)) if e.name == "c"]
+    again.prepare(ctx)
+    assert again.run(params, 1, ctx) == metrics
 
 
 # ---- fid ------------------------------------------------------------------------------------------
 def test_fid_end_to_end_with_a_random_inception_and_a_tiny_reference(tmp_path, monkeypatch):
-    """One "fid" evaluator through the trainer (2 steps, evaluated at step 2): 10 samples
-    in sharded batches of 8 (the last one partly past num_samples), a random-weight
-    Inception saved with save_inception, a reference .npz with precomputed mu/sigma and
-    mu_s/sigma_s. Its logged FID and sFID equal the Fréchet distances (numpy eigenvalues)
-    of the features of the same samples, and its Inception Score ADM's formula on them."""
+    """One "fid" evaluation of a tiny model: 3 samples in sharded batches of 2 (the last
+    one half past num_samples), a random-weight Inception saved with save_inception, a
+    reference .npz with precomputed mu/sigma and mu_s/sigma_s. The logged FID and sFID
+    equal the Fréchet distances (numpy eigenvalues) of the features of the same samples,
+    the Inception Score ADM's formula on their logits. (The trainer's side of running
+    evaluators is the resume test's.)"""
     import jax
 
+    from skipdit_jax import sharding
     from skipdit_jax.evaluation import inception
     from skipdit_jax.training import evaluators
-    from skipdit_jax.training.train import train_and_evaluate
+    from skipdit_jax.training.metric_logging import MetricWriter
 
     monkeypatch.setenv("SKIPDIT_CACHE", str(tmp_path / "cache"))
     weights = tmp_path / "inception.safetensors"
@@ -218,8 +248,11 @@ def test_fid_end_to_end_with_a_random_inception_and_a_tiny_reference(tmp_path, m
         a = rng.standard_normal((d, 16)) * 0.1
         ref[mu], ref[sigma] = rng.standard_normal(d) * 0.1, a @ a.T
     np.savez(tmp_path / "ref.npz", **ref)
-    entry = dict(type="fid", every=2, num_samples=10, batch_size=8, ref=str(tmp_path / "ref.npz"), inception=str(weights), metrics="fid,sfid,is", cfg_scale=1.0)
-    config = _config(steps=2, fid=entry)
+    entry = dict(type="fid", every=2, num_samples=3, batch_size=2, ref=str(tmp_path / "ref.npz"), inception=str(weights), metrics="fid,sfid,is", cfg_scale=1.0)
+    [ev] = [e for e in _build(_config(fid=entry)) if e.name == "fid"]
+    writer = MetricWriter(tmp_path, tensorboard=False)
+    ctx = evaluators.EvalContext(workdir=tmp_path, mesh=sharding.make_mesh(-1, 1), writer=writer)
+    ev.prepare(ctx)
 
     captured = {}
     original = evaluators.FIDEvaluator.features
@@ -229,18 +262,17 @@ def test_fid_end_to_end_with_a_random_inception_and_a_tiny_reference(tmp_path, m
         return out
 
     monkeypatch.setattr(evaluators.FIDEvaluator, "features", keep)
-    train_and_evaluate(config, str(tmp_path / "run"), progress=False)
-    [row] = [r for r in _rows(tmp_path / "run") if "fid/fid" in r]
-    assert row["step"] == 2 and row["fid/seconds"] > 0
+    params = jax.tree.map(lambda p: p + 0.01, ev.family.init_params(0))
+    evaluators.run_evaluations([ev], params, 2, ctx)
+    [row] = _rows(tmp_path)
+    assert row["step"] == 2 and sorted(row) == ["fid/fid", "fid/inception_score", "fid/seconds", "fid/sfid", "step"]
 
     feats = captured["features"]
-    assert feats["pool"].shape == (10, 2048) and feats["spatial"].shape == (10, 2023) and feats["logits"].shape == (10, 1008)
+    assert feats["pool"].shape == (3, 2048) and feats["spatial"].shape == (3, 2023) and feats["logits"].shape == (3, 1008)
+    assert len({tuple(f[:8]) for f in feats["pool"]}) == 3  # three different samples
     for key, mu, sigma, name in (("pool", "mu", "sigma", "fid/fid"), ("spatial", "mu_s", "sigma_s", "fid/sfid")):
         f = feats[key].astype(np.float64)
-        s1 = np.cov(f, rowvar=False)
-        trace_sqrt = np.sum(np.sqrt(np.clip(np.linalg.eigvals(s1 @ ref[sigma]).real, 0, None)))
-        expected = np.sum((f.mean(0) - ref[mu]) ** 2) + np.trace(s1) + np.trace(ref[sigma]) - 2 * trace_sqrt
-        np.testing.assert_allclose(row[name], expected, rtol=1e-3)
+        np.testing.assert_allclose(row[name], _frechet_low_rank(f, ref[mu], ref[sigma]), rtol=1e-3)
     p = np.exp(feats["logits"] - feats["logits"].max(1, keepdims=True))
     p /= p.sum(1, keepdims=True)
     kl = np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1)

@@ -26,7 +26,7 @@ TINY = [
     "--config.data.image_size=8",
     "--config.train.global_batch_size=8",
     "--config.train.log_every=1",
-    "--config.sample.every=0",
+    "--config.evals.grid.every=0",
     "--config.checkpoint.every=4",
     "--config.checkpoint.async_save=False",
     "--config.optimizer.warmup_steps=0",
@@ -45,8 +45,9 @@ def run_train(workdir, *extra, env=None, timeout=600):
 
 
 def losses(workdir):
+    """step -> loss of the training rows (evaluation rows, e.g. {"step", "grid/seconds"}, have no loss)."""
     rows = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
 def _env(devices=None):
@@ -203,12 +204,14 @@ def test_two_processes_match_one_process_with_two_devices(tmp_path):
     single = tmp_path / "single"
     run_train(single, "--config.train.steps=12", env=_env(2))
     multi = tmp_path / "multi"
-    sampling = ["--config.sample.every=6", "--config.sample.num_steps=2", "--config.sample.num_per_class=8", "--config.sample.batch_size=16"]
+    sampling = ["--config.evals.grid.every=6", "--config.sample.num_steps=2", "--config.sample.num_per_class=8", "--config.sample.batch_size=16"]
     outs = _run_two_processes(multi, "--config.train.steps=12", *sampling)
     a, b = losses(single), losses(multi)
     np.testing.assert_allclose([b[s] for s in range(1, 13)], [a[s] for s in range(1, 13)], rtol=1e-5)
     assert sorted(os.listdir(multi / "samples")) == ["step_0000006.png", "step_0000012.png"]
     assert outs[0].count("sample grid of 64 written") == 2 and "sample grid" not in outs[1]
+    grid_rows = [r["step"] for r in map(json.loads, open(multi / "metrics.jsonl")) if "grid/seconds" in r]
+    assert grid_rows == [6, 12]  # one row per evaluation, written by process 0 alone
     from PIL import Image
 
     from skipdit_jax import images
@@ -260,7 +263,8 @@ def test_config_errors_are_one_line_before_compiling(tmp_path, overrides, needle
 def test_gs_workdir_trains_resumes_and_samples(tmp_path):
     """A gs:// workdir (the fake of tests/fake_gcs.py, installed in the training process):
     checkpoints, metrics (rewritten whole, never appended), samples and the resume all go
-    through epath/Orbax; nothing lands in a local "gs:" folder."""
+    through epath/Orbax; nothing lands in a local "gs:" folder. The grid is asked for with
+    the old spelling, `sample.every`."""
     pytest.importorskip("fake_gcs")
     root, cwd = tmp_path / "gcs", tmp_path / "cwd"
     cwd.mkdir()

@@ -21,8 +21,9 @@ take the type's defaults (`Evaluator.defaults`). An unknown type or key, or a ba
 is one `ConfigError` line from `build_evaluators`, which `config.validate` calls before
 anything compiles.
 
-`config.sample.every` is the old spelling of `evals.grid.every` and still works (with a
-warning); setting both to different non-zero values is an error.
+`config.sample.every` is the old spelling of `evals.grid.every` and is still honoured
+(None = unset): 0 turns the grid off, N > 0 sets its interval; a different non-zero
+`evals.grid.every` beside it is an error.
 
 Running: every process takes part (sampling and feature extraction are sharded over the
 mesh); process 0 writes one metrics.jsonl row per evaluation, `{"step": s,
@@ -123,7 +124,11 @@ def _entries(config) -> dict[str, dict]:
     """config.evals as plain dicts, with `sample.every` (the old spelling of
     `evals.grid.every`) folded in: 0 turns the grid off, N > 0 sets its interval, and a
     different non-zero `evals.grid.every` beside it is an error."""
-    entries = {name: dict(entry) for name, entry in config.get("evals", {}).items()}
+    entries = {}
+    for name, entry in config.get("evals", {}).items():
+        if not hasattr(entry, "keys"):
+            raise ConfigError(f"evals.{name} must be a dict with a type and every, got {entry!r}")
+        entries[name] = dict(entry)
     old = config.sample.get("every")
     if old is None:
         return entries
@@ -136,11 +141,11 @@ def _entries(config) -> dict[str, dict]:
     grid["every"] = old
     if old and old not in _WARNED:
         _WARNED.add(old)
-        logging.warning("sample.every is deprecated: write evals.grid.every=%d instead", old)
+        logging.info("sample.every is the old spelling of evals.grid.every (=%d)", old)
     return entries
 
 
-_WARNED: set[int] = set()  # the deprecation warning once per process, not per validation
+_WARNED: set[int] = set()  # logged once per process, not per validation
 
 
 def build_evaluators(config, family) -> list[Evaluator]:
@@ -279,6 +284,14 @@ def to_global(a: np.ndarray, array_sharding) -> jax.Array:
     """A global array from a host array every process holds whole: each process fills
     only its addressable shards (works across hosts, unlike `jax.device_put`)."""
     return jax.make_array_from_callback(a.shape, array_sharding, lambda idx: a[idx])
+
+
+def replicated(tree, mesh):
+    """`tree` with every array replicated over `mesh` (as the sample-many batch function
+    takes its parameters): FSDP-sharded EMA weights are gathered for the evaluation."""
+    if all(getattr(a, "sharding", None) is not None and a.sharding.is_fully_replicated for a in jax.tree.leaves(tree)):
+        return tree
+    return jax.device_put(tree, sharding.replicated(mesh))
 
 
 def gather(x) -> np.ndarray:
@@ -446,9 +459,9 @@ class FIDEvaluator(Evaluator):
         if s["num_samples"] < 2:
             raise self.err("num_samples must be >= 2 for a Fréchet distance")
         if not s["ref"]:
-            raise self.err("ref (the reference batch .npz or image folder, local or gs://) is required")
+            raise self.err(f"ref (the reference batch .npz or image folder, local or gs://) is required; or set evals.{self.name}.every=0")
         if not paths.as_path(s["ref"]).exists():
-            raise self.err(f"reference {s['ref']} not found")
+            raise self.err(f"reference {s['ref']} not found: set evals.{self.name}.ref, or evals.{self.name}.every=0 to turn it off")
         if s["inception"] and "://" not in s["inception"] and not paths.as_path(s["inception"]).exists():
             raise self.err(f"inception weights {s['inception']} not found")
         cache = parse_cache_spec(s["cache"] or None)
@@ -498,6 +511,7 @@ class FIDEvaluator(Evaluator):
         past `num_samples` the indices go on, so every batch has the compiled shape."""
         num, n = self.settings["num_samples"], per_call(self.settings["batch_size"])
         batch_sharding = sharding.batch_sharding(ctx.mesh)
+        params = replicated(params, ctx.mesh)
         for lo in range(0, num, n):
             ctx.check_stop()
             images_u8, _ = self.batch_fn(params, self.vae[1], to_global(np.arange(lo, lo + n, dtype=np.int32), batch_sharding))

@@ -323,6 +323,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
                 break
             if due:
                 mngr.wait_until_finished()  # the checkpoint of this step is on disk before its evaluations
+                interval.flush(step)  # and so are its training metrics (a kill during a long evaluation loses none)
                 t_eval = time.perf_counter()
                 was_preempted = not _evaluate(due, state, step, eval_ctx)
                 interval.t_start += time.perf_counter() - t_eval  # throughput counts training only
