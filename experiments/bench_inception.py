@@ -37,10 +37,11 @@ FLAGS = flags.FLAGS
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
 
 
-def _timed(fn) -> float:
-    start = time.perf_counter()
+def _timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds of this process, all threads) of one call."""
+    start, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(_):
@@ -91,8 +92,8 @@ def main(_):
 
         runs[f"pytorch-fid InceptionV3 (torch, {FLAGS.torch_threads} threads)"] = torch_run
 
-    compile_s = {name: _timed(fn) for name, fn in runs.items()}  # warm-up: compilation, caches
-    times: dict[str, list[float]] = {name: [] for name in runs}
+    compile_s = {name: _timed(fn)[0] for name, fn in runs.items()}  # warm-up: compilation, caches
+    times: dict[str, list[tuple[float, float]]] = {name: [] for name in runs}
     for _ in range(FLAGS.repeats):  # interleaved: every setting sees the same load
         for name, fn in runs.items():
             times[name].append(_timed(fn))
@@ -112,12 +113,18 @@ def main(_):
         f"--batch {FLAGS.batch} --size {FLAGS.size} --repeats {FLAGS.repeats} --torch_threads {FLAGS.torch_threads}"
         f"{'' if FLAGS.xla_tuning else ' --noxla_tuning'}`; {m['date']}, commit {m['git_commit']}{' (modified)' if m['git_dirty'] else ''}.\n"
     )
-    print("| implementation | s / batch (median) | images/s | runs (s) | first call (s) |")
-    print("|---|---|---|---|---|")
+    print(
+        "Wall time is what a user waits; CPU time (all threads of the process) is the work done, "
+        "the steadier number when other programs share the cores.\n"
+    )
+    print("| implementation | wall s / batch (median) | images/s | CPU s / batch (median) | images per CPU-second | wall runs (s) | first call (s) |")
+    print("|---|---|---|---|---|---|---|")
     for name, ts in times.items():
-        med = float(np.median(ts))
-        runs_text = ", ".join(f"{t:.2f}" for t in ts)
-        print(f"| {name} | {med:.3f} | {FLAGS.batch / med:.1f} | {runs_text} | {compile_s[name]:.1f} |")
+        wall, cpu = (float(np.median([t[i] for t in ts])) for i in (0, 1))
+        runs_text = ", ".join(f"{t[0]:.2f}" for t in ts)
+        print(
+            f"| {name} | {wall:.3f} | {FLAGS.batch / wall:.1f} | {cpu:.2f} | {FLAGS.batch / cpu:.2f} | {runs_text} | {compile_s[name]:.1f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -21,11 +21,13 @@ Outputs of `inception_features(params, images)` (float32):
   BN + ReLU) of Mixed_6d.branch1x1 (17x17x192), first 7 channels, flattened in NHWC
   order (17 * 17 * 7).
 
-Against ADM's TensorFlow evaluator: the weights are the same, but pytorch-fid's resize
-and normalisation are not bit-for-bit those of the TF graph ADM runs (its own resize op
-and input scaling), so FIDs from here match pytorch-fid's and differ slightly from the
-numbers ADM's TF evaluator prints for the same samples (of the order of 0.1-1 FID; compare
-like with like).
+Against ADM's TensorFlow evaluator: the weights are those of the TF graph ADM runs, but
+its input pipeline is the graph's own (TF1 `ResizeBilinear` without half-pixel centres,
+then (x - 128) / 128), not pytorch-fid's above. FIDs from here are therefore pytorch-fid's
+FIDs and differ slightly from the numbers ADM's TF evaluator prints for the same samples.
+pytorch-fid's README reports 0.08 absolute (0.0009 relative) FID against the TF
+implementation on one LSUN/ProGAN test; this project has not measured the gap on ImageNet,
+so compare like with like.
 
 Speed: every BatchNorm is folded into its conv once (`fold_batchnorm`), so the network runs
 as conv + bias + ReLU. Convs and the fc product use `Precision.HIGHEST`: on GPU/TPU the
@@ -414,11 +416,15 @@ def make_feature_fn(params, mesh: Mesh):
     per image shape (jit's cache)."""
     replicated = NamedSharding(mesh, P())
     batch = NamedSharding(mesh, _batch_spec(mesh))
-    folded = jax.jit(fold_batchnorm, out_shardings=replicated)(jax.device_put(params, replicated))
+    # Every process holds the same host params; each puts them on its own devices only.
+    on_mesh = jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), replicated, lambda i, a=a: np.asarray(a)[i]), params)
+    folded = jax.jit(fold_batchnorm, out_shardings=replicated)(on_mesh)
     forward = jax.jit(_forward, in_shardings=(replicated, batch), out_shardings=batch)
 
     def feature_fn(images):
         _check_images(images)
+        if images.shape[0] % mesh.size:
+            raise UserError(f"the batch ({images.shape[0]} images) must be a multiple of the {mesh.size} devices of the mesh")
         return forward(folded, images)
 
     return feature_fn
