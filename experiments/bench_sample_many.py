@@ -16,6 +16,7 @@ No VAE: the uint8 images are latent channels 0-2.
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 import time
@@ -68,6 +69,8 @@ def main(_):
         "cache": f"Skip-Cache {FLAGS.cache} (N,k)",
         "devices": f"{jax.device_count()} x {jax.devices()[0].device_kind}",
         "machine": machine(),
+        # The machine may be shared: timings of the two settings are then noisy.
+        "load average at start (1 min)": round(os.getloadavg()[0], 2),
     }
     rows = {}
     for name, spec in (("uncached", None), ("Skip-Cache", FLAGS.cache)):
@@ -84,7 +87,7 @@ def main(_):
     print("### sample-many: time outside the jitted sampler\n")
     for k, v in settings.items():
         print(f"- {k}: {v if not isinstance(v, dict) else ', '.join(f'{a} {b}' for a, b in v.items())}")
-    print("- command: `python experiments/bench_sample_many.py " + " ".join(sys.argv[1:]) + "`\n")
+    print("- command: `" + " ".join(["python experiments/bench_sample_many.py", *sys.argv[1:]]) + "`\n")
     print("| setting | images/s | loop s | inside jit s | outside jit | compile s | .npz assembly s | measured cache speedup (one batch) |")
     print("|---|---|---|---|---|---|---|---|")
     for name, s in rows.items():

@@ -145,6 +145,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
                 f"{100 * summary['outside_fraction']:.1f}% of the time outside the jitted sampler)"
             )
         if "measured_speedup" in summary:
-            line += f"; cache speedup {summary['measured_speedup']:.2f}x ({summary['full_seconds_batch']:.2f} s vs {summary['cached_seconds_batch']:.2f} s per batch)"
+            full, cached = summary["full_seconds_batch"], summary["cached_seconds_batch"]
+            line += f"; cache speedup {summary['measured_speedup']:.2f}x ({full:.3g} s vs {cached:.3g} s per batch)"
         print(line)
     return 0

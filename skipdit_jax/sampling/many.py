@@ -501,6 +501,8 @@ def check_run(config, *, num, seed, batch_size, cfg_scale, cfg_channels, cache, 
         lower, upper = batch_size // n_dev * n_dev, (batch_size // n_dev + 1) * n_dev
         hint = f"{upper}" if lower < 1 else f"{lower} or {upper}"
         raise UserError(f"--batch_size {batch_size} is not a positive multiple of the {n_dev} devices; use {hint}")
+    if len(family.sample_shape) != 3:
+        raise UserError(f"sample-many draws images; this model's samples have shape {family.sample_shape}")
     if family.is_conditional and family.condition_kind != "class":
         raise UserError(f"sample-many draws class labels; the {family.name} family is conditioned on {family.condition_kind}")
     if classes is not None:
