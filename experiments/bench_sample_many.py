@@ -88,10 +88,18 @@ def main(_):
     for k, v in settings.items():
         print(f"- {k}: {v if not isinstance(v, dict) else ', '.join(f'{a} {b}' for a, b in v.items())}")
     print("- command: `" + " ".join(["python experiments/bench_sample_many.py", *sys.argv[1:]]) + "`\n")
-    print("| setting | images/s | loop s | inside jit s | outside jit | compile s | .npz assembly s | measured cache speedup (one batch) |")
+    print(
+        "| setting | images/s | loop s | inside jit s | outside jit | compile s | .npz assembly s "
+        "| cache speedup, one batch: measured (median of 3) / predicted from block counts |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     for name, s in rows.items():
-        speedup = f"{s['measured_speedup']:.2f}x ({s['full_seconds_batch']:.2f} s vs {s['cached_seconds_batch']:.2f} s)" if "measured_speedup" in s else "-"
+        speedup = "-"
+        if "measured_speedup" in s:
+            speedup = (
+                f"{s['measured_speedup']:.2f}x ({s['full_seconds_batch']:.2f} s vs {s['cached_seconds_batch']:.2f} s)"
+                f" / {s['predicted_speedup']:.2f}x"
+            )
         print(
             f"| {name} | {s['images_per_s']:.1f} | {s['seconds']:.2f} | {s['inside_seconds']:.2f} | {100 * s['outside_fraction']:.2f}% "
             f"| {s['compile_seconds']:.1f} | {s['assemble_seconds']:.3f} | {speedup} |"

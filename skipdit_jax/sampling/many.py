@@ -48,7 +48,7 @@ import skipdit_jax
 from skipdit_jax import paths, sharding
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import config_to_dict, family_of
-from skipdit_jax.sampling.sampler import build_sampler, check_settings, resolve_respacing
+from skipdit_jax.sampling.sampler import build_sampler, check_settings, resolve_respacing, sampling_timesteps
 
 # The official FID-50K settings (DiT / Skip-DiT sample_ddp.py): 250 DDPM steps, guidance
 # 1.5 on the first 3 eps channels, labels uniform over the classes, SD VAE (ft-EMA) decode.
@@ -472,6 +472,9 @@ def sample_many(
         summary.update(_draw(fn, g_params, g_vae, plan, todo, out, batch, main, progress, _stop_after))
         if cache is not None and compare:
             summary.update(_compare(fn, make_batch_fn(config, mesh, cache=None, **kw), g_params, g_vae, idx0))
+            if not getattr(cache, "adaptive", False):  # an adaptive cache's schedule is only known while sampling
+                plan_ = cache.plan(sampling_timesteps(sampler, None, respacing), family.depth_units)
+                summary["predicted_speedup"] = round(plan_.predicted_speedup, 3)
     if not final_done:
         t0 = time.perf_counter()
         if main:
@@ -579,8 +582,9 @@ def _draw(fn, params, vae_params, plan: Plan, todo, out, batch_sharding, main: b
     }
 
 
-def _compare(cached_fn, make_uncached, params, vae_params, idx) -> dict:
-    """Seconds of one batch without and with the cache, both compiled beforehand."""
+def _compare(cached_fn, make_uncached, params, vae_params, idx, repeats: int = 3) -> dict:
+    """Seconds of one batch without and with the cache (both compiled beforehand), each
+    the median of `repeats` runs taken in turns, so a passing load hits both alike."""
     full_fn = make_uncached.lower(params, vae_params, idx).compile()
 
     def timed(f):
@@ -588,7 +592,8 @@ def _compare(cached_fn, make_uncached, params, vae_params, idx) -> dict:
         jax.block_until_ready(f(params, vae_params, idx))
         return time.perf_counter() - t0
 
-    t_full, t_cached = timed(full_fn), timed(cached_fn)
+    runs = [(timed(full_fn), timed(cached_fn)) for _ in range(repeats)]
+    t_full, t_cached = (float(np.median(column)) for column in zip(*runs))
     return {
         "full_seconds_batch": round(t_full, 4),
         "cached_seconds_batch": round(t_cached, 4),
