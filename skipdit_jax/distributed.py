@@ -1,8 +1,9 @@
 """Multi-host start-up: `jax.distributed.initialize`, explicit or auto-detected.
 
 Explicit: `--coordinator_address HOST:PORT --num_processes N --process_id I` (all three).
-Auto: on Cloud TPU pods and under SLURM with more than one task, JAX finds the cluster
-itself. On CPU, processes exchange data through gloo collectives.
+Auto: under SLURM with more than one task and on TPU pods that set TPU_WORKER_HOSTNAMES
+(GKE), JAX finds the cluster itself; SKIPDIT_DISTRIBUTED=1 asks JAX to detect the cluster
+anyway (Cloud TPU VMs created with gcloud, where JAX reads the metadata server). On CPU, processes exchange data through gloo collectives.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ def define_flags(fv: flags.FlagValues) -> None:
 def _auto_cluster() -> bool:
     slurm = int(os.environ.get("SLURM_NTASKS", "1")) > 1 and "SLURM_JOB_ID" in os.environ
     tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return slurm or tpu_pod
+    forced = os.environ.get("SKIPDIT_DISTRIBUTED", "") == "1"
+    return slurm or tpu_pod or forced
 
 
 def initialize(coordinator_address: str | None = None, num_processes: int | None = None, process_id: int | None = None) -> None:
