@@ -91,7 +91,7 @@ def copy_file(src: PathLike, dst: PathLike) -> epath.Path:
     """Stream `src` to `dst` (either local or remote) through a temporary sibling of `dst`
     and a rename: `dst` holds either its old content or all of `src`."""
     src, dst = as_path(src), as_path(dst)
-    with _written_atomically(dst) as tmp, src.open("rb") as fin, tmp.open("wb") as fout:
+    with written_atomically(dst) as tmp, src.open("rb") as fin, tmp.open("wb") as fout:
         while chunk := fin.read(_CHUNK):
             fout.write(chunk)
     return dst
@@ -130,7 +130,7 @@ def _temporary_sibling(path: epath.Path) -> epath.Path:
 
 
 @contextlib.contextmanager
-def _written_atomically(path: epath.Path) -> Iterator[epath.Path]:
+def written_atomically(path: epath.Path) -> Iterator[epath.Path]:
     """A temporary sibling of `path` to write; renamed over `path` when the block
     completes, removed if it raises (so `path` keeps its old content)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,7 +146,7 @@ def _written_atomically(path: epath.Path) -> Iterator[epath.Path]:
 def atomic_write_bytes(path: PathLike, data: bytes) -> epath.Path:
     """Write `data` to `path` through a temporary sibling and a rename."""
     path = as_path(path)
-    with _written_atomically(path) as tmp:
+    with written_atomically(path) as tmp:
         tmp.write_bytes(data)
     return path
 

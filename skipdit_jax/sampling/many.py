@@ -227,7 +227,7 @@ def save_npz(path, arrays: dict) -> None:
     path is built in a local temporary file first, as zip writing needs to seek)."""
     path = paths.as_path(path)
     if paths.is_local(path):
-        with paths._written_atomically(path) as tmp, tmp.open("wb") as f:  # noqa: SLF001 (the package's atomic-write helper)
+        with paths.written_atomically(path) as tmp, tmp.open("wb") as f:
             write_npz(f, arrays)
         return
     import tempfile
