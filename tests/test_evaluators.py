@@ -100,22 +100,24 @@ def test_an_evaluator_that_is_off_is_not_checked_and_a_reference_may_be_remote(t
 
 
 def test_sample_every_is_the_old_spelling_of_evals_grid_every():
-    def grid_every(**sample):
-        config = _config()
+    """sample.every sets the grid's interval unless evals.grid.every is non-zero."""
+
+    def grid_every(sample_every=None, **evals):
+        config = _config(**evals)
         with config.unlocked():
-            config.sample.update(sample)
+            config.sample.every = sample_every
         return {ev.name: ev.every for ev in _build(config)}["grid"]
 
     assert grid_every() == 0
-    assert grid_every(every=6) == 6
-    config = _config(grid=dict(type="grid", every=5))
-    assert {ev.name: ev.every for ev in _build(config)}["grid"] == 5
+    assert grid_every(6) == 6
+    assert grid_every(grid=dict(type="grid", every=5)) == 5
+    assert grid_every(0, grid=dict(type="grid", every=5)) == 5  # the new spelling wins
+    assert grid_every(7, grid=dict(type="grid", every=5)) == 5
+    assert grid_every(7, grid=dict(type="grid", every=0)) == 7
+    config = _config(grid=dict(type="fid", every=0))
     with config.unlocked():
-        config.sample.every = 0  # what old scripts write to turn grids off
-    assert {ev.name: ev.every for ev in _build(config)}["grid"] == 0
-    with config.unlocked():
-        config.sample.every = 7
-    with pytest.raises(ConfigError, match="sample.every=7 and evals.grid.every=5 disagree.*set only evals.grid.every"):
+        config.sample.every = 3
+    with pytest.raises(ConfigError, match="sample.every is the old spelling of evals.grid.every, but evals.grid is not a 'grid'"):
         _build(config)
 
 

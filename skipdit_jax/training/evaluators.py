@@ -22,8 +22,9 @@ is one `ConfigError` line from `build_evaluators`, which `config.validate` calls
 anything compiles.
 
 `config.sample.every` is the old spelling of `evals.grid.every` and is still honoured
-(None = unset): 0 turns the grid off, N > 0 sets its interval; a different non-zero
-`evals.grid.every` beside it is an error.
+(None = unset): it sets the grid's interval (0 = off) unless `evals.grid.every` is
+non-zero, which wins (so a command-line `--config.evals.grid.every=N` works on a config
+file that still writes `sample.every`).
 
 Running: every process takes part (sampling and feature extraction are sharded over the
 mesh); process 0 writes one metrics.jsonl row per evaluation, `{"step": s,
@@ -122,8 +123,8 @@ def sampler_keys(config) -> tuple[str, ...]:
 
 def _entries(config) -> dict[str, dict]:
     """config.evals as plain dicts, with `sample.every` (the old spelling of
-    `evals.grid.every`) folded in: 0 turns the grid off, N > 0 sets its interval, and a
-    different non-zero `evals.grid.every` beside it is an error."""
+    `evals.grid.every`) folded in: it sets the grid's interval unless `evals.grid.every`
+    is set (non-zero), which wins."""
     entries = {}
     for name, entry in config.get("evals", {}).items():
         if not hasattr(entry, "keys"):
@@ -135,13 +136,11 @@ def _entries(config) -> dict[str, dict]:
     grid = entries.setdefault("grid", {"type": "grid", "every": 0})
     if grid.get("type") != "grid":
         raise ConfigError("sample.every is the old spelling of evals.grid.every, but evals.grid is not a 'grid' evaluator")
-    new = grid.get("every", 0)
-    if old and new and new != old:
-        raise ConfigError(f"sample.every={old} and evals.grid.every={new} disagree: sample.every is the old spelling; set only evals.grid.every")
-    grid["every"] = old
-    if old and old not in _WARNED:
-        _WARNED.add(old)
-        logging.info("sample.every is the old spelling of evals.grid.every (=%d)", old)
+    if not grid.get("every"):
+        grid["every"] = old
+        if old and old not in _WARNED:
+            _WARNED.add(old)
+            logging.info("sample.every is the old spelling of evals.grid.every (=%d)", old)
     return entries
 
 
@@ -462,7 +461,7 @@ class FIDEvaluator(Evaluator):
             raise self.err(f"ref (the reference batch .npz or image folder, local or gs://) is required; or set evals.{self.name}.every=0")
         if not paths.as_path(s["ref"]).exists():
             raise self.err(f"reference {s['ref']} not found: set evals.{self.name}.ref, or evals.{self.name}.every=0 to turn it off")
-        if s["inception"] and "://" not in s["inception"] and not paths.as_path(s["inception"]).exists():
+        if s["inception"] and not s["inception"].startswith(("http://", "https://", "hf://")) and not paths.as_path(s["inception"]).exists():
             raise self.err(f"inception weights {s['inception']} not found")
         cache = parse_cache_spec(s["cache"] or None)
         channels = self.family.sample_shape[-1]
