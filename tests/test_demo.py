@@ -1,5 +1,6 @@
-"""The demo end to end on a tiny model: classifier, training through the trainer,
-sampling with and without Skip-Cache, the report and images; and its bad input.
+"""The demo end to end on a tiny model: classifier, training through the trainer (with the
+in-loop classifier-FID curve), sampling with and without Skip-Cache, the report and images;
+the same with --compare-dit (a DiT without long skips, both curves); and its bad input.
 
 It runs from a regular (not editable) install of the package into a scratch directory,
 started from another working directory: the library must not read files outside the
@@ -32,7 +33,13 @@ TINY = {
     "sample.every": 0,
     "sample.num_steps": 5,
     "demo.reserve_seconds": 10.0,
+    # The classifier-FID curve: every 8 // 2 = 4 steps (every 2 with --compare-dit), tiny.
+    "demo.curve_points": 2,
+    "evals.classifier_fid.num_samples": 20,
+    "evals.classifier_fid.batch_size": 20,
+    "evals.classifier_fid.num_steps": 2,
 }
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture(scope="module")
@@ -47,13 +54,20 @@ def installed(tmp_path_factory):
     return target
 
 
+def _metric_rows(workdir, key):
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
 def test_demo_end_to_end_from_an_installed_package(tmp_path, installed):
+    # Then, in the same process (compilations shared), the demo with --compare-dit.
     script = textwrap.dedent(
         f"""
         import json, skipdit_jax
         assert skipdit_jax.__file__.startswith({str(installed)!r}), skipdit_jax.__file__
         from skipdit_jax.demo.image import run_demo
         report = run_demo("demo-out", minutes=3, samples_per_class=1, overrides={TINY!r})  # relative, as in the Quickstart
+        run_demo("demo-cmp", minutes=4, samples_per_class=1, overrides={TINY!r}, compare_dit=True)
         print(json.dumps(report["train"]))
         """
     )
@@ -83,6 +97,43 @@ def test_demo_end_to_end_from_an_installed_package(tmp_path, installed):
         assert round(row["class_accuracy"], 3) in tenths
     for name in ["samples_full.png", "loss.png"] + [f"samples_cache{n}.png" for n in CACHE_INTERVALS]:
         assert (tmp_path / name).stat().st_size > 0
+    # The classifier-FID curve, measured in the loop with the demo's classifier (saved for it).
+    assert json.loads((tmp_path / "classifier" / "classifier_meta.json").read_text())["image_size"] == 8
+    curve = on_disk["curve"]
+    logged = _metric_rows(tmp_path / "train", "classifier_fid/fid")
+    assert [s for s, _ in logged] == curve["steps"] == [4, 8]
+    assert curve["values"] == pytest.approx([v for _, v in logged], abs=1e-4) and all(v > 0 for v in curve["values"])
+    assert (curve["metric"], curve["every"], curve["num_samples"], curve["sampler"], curve["cache"]) == ("classifier_fid/fid", 4, 20, "ddim2", "none")
+    twentieths = {round(i / 20, 3) for i in range(21)}  # 20 samples
+    assert len(curve["class_accuracy"]) == 2 and all(round(a, 3) in twentieths for a in curve["class_accuracy"])
+    eval_seconds = sum(v for _, v in _metric_rows(tmp_path / "train", "classifier_fid/seconds"))
+    assert curve["eval_seconds"] == round(eval_seconds, 1) > 0
+    assert curve["overhead"] == pytest.approx(eval_seconds / (on_disk["train"]["seconds"] - eval_seconds), rel=0.05)
+    assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    plotted = json.loads((tmp_path / "curves.json").read_text())
+    assert [r["curve"]["steps"] for r in plotted["runs"]] == [[4, 8]] and "compare_dit" not in on_disk
+
+    # --compare-dit: a DiT without long skips trains for the same seconds; both curves on one plot.
+    cmp_dir = tmp_path.parent / "demo-cmp"
+    cmp = json.loads((cmp_dir / "report.json").read_text())
+    c = cmp["compare_dit"]
+    assert json.loads((cmp_dir / "train" / "model_config.json").read_text())["long_skip"] is True
+    assert json.loads((cmp_dir / "train_dit" / "model_config.json").read_text())["long_skip"] is False
+    assert c["budget"].startswith("the same seconds") and c["dit_train"]["steps"] == 8
+    skip_curve, dit_curve = _metric_rows(cmp_dir / "train", "classifier_fid/fid"), _metric_rows(cmp_dir / "train_dit", "classifier_fid/fid")
+    assert [s for s, _ in skip_curve] == cmp["curve"]["steps"] == [2, 4, 6, 8]  # twice the points: half the time each
+    assert [s for s, _ in dit_curve] == c["dit_curve"]["steps"] == [2, 4, 6, 8]
+    # The target is the DiT's final value; the first step at or below it, found here by hand.
+    target = dit_curve[-1][1]
+    assert c["target"] == round(target, 4)
+    first = lambda rows: next((s for s, v in rows if v <= target), None)  # noqa: E731
+    assert c["dit"]["step"] == first(dit_curve) and c["dit"]["reached"] is True
+    assert c["skipdit"]["step"] == first(skip_curve) and c["skipdit"]["reached"] is (first(skip_curve) is not None)
+    skip_steps = first(skip_curve) or skip_curve[-1][0]
+    assert c["steps_ratio"] == round(first(dit_curve) / skip_steps, 3)
+    assert c["bound"] == (None if first(skip_curve) else "upper")
+    assert (cmp_dir / "curves.png").read_bytes()[:8] == PNG_MAGIC
+    assert [r["label"] for r in json.loads((cmp_dir / "curves.json").read_text())["runs"]] == ["Skip-DiT", "DiT"]
 
 
 def test_demo_bad_minutes_is_one_line(tmp_path):

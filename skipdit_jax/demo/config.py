@@ -7,8 +7,8 @@ them for `skipdit train`.
     skipdit demo                       # the same settings, plus classifier scoring and cache timings
 
 Produces WORKDIR/metrics.jsonl, TensorBoard events, Orbax checkpoints and EMA sample grids
-(Skip-Cache N=2) under WORKDIR/samples/. `get_config("dit")` is the same model without long
-skips (configs/mnist_dit.py).
+(Skip-Cache N=2, every 1,000 steps) under WORKDIR/samples/. `get_config("dit")` is the same
+model without long skips (configs/mnist_dit.py).
 
 Why these settings (measured on 2 CPU cores, 2026-11-27; see BENCHMARKS.md, "The demo"):
   * 16x16 digits (anti-aliased resize) with patch 4: 16 tokens. At 16x16 the digits are
@@ -32,6 +32,13 @@ Result: 4,500 steps in 663 s, class accuracy 1.00 full and with Skip-Cache N=2,3
 
 from skipdit_jax.training.config import default_config, finalize
 
+# The demo's classifier-FID curve (an entry of config.evals): off here (`skipdit train` with
+# this config needs no classifier); `skipdit demo` sets `every` and the classifier it trained.
+# DDIM-10 on 300 samples (30 per class) in two batches, uncached, so that Skip-DiT and DiT
+# curves come from the same sampler.
+CURVE_EVAL = dict(type="classifier_fid", every=0, classifier="", num_samples=300, batch_size=150, num_steps=10, cache_interval=1)
+CURVE_POINTS = 6  # evaluations over train.steps (twice as many with --compare-dit: half the time each)
+
 
 def get_config(arg: str | None = None):
     c = default_config()
@@ -40,6 +47,8 @@ def get_config(arg: str | None = None):
     c.train.update(steps=4500, global_batch_size=64, log_every=50, ema_decay=0.999, ema_warmup=True, min_snr_gamma=5.0)
     c.optimizer.update(lr=1e-3, warmup_steps=200, decay="cosine", end_lr_factor=0.05)
     c.checkpoint.update(every=500, keep=2)
+    # sample.every (the grid's interval) keeps its old spelling: tests and experiments set it.
     c.sample.update(every=1000, sampler="ddim", num_steps=50, cfg_scale=4.0, cache_interval=2, shallow_blocks=2, clip_denoised=True)
-    c.demo.update(samples_per_class=10, reserve_seconds=150.0)
+    c.evals.classifier_fid = dict(CURVE_EVAL)
+    c.demo.update(samples_per_class=10, reserve_seconds=150.0, curve_points=CURVE_POINTS)
     return finalize(c)
