@@ -26,6 +26,7 @@ TINY = [
     "--config.data.image_size=8",
     "--config.train.global_batch_size=8",
     "--config.train.log_every=1",
+    "--config.sample.every=0",  # no grids, whichever spelling the config file uses
     "--config.evals.grid.every=0",
     "--config.checkpoint.every=4",
     "--config.checkpoint.async_save=False",
@@ -250,6 +251,7 @@ def test_profiler_trace_and_gradient_accumulation(tmp_path):
         (["--config.mesh.data=3"], "does not match the 4 devices"),
         (["--config.train.grad_accum_steps=4"], "not divisible by train.grad_accum_steps 4 x 4 devices"),
         (["--config.train.profile_steps=-1"], "profile_steps must be >= 0"),
+        (["--config.evals.grid.every=-1"], "evals.grid.every must be an integer >= 0 (0 = off), got -1"),
     ],
 )
 def test_config_errors_are_one_line_before_compiling(tmp_path, overrides, needle):
