@@ -257,7 +257,7 @@ def sample_in_batches(family, params, s: dict, noise: np.ndarray, cond, mesh, ca
     from skipdit_jax.sampling import sample
 
     n = per_call(s["batch_size"])
-    batch_sharding, replicated = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+    batch_sharding, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
     outs = []
     for lo in range(0, len(noise), n):
         if ctx is not None:
@@ -266,7 +266,7 @@ def sample_in_batches(family, params, s: dict, noise: np.ndarray, cond, mesh, ca
         z = to_global(pad_rows(noise[lo : lo + k], n), batch_sharding)
         # The condition (small) is replicated: the sampler checks its values on the host,
         # which a process can only do for an array it holds whole.
-        y = jax.tree.map(lambda a: to_global(pad_rows(a[lo : lo + k], n), replicated), cond)
+        y = jax.tree.map(lambda a: to_global(pad_rows(a[lo : lo + k], n), rep), cond)
         x = sample(
             family.config, params, noise=z, condition=y, sampler=s["sampler"], num_steps=s["num_steps"],
             cfg_scale=s["cfg_scale"] if family.is_conditional else 1.0, cache=cache, clip_denoised=s["clip_denoised"],
