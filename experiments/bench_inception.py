@@ -111,19 +111,22 @@ def main(_):
         f"{m['cpu']}, {m['cpu_cores']} CPU cores, {len(jax.devices())} JAX device(s) ({m['device']}); {versions}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; command: `python experiments/bench_inception.py "
         f"--batch {FLAGS.batch} --size {FLAGS.size} --repeats {FLAGS.repeats} --torch_threads {FLAGS.torch_threads}"
-        f"{'' if FLAGS.xla_tuning else ' --noxla_tuning'}`; {m['date']}, commit {m['git_commit']}{' (modified)' if m['git_dirty'] else ''}.\n"
+        f"{'' if FLAGS.xla_tuning else ' --noxla_tuning'}`; {m['date']}, "
+        f"commit {m['git_commit']}{' (modified)' if m['git_dirty'] else ''}.\n"
     )
     print(
         "Wall time is what a user waits; CPU time (all threads of the process) is the work done, "
         "the steadier number when other programs share the cores.\n"
     )
-    print("| implementation | wall s / batch (median) | images/s | CPU s / batch (median) | images per CPU-second | wall runs (s) | first call (s) |")
+    columns = ["wall s / batch (median)", "images/s", "CPU s / batch (median)", "images per CPU-second", "wall runs (s)"]
+    print("| implementation | " + " | ".join(columns) + " | first call (s) |")
     print("|---|---|---|---|---|---|---|")
     for name, ts in times.items():
         wall, cpu = (float(np.median([t[i] for t in ts])) for i in (0, 1))
         runs_text = ", ".join(f"{t[0]:.2f}" for t in ts)
         print(
-            f"| {name} | {wall:.3f} | {FLAGS.batch / wall:.1f} | {cpu:.2f} | {FLAGS.batch / cpu:.2f} | {runs_text} | {compile_s[name]:.1f} |"
+            f"| {name} | {wall:.3f} | {FLAGS.batch / wall:.1f} | {cpu:.2f} | {FLAGS.batch / cpu:.2f} | {runs_text} "
+            f"| {compile_s[name]:.1f} |"
         )
 
 

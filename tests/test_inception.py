@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import math
 import os
+import socket
 import subprocess
 import sys
 import textwrap
@@ -134,7 +135,8 @@ def test_converter_round_trip_and_errors():
     with pytest.raises(CheckpointError, match=r"unexpected 1 key\(s\): AuxLogits\.fc\.weight"):
         inc.inception_from_torch(extra)
     wrong = {**state, "Mixed_5b.branch5x5_2.conv.weight": np.zeros((64, 48, 3, 3), np.float32)}
-    with pytest.raises(CheckpointError, match=r"Mixed_5b\.branch5x5_2\.conv\.weight has shape \(64, 48, 3, 3\), expected \(64, 48, 5, 5\)"):
+    shape_error = r"Mixed_5b\.branch5x5_2\.conv\.weight has shape \(64, 48, 3, 3\), expected \(64, 48, 5, 5\)"
+    with pytest.raises(CheckpointError, match=shape_error):
         inc.inception_from_torch(wrong)
 
     # Loading a .pth and a .safetensors file: test_convert_inception_cli.
@@ -217,31 +219,64 @@ def test_convert_inception_cli(tmp_path, capsys):
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err and out.read_bytes() == before
 
 
+# argv: OUT.npz [COORDINATOR PROCESS_ID]. One process with 8 simulated devices: 9 images in
+# batches of 8 (the last padded: 1 + 7), and the plain single-device features as the
+# reference. Two processes of one device each: the first 3 images in batches of 2.
 _SHARDED = textwrap.dedent(
     """
+    import sys
     import jax, numpy as np
+    if len(sys.argv) > 2:
+        jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
     from skipdit_jax.evaluation import inception as inc
-    assert jax.device_count() == 8
+    two = len(sys.argv) > 2
+    assert jax.device_count() == (2 if two else 8), jax.device_count()
     params = inc.init_inception(jax.random.key(0))
     images = np.random.default_rng(0).integers(0, 256, (9, 16, 16, 3), dtype=np.uint8)
-    sharded = inc.extract_features(params, images, batch_size=8)  # 2 batches, the last padded (1 + 7)
-    single = jax.tree.map(np.asarray, inc.inception_features(params, images))
-    for k in ("pool", "logits", "spatial"):
-        assert sharded[k].shape == single[k].shape, (k, sharded[k].shape)
-        scale = float(np.abs(single[k]).max())
-        assert scale > 0.1, (k, scale)
-        np.testing.assert_allclose(sharded[k], single[k], rtol=1e-5, atol=1e-5 * scale, err_msg=k)
-    print("OK")
+    images = images[:3] if two else images
+    out = {"sharded_" + k: v for k, v in inc.extract_features(params, images, batch_size=2 if two else 8).items()}
+    if len(sys.argv) == 2:
+        out.update({"single_" + k: np.asarray(v) for k, v in inc.inception_features(params, images).items()})
+    np.savez(sys.argv[1], **out)
     """
 )
 
 
-def test_extract_features_on_8_devices_equals_one_device():
-    env = dict(os.environ)
-    # Without conftest's optimisation level 0: the 299x299 forward passes dominate here and
-    # run twice as fast at XLA's default level, which costs ~0.5 s more to compile.
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
-    env["XLA_FLAGS"] = " ".join([*flags, "--xla_force_host_platform_device_count=8"])
-    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    run = subprocess.run([sys.executable, "-c", _SHARDED], capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
-    assert run.returncode == 0 and "OK" in run.stdout, run.stderr[-3000:]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_extract_features_on_8_devices_and_on_2_processes_equals_one_device(tmp_path):
+    def env(devices):
+        env = dict(os.environ)
+        # Without conftest's optimisation level 0: the 299x299 forward passes dominate here
+        # and run twice as fast at XLA's default level, which costs ~0.5 s more to compile.
+        flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level")]
+        env["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={devices}"])
+        env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    coordinator = f"127.0.0.1:{_free_port()}"
+    runs = [([str(tmp_path / "eight.npz")], 8)]
+    runs += [([str(tmp_path / f"proc{i}.npz"), coordinator, str(i)], 1) for i in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _SHARDED, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(n), cwd=ROOT
+        )
+        for args, n in runs
+    ]
+    for p in procs:
+        _, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+    eight = np.load(tmp_path / "eight.npz")
+    for name in ("eight", "proc0", "proc1"):  # every process gets every row
+        got = np.load(tmp_path / f"{name}.npz")
+        for k in ("pool", "logits", "spatial"):
+            single = eight["single_" + k][: 9 if name == "eight" else 3]
+            scale = float(np.abs(single).max())
+            width = {"pool": 2048, "logits": 1008, "spatial": 2023}[k]
+            assert got["sharded_" + k].shape == single.shape == (len(single), width)
+            assert scale > 0.1, (k, scale)
+            np.testing.assert_allclose(got["sharded_" + k], single, rtol=1e-5, atol=1e-5 * scale, err_msg=f"{name} {k}")

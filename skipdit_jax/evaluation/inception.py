@@ -417,7 +417,10 @@ def make_feature_fn(params, mesh: Mesh):
     replicated = NamedSharding(mesh, P())
     batch = NamedSharding(mesh, _batch_spec(mesh))
     # Every process holds the same host params; each puts them on its own devices only.
-    on_mesh = jax.tree.map(lambda a: jax.make_array_from_callback(np.shape(a), replicated, lambda i, a=a: np.asarray(a)[i]), params)
+    def put(a):
+        return jax.make_array_from_callback(np.shape(a), replicated, lambda index: np.asarray(a)[index])
+
+    on_mesh = jax.tree.map(put, params)
     folded = jax.jit(fold_batchnorm, out_shardings=replicated)(on_mesh)
     forward = jax.jit(_forward, in_shardings=(replicated, batch), out_shardings=batch)
 
@@ -435,7 +438,9 @@ def default_mesh() -> Mesh:
     return jax.make_mesh((jax.device_count(),), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def extract_features(params, images, *, batch_size: int = 200, mesh: Mesh | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+def extract_features(
+    params, images, *, batch_size: int = 200, mesh: Mesh | None = None, progress: bool = False
+) -> dict[str, np.ndarray]:
     """Features of every image of `images`, an array-like (N, H, W, 3) uint8 that every
     process can index (a numpy array, `np.load(..., mmap_mode="r")`, ...).
 
@@ -482,7 +487,8 @@ def extract_features(params, images, *, batch_size: int = 200, mesh: Mesh | None
         if bar is not None:
             bar.close()
     if not outputs:
-        return {"pool": np.zeros((0, 2048), np.float32), "logits": np.zeros((0, 1008), np.float32), "spatial": np.zeros((0, 17 * 17 * SPATIAL_CHANNELS), np.float32)}
+        widths = {"pool": 2048, "logits": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
+        return {k: np.zeros((0, w), np.float32) for k, w in widths.items()}
     return {k: np.concatenate(v) for k, v in outputs.items()}
 
 
