@@ -263,13 +263,20 @@ def test_extract_features_on_8_devices_and_on_2_processes_equals_one_device(tmp_
     runs += [([str(tmp_path / f"proc{i}.npz"), coordinator, str(i)], 1) for i in range(2)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", _SHARDED, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(n), cwd=ROOT
+            [sys.executable, "-c", _SHARDED, *args],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env(n), cwd=ROOT,
         )
         for args, n in runs
     ]
-    for p in procs:
-        _, err = p.communicate(timeout=300)
-        assert p.returncode == 0, err[-3000:]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    finally:  # a failed process leaves its peer waiting for it
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     eight = np.load(tmp_path / "eight.npz")
     for name in ("eight", "proc0", "proc1"):  # every process gets every row
         got = np.load(tmp_path / f"{name}.npz")
