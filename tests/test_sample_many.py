@@ -275,3 +275,37 @@ def test_fid_preset_is_the_official_setting():
     s = command.resolve(fv)
     assert s == {**FID_PRESET, "steps": 10}
     assert FID_PRESET == {"sampler": "ddpm", "steps": 250, "cfg_scale": 1.5, "cfg_channels": 3, "num": 50000, "vae": "hf://stabilityai/sd-vae-ft-ema"}
+
+
+_FSDP_DRIVER = textwrap.dedent(
+    """
+    import json, sys
+    import jax, numpy as np
+    from helpers import random_params, tiny_config
+    from skipdit_jax import sharding
+    from skipdit_jax.models.families import family_of
+    from skipdit_jax.sampling import many
+
+    cfg = tiny_config()
+    params = random_params(cfg)
+    mesh = sharding.make_mesh(2, 4)
+    fsdp = jax.device_put(params, sharding.param_shardings(params, mesh, param_axes=family_of(cfg).param_axes, min_shard_size=16))
+    fn = many.make_batch_fn(cfg, mesh, seed=0, sampler="ddim", respacing="ddim4")
+    idx = jax.device_put(np.arange(8, dtype=np.int32), sharding.batch_sharding(mesh))
+    a, _ = fn(fsdp, None, idx)
+    b, _ = fn(jax.device_put(params, sharding.replicated(mesh)), None, idx)
+    print(json.dumps({"sharded": sum(not x.sharding.is_fully_replicated for x in jax.tree.leaves(fsdp)),
+                      "equal": bool(np.array_equal(np.asarray(a), np.asarray(b)))}))
+    """
+)
+
+
+def test_batch_function_takes_fsdp_sharded_weights():
+    """In-loop FID samples from the trainer's FSDP-sharded EMA weights as they are (no
+    replicated copy on every device): the same images as from replicated weights."""
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8")
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    res = subprocess.run([sys.executable, "-c", _FSDP_DRIVER], capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["sharded"] > 0 and out["equal"], out

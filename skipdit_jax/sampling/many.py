@@ -135,7 +135,8 @@ def make_batch_fn(
     vae_config=None,
 ):
     """A jitted `fn(params, vae_params, indices (B,) int32) -> (images uint8 (B, H, W, 3),
-    labels int32 (B,))`, batch-sharded over `mesh` (params replicated). Labels are -1 for
+    labels int32 (B,))`, batch-sharded over `mesh`. The weights keep whatever sharding they
+    have (replicated, or FSDP-sharded EMA weights during training). Labels are -1 for
     an unconditional model. `vae_params` is None without a VAE. Cached per setting (all
     arguments hashable: `classes` a tuple), so a repeated run reuses the compiled program."""
     family = family_of(config)
@@ -154,8 +155,8 @@ def make_batch_fn(
             labels = jnp.full(indices.shape, -1, jnp.int32)
         return to_uint8(rgb(x)), labels
 
-    batch, rep = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-    return jax.jit(fn, in_shardings=(rep, rep, batch), out_shardings=(batch, batch))
+    batch = sharding.batch_sharding(mesh)
+    return jax.jit(fn, in_shardings=(None, None, batch), out_shardings=(batch, batch))
 
 
 def to_global(tree, array_sharding):

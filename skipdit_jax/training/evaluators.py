@@ -285,14 +285,6 @@ def to_global(a: np.ndarray, array_sharding) -> jax.Array:
     return jax.make_array_from_callback(a.shape, array_sharding, lambda idx: a[idx])
 
 
-def replicated(tree, mesh):
-    """`tree` with every array replicated over `mesh` (as the sample-many batch function
-    takes its parameters): FSDP-sharded EMA weights are gathered for the evaluation."""
-    if all(getattr(a, "sharding", None) is not None and a.sharding.is_fully_replicated for a in jax.tree.leaves(tree)):
-        return tree
-    return jax.device_put(tree, sharding.replicated(mesh))
-
-
 def gather(x) -> np.ndarray:
     """The whole of a batch-sharded array on every process."""
     if jax.process_count() == 1:
@@ -510,7 +502,6 @@ class FIDEvaluator(Evaluator):
         past `num_samples` the indices go on, so every batch has the compiled shape."""
         num, n = self.settings["num_samples"], per_call(self.settings["batch_size"])
         batch_sharding = sharding.batch_sharding(ctx.mesh)
-        params = replicated(params, ctx.mesh)
         for lo in range(0, num, n):
             ctx.check_stop()
             images_u8, _ = self.batch_fn(params, self.vae[1], to_global(np.arange(lo, lo + n, dtype=np.int32), batch_sharding))
