@@ -222,7 +222,7 @@ def run_evaluations(evaluators: list[Evaluator], params, step: int, ctx: EvalCon
         row = {f"{ev.name}/{k}": v for k, v in metrics.items()}
         row[f"{ev.name}/seconds"] = seconds
         if ctx.writer is not None:
-            ctx.writer.write(step, row)
+            ctx.writer.write(step, row, tensorboard_prefix="eval")
         if jax.process_index() == 0:
             shown = ", ".join(f"{k} {_fmt(v)}" for k, v in metrics.items())
             print(f"step {step}: {ev.name} ({ev.type_name}) {shown + ', ' if shown else ''}{seconds:.1f} s")

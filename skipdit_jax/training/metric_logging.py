@@ -63,7 +63,9 @@ class MetricWriter:
         if tensorboard:
             self._tb = _summary_writer(workdir / "tensorboard")
 
-    def write(self, step: int, metrics: dict) -> None:
+    def write(self, step: int, metrics: dict, tensorboard_prefix: str = "train") -> None:
+        """One row of metrics.jsonl; the same scalars in TensorBoard as `PREFIX/key`
+        (evaluations use "eval", so their curves sit apart from the training curves)."""
         if not self.active:
             return
         row = {"step": int(step)}
@@ -79,7 +81,7 @@ class MetricWriter:
         if self._tb is not None:
             for k, v in row.items():
                 if k != "step" and isinstance(v, float):
-                    self._tb.add_scalar(f"train/{k}", v, step)
+                    self._tb.add_scalar(f"{tensorboard_prefix}/{k}", v, step)
 
     def write_image(self, step: int, name: str, image_hwc_uint8) -> None:
         if self.active and self._tb is not None:
