@@ -26,8 +26,15 @@ Why these settings (measured on 2 CPU cores, 2026-11-27; see BENCHMARKS.md, "The
     samples were noise (7% class accuracy) while its raw weights gave 33%.
   * DDIM-50, x0 clipped to [-1, 1] (removes the speckle of unclipped pixel-space DDIM),
     guidance 4 (at 3 minutes of training: 34% vs 26% accuracy at guidance 2).
+  * The classifier-FID curve (`CURVE_EVAL`, run by `skipdit demo` only): 6 evaluations of
+    300 uncached guided DDIM-10 samples. Measured on 2 shared CPU cores (2026-11-29): one
+    evaluation costs about as much as 18 training steps (3.5-5 s when steps ran at 4.5-5.5
+    per second; the first adds ~4 s of compiling), so the 6 of a 4,500-step run add ~3%
+    to the training time (6 evaluations over 1,500 steps: 82 s beside 974 s of training;
+    a 15-minute demo on the loaded machine: 3 evaluations, 14.5 s, 2.2%).
 Result: 4,500 steps in 663 s, class accuracy 1.00 full and with Skip-Cache N=2,3,4
-(speedups 1.43x, 1.61x, 1.88x), held-out classifier accuracy 0.974; 705 s in all.
+(speedups 1.43x, 1.61x, 1.88x), held-out classifier accuracy 0.974; 705 s in all
+(measured before the curve was added).
 """
 
 from skipdit_jax.training.config import default_config, finalize
