@@ -30,7 +30,7 @@ def test_selected_tests_pass_at_xla_default_optimisation_level():
     # Drop the level-0 override this process's conftest added; keep anything else the user set.
     env["XLA_FLAGS"] = " ".join(f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_backend_optimization_level"))
     res = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", *(str(TESTS / s) for s in SELECTED)],
+        [sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-p", "no:xdist", *(str(TESTS / s) for s in SELECTED)],
         capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=1200,
     )
     tail = "\n".join((res.stdout + res.stderr).splitlines()[-15:])

@@ -572,30 +572,9 @@ def cache_schedule(timesteps: Sequence[int], interval: int, start_t: int = 1000,
 
 
 def import_pytorch_fid_inception():
-    """The `pytorch_fid.inception` module, importable beside torch+cpu.
-
-    Why the patch: the installed torchvision wheel is linked against CUDA torch, so its C
-    ops library does not load here and `import torchvision` dies in
-    `torchvision/_meta_registrations.py`, whose `@torch.library.register_fake("torchvision::nms")`
-    needs those ops ("operator torchvision::nms does not exist"). The Inception model needs
-    none of them, so `register_fake` is a no-op decorator only while torchvision imports,
-    and is restored afterwards.
-    """
-    import sys
-
-    if "torchvision" not in sys.modules:
-        original = torch.library.register_fake
-
-        def _no_op(op, fn=None, /, *args, **kwargs):
-            if fn is not None:  # register_fake(op, fn): the direct form
-                return fn
-            return lambda f: f
-
-        torch.library.register_fake = _no_op
-        try:
-            import torchvision  # noqa: F401
-        finally:
-            torch.library.register_fake = original
+    """The `pytorch_fid.inception` module. torchvision, which it imports, is made importable
+    beside torch+cpu by tests/conftest.py (see `_import_torchvision_without_its_compiled_ops`
+    there for why)."""
     import pytorch_fid.inception
 
     return pytorch_fid.inception
