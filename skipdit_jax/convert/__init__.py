@@ -12,6 +12,7 @@ from skipdit_jax.convert.dit import (
     infer_config,
     validate_state_dict,
 )
+from skipdit_jax.convert.latte import latte_from_torch, latte_to_torch
 from skipdit_jax.convert.torch_io import load_torch_checkpoint, resolve_path
 
 
@@ -51,6 +52,8 @@ __all__ = [
     "expected_shapes",
     "from_torch",
     "infer_config",
+    "latte_from_torch",
+    "latte_to_torch",
     "load_torch_checkpoint",
     "resolve_path",
     "save_torch_safetensors",

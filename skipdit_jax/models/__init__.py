@@ -5,6 +5,7 @@ from skipdit_jax.models.config import ModelConfig, preset, preset_names
 from skipdit_jax.models.dit import DiT, DiTBlock, DiTFamily, count_params, init_params
 from skipdit_jax.models.families import as_family, config_from_dict, family_of, get_family
 from skipdit_jax.models.family import ModelFamily
+from skipdit_jax.models.latte import Latte, LatteConfig, LatteFamily, latte_preset, latte_preset_names
 from skipdit_jax.models.layers import get_2d_sincos_pos_embed
 from skipdit_jax.models.skip import SkipFusion
 
@@ -13,6 +14,11 @@ __all__ = [
     "as_family",
     "DiTBlock",
     "DiTFamily",
+    "Latte",
+    "LatteConfig",
+    "LatteFamily",
+    "latte_preset",
+    "latte_preset_names",
     "ModelConfig",
     "ModelFamily",
     "SkipFusion",

@@ -18,6 +18,7 @@ from skipdit_jax.models.family import ModelFamily
 # name -> "module:class"
 _FAMILIES: dict[str, str] = {
     "dit": "skipdit_jax.models.dit:DiTFamily",
+    "latte": "skipdit_jax.models.latte:LatteFamily",
 }
 DEFAULT_FAMILY = "dit"  # model_config.json files written before families were named
 

@@ -1,0 +1,514 @@
+"""Latte and Latte-skip (class-to-video) in Flax linen, channels-last.
+
+A video (B, F, H, W, C) becomes per-frame patch tokens (+ the 2-D sin-cos position table);
+the transformer is a sequence of P *pairs* of adaLN-Zero blocks (`DiTBlock`):
+
+    spatial block   on (B*F, T, D)  -- the T tokens of one frame attend to each other
+    temporal block  on (B*T, F, D)  -- one token position attends across the F frames
+
+The frozen 1-D sin-cos `temp_embed` (F, D) is added once, after the spatial block of pair 0.
+Spatial blocks and the final layer take c = t_emb (+ y_emb) per frame, temporal blocks the
+same vector per token position. Hidden states between pairs are in the spatial layout.
+
+Parameters are stacked over pairs: `encoder_pairs` holds pairs 0..P/2-1, `decoder_pairs`
+the rest, each as {"spatial": block, "temporal": block} with a leading pair axis; Latte-skip
+adds `skip_fusions`, one per decoder pair. Decoder pair P/2 + j first fuses its input with
+the output of encoder pair P/2-1-j (pair p <-> pair P-1-p), `Linear(LN(concat([x, skip])))`
+in the spatial layout, before its spatial block. At 28 blocks this is the official
+hard-coded `skip_linears[(i - 14) // 2]`.
+
+The deep-feature cache counts pairs: the deep feature is the hidden state entering pair P-k
+(before its fusion), stored as (B, F, T, D); a shallow pass runs pairs 0..k-1, then pairs
+P-k..P-1 from the cached feature, each fusing its fresh shallow skip.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from typing import Any, ClassVar
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from skipdit_jax.errors import ConfigError, UserError
+from skipdit_jax.models.dit import DiTBlock, FinalLayer
+from skipdit_jax.models.family import ModelFamily
+from skipdit_jax.models.layers import get_2d_sincos_pos_embed, normal002, timestep_features
+from skipdit_jax.models.skip import SkipFusion, check_remat_policy, remat, scan_blocks, stacked_init
+
+# (depth in blocks, hidden_size, num_heads) of the Latte presets (Latte_models).
+_SIZES = {
+    "S": (12, 384, 6),
+    "B": (12, 768, 12),
+    "L": (24, 1024, 16),
+    "XL": (28, 1152, 16),
+}
+_SKIP_INITS = ("xavier", "torch_default")
+_COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def get_1d_sincos_temp_embed(dim: int, length: int) -> np.ndarray:
+    """Latte's frame table (length, dim), float64: [sin(f w), cos(f w)], w_i = 10000^(-i/(dim/2))."""
+    omega = 1.0 / 10000 ** (np.arange(dim // 2, dtype=np.float64) / (dim / 2.0))
+    angles = np.arange(length, dtype=np.float64)[:, None] * omega[None]
+    return np.concatenate([np.sin(angles), np.cos(angles)], axis=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class LatteConfig:
+    """Architecture of a Latte / Latte-skip (the fields mean what they mean in `ModelConfig`).
+
+    Attributes beyond DiT's:
+      depth: transformer *blocks* (2 per pair; even). Latte-skip needs an even number of pairs.
+      num_frames: F, the length of the frozen temporal table (16 in the releases); inputs
+        must have exactly this many frames.
+      num_classes: 101 for UCF-101 (+ the null label); 0 = unconditional (no label table).
+      skip_init: "xavier" (the official c2v code: xavier-uniform weight, zero bias) or
+        "torch_default".
+    """
+
+    input_size: int = 32
+    patch_size: int = 2
+    in_channels: int = 4
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_frames: int = 16
+    num_classes: int = 101
+    learn_sigma: bool = True
+    long_skip: bool = False
+    skip_init: str = "xavier"
+    dtype: str = "float32"
+    attention_impl: str | None = None
+    remat_policy: str = "none"
+    scan_unroll: int = 1
+
+    family: ClassVar[str] = "latte"
+
+    def __post_init__(self):
+        self.validate()
+
+    # ---- derived quantities -------------------------------------------------------------
+    @property
+    def out_channels(self) -> int:
+        return self.in_channels * 2 if self.learn_sigma else self.in_channels
+
+    @property
+    def grid_size(self) -> int:
+        return self.input_size // self.patch_size
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid_size**2
+
+    @property
+    def num_pairs(self) -> int:
+        return self.depth // 2
+
+    @property
+    def num_encoder_pairs(self) -> int:
+        return self.num_pairs // 2
+
+    @property
+    def null_label(self) -> int:
+        return self.num_classes
+
+    @property
+    def compute_dtype(self):
+        return jnp.dtype(self.dtype)
+
+    # ---- validation and (de)serialisation ----------------------------------------------
+    def validate(self) -> None:
+        def bad(msg):
+            raise ConfigError(f"invalid Latte config: {msg}")
+
+        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_frames"):
+            if int(getattr(self, name)) < 1:
+                bad(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.input_size % self.patch_size:
+            bad(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            bad(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
+        if self.hidden_size % 4:
+            bad(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
+        if self.depth % 2 or self.depth < 4:
+            bad(f"depth counts blocks, two per (spatial, temporal) pair: it must be even and >= 4, got {self.depth}")
+        if self.long_skip and self.num_pairs % 2:
+            bad(f"long skips pair pair p with pair P-1-p, so the number of pairs must be even, got {self.num_pairs} (depth {self.depth})")
+        if self.num_classes < 0:
+            bad(f"num_classes must be >= 0, got {self.num_classes}")
+        if self.skip_init not in _SKIP_INITS:
+            bad(f"skip_init must be one of {_SKIP_INITS}, got {self.skip_init!r}")
+        if self.dtype not in _COMPUTE_DTYPES:
+            bad(f"dtype must be one of {_COMPUTE_DTYPES}, got {self.dtype!r}")
+        if int(self.scan_unroll) != self.scan_unroll or self.scan_unroll < 0:
+            bad(f"scan_unroll must be an integer >= 0 (0 = unroll completely), got {self.scan_unroll}")
+        if self.mlp_ratio <= 0:
+            bad(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
+        try:
+            check_remat_policy(self.remat_policy)
+        except ConfigError as e:
+            bad(str(e))
+
+    def replace(self, **changes) -> "LatteConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LatteConfig":
+        d = dict(d)
+        d.pop("family", None)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - fields)
+        if unknown:
+            raise ConfigError(f"unknown Latte config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, text: str) -> "LatteConfig":
+        return cls.from_dict(json.loads(text))
+
+
+_PRESET_RE = re.compile(r"^Latte-(S|B|L|XL)/(2|4|8)(-skip)?$")
+
+
+def latte_preset_names() -> list[str]:
+    return [f"Latte-{size}/{p}{s}" for s in ("", "-skip") for size in _SIZES for p in (2, 4, 8)]
+
+
+def latte_preset(name: str, **overrides) -> LatteConfig:
+    """`LatteConfig` of "Latte-XL/2", "Latte-XL/2-skip", ... ("Latte-skip" = "Latte-XL/2-skip").
+
+    Presets are the official UCF-101 setting: 16 frames of 32x32x4 latents, 101 classes,
+    learned sigma; pass num_classes=0 for the unconditional (Sky, Taichi, FFS) models.
+    """
+    if name == "Latte-skip":
+        name = "Latte-XL/2-skip"
+    m = _PRESET_RE.match(name)
+    if not m:
+        raise ConfigError(f"unknown Latte preset {name!r}; known presets: {', '.join(latte_preset_names())}")
+    depth, width, heads = _SIZES[m.group(1)]
+    kw = dict(depth=depth, hidden_size=width, num_heads=heads, patch_size=int(m.group(2)), long_skip=bool(m.group(3)))
+    kw.update(overrides)
+    return LatteConfig(**kw)
+
+
+class Latte(nn.Module):
+    """Latte / Latte-skip. `apply({"params": p}, x, t, y) -> (B, F, H, W, out_channels)`.
+
+    x: (B, F, H, W, C) channels-last; t: (B,) timesteps on the 0..999 scale; y: class ids
+    (num_classes = the null label), None for an unconditional model. Output float32.
+    """
+
+    config: LatteConfig
+
+    def setup(self):
+        cfg = self.config
+        d, p = cfg.hidden_size, cfg.patch_size
+        dt = cfg.compute_dtype
+        self.x_embedder = nn.Conv(
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=dt,
+            kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+            name="x_embedder",
+        )
+        self.t_mlp_0 = nn.Dense(d, dtype=dt, kernel_init=normal002, name="t_embedder_mlp_0")
+        self.t_mlp_2 = nn.Dense(d, dtype=dt, kernel_init=normal002, name="t_embedder_mlp_2")
+        if cfg.num_classes:
+            self.y_embedder = nn.Embed(cfg.num_classes + 1, d, embedding_init=normal002, name="y_embedder")
+        n_enc = cfg.num_encoder_pairs
+        pair = _Pair(cfg, parent=None)
+        x_ex = jnp.zeros((1, cfg.num_patches, d), dt)
+        c_ex = jnp.zeros((1, d), dt)
+        self.encoder_pairs = self.param("encoder_pairs", stacked_init(pair, n_enc, x_ex, c_ex))
+        self.decoder_pairs = self.param("decoder_pairs", stacked_init(pair, cfg.num_pairs - n_enc, x_ex, c_ex))
+        if cfg.long_skip:
+            self.skip_fusions = self.param("skip_fusions", stacked_init(_skip_fusion(cfg), n_enc, x_ex, x_ex))
+        self.final_layer = FinalLayer(cfg, name="final_layer")
+        self.pos_embed = jnp.asarray(get_2d_sincos_pos_embed(d, cfg.grid_size), jnp.float32)[None]
+        self.temp_embed = jnp.asarray(get_1d_sincos_temp_embed(d, cfg.num_frames), jnp.float32)[None]
+
+    # ---- pieces ------------------------------------------------------------------------
+    def check_input(self, x):
+        cfg = self.config
+        want = (cfg.num_frames, cfg.input_size, cfg.input_size, cfg.in_channels)
+        if x.ndim != 5 or tuple(x.shape[1:]) != want:
+            raise UserError(
+                f"a Latte model takes video latents of shape (batch, {', '.join(map(str, want))}) "
+                f"(batch, frames, height, width, channels), got {tuple(x.shape)}"
+            )
+
+    def embed(self, x, t, y):
+        """Tokens h (B*F, T, D), spatial layout, and the conditioning vector c (B, D)."""
+        cfg = self.config
+        self.check_input(x)
+        b, f = x.shape[:2]
+        frames = x.reshape(b * f, *x.shape[2:]).astype(cfg.compute_dtype)
+        tokens = self.x_embedder(frames).reshape(b * f, cfg.num_patches, cfg.hidden_size)
+        h = (tokens.astype(jnp.float32) + self.pos_embed).astype(cfg.compute_dtype)
+        c = self.t_mlp_2(nn.silu(self.t_mlp_0(timestep_features(t))))
+        if cfg.num_classes:
+            c = c + self.y_embedder(y).astype(c.dtype)
+        return h, c
+
+    def head(self, h, c):
+        """Final layer on the spatial layout (B*F, T, D) -> (B, F, H, W, out_channels), f32."""
+        cfg = self.config
+        f = cfg.num_frames
+        b = h.shape[0] // f
+        tokens = self.final_layer(h, jnp.repeat(c, f, axis=0))
+        g, p, ch = cfg.grid_size, cfg.patch_size, cfg.out_channels
+        x = tokens.reshape(b, f, g, g, p, p, ch).transpose(0, 1, 2, 4, 3, 5, 6)
+        return x.reshape(b, f, g * p, g * p, ch).astype(jnp.float32)
+
+    def _pair_fn(self, c):
+        cfg = self.config
+        f, n = cfg.num_frames, cfg.num_patches
+        c_s, c_t = jnp.repeat(c, f, axis=0), jnp.repeat(c, n, axis=0)
+        temp = self.temp_embed
+
+        def fn(p, h, first):
+            return _Pair(cfg, parent=None).apply({"params": p}, h, c_s, c_t, temp, first)
+
+        return remat(fn, cfg.remat_policy)
+
+    def run_encoder(self, h, c, lo: int, hi: int):
+        """Encoder pairs lo..hi-1; returns (h, their outputs stacked) -- the skip features."""
+        if hi <= lo:
+            return h, None
+        pair = self._pair_fn(c)
+        keep = self.config.long_skip
+
+        def step(h, p, first):
+            h = pair(p, h, first)
+            return h, (h if keep else None)
+
+        firsts = jnp.arange(lo, hi) == 0
+        return scan_blocks(step, h, self.encoder_pairs, lo, hi, extra_xs=firsts, unroll=self.config.scan_unroll)
+
+    def run_decoder(self, h, c, lo: int, hi: int, skips):
+        """Decoder pairs P/2+lo..P/2+hi-1; `skips` are the outputs of encoder pairs
+        P/2-hi..P/2-1-lo in encoder order (pair P/2+j fuses the one of pair P/2-1-j)."""
+        if hi <= lo:
+            return h
+        pair = self._pair_fn(c)
+        no = jnp.asarray(False)
+        if not self.config.long_skip:
+            return scan_blocks(
+                lambda h, p, _: (pair(p, h, no), None), h, self.decoder_pairs, lo, hi, unroll=self.config.scan_unroll
+            )[0]
+        fusion = _skip_fusion(self.config)
+
+        def step(h, p, skip):
+            p_pair, p_fuse = p
+            return pair(p_pair, fusion.apply({"params": p_fuse}, h, skip), no), None
+
+        stacked = (self.decoder_pairs, self.skip_fusions)
+        return scan_blocks(step, h, stacked, lo, hi, extra_xs=skips[::-1], unroll=self.config.scan_unroll)[0]
+
+    def _to_deep(self, h):
+        cfg = self.config
+        return h.reshape(-1, cfg.num_frames, cfg.num_patches, cfg.hidden_size)
+
+    def _from_deep(self, deep):
+        cfg = self.config
+        return deep.reshape(-1, cfg.num_patches, cfg.hidden_size)
+
+    # ---- passes ------------------------------------------------------------------------
+    def __call__(self, x, t, y=None):
+        out, _ = self.forward_full(x, t, y, 0)
+        return out
+
+    def forward_full(self, x, t, y, shallow_pairs: int):
+        """Full pass; also returns the deep feature (B, F, T, D): the hidden state entering
+        pair P-k, before its fusion."""
+        k = shallow_pairs
+        cfg = self.config
+        n_enc, n_dec = cfg.num_encoder_pairs, cfg.num_pairs - cfg.num_encoder_pairs
+        h, c = self.embed(x, t, y)
+        h, shallow_skips = self.run_encoder(h, c, 0, k)
+        h, deep_skips = self.run_encoder(h, c, k, n_enc)
+        deep = self.run_decoder(h, c, 0, n_dec - k, deep_skips)
+        h = self.run_decoder(deep, c, n_dec - k, n_dec, shallow_skips)
+        return self.head(h, c), self._to_deep(deep)
+
+    def forward_shallow(self, x, t, y, deep_feature, shallow_pairs: int):
+        """The first k and last k pairs, the decoder side starting from a cached deep feature."""
+        k = shallow_pairs
+        cfg = self.config
+        n_dec = cfg.num_pairs - cfg.num_encoder_pairs
+        h, c = self.embed(x, t, y)
+        _, shallow_skips = self.run_encoder(h, c, 0, k)
+        h = self.run_decoder(self._from_deep(deep_feature).astype(h.dtype), c, n_dec - k, n_dec, shallow_skips)
+        return self.head(h, c)
+
+
+class _Pair(nn.Module):
+    """One (spatial, temporal) pair on the spatial layout (B*F, T, D)."""
+
+    config: LatteConfig
+
+    def setup(self):
+        self.spatial = DiTBlock(self.config)
+        self.temporal = DiTBlock(self.config)
+
+    def __call__(self, h, c_s, c_t=None, temp=None, first=None):
+        cfg = self.config
+        if c_t is None:  # initialisation: one frame, one token position
+            return self.temporal(self.spatial(h, c_s), c_s)
+        f, n, d = cfg.num_frames, cfg.num_patches, cfg.hidden_size
+        b = h.shape[0] // f
+        h = self.spatial(h, c_s)
+        h = h.reshape(b, f, n, d).transpose(0, 2, 1, 3).reshape(b * n, f, d)
+        h = jnp.where(first, (h.astype(jnp.float32) + temp).astype(h.dtype), h)
+        h = self.temporal(h, c_t)
+        return h.reshape(b, n, f, d).transpose(0, 2, 1, 3).reshape(b * f, n, d)
+
+
+def _skip_fusion(cfg: LatteConfig) -> SkipFusion:
+    return SkipFusion(cfg.hidden_size, cfg.skip_init, cfg.compute_dtype, parent=None)
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted_init(config: LatteConfig):
+    x = np.zeros((1, config.num_frames, config.input_size, config.input_size, config.in_channels), np.float32)
+    t = np.zeros((1,), np.int32)
+    y = np.zeros((1,), np.int32) if config.num_classes else None
+    return jax.jit(lambda rng: Latte(config).init(rng, x, t, y)["params"])
+
+
+def init_latte_params(config: LatteConfig, rng: jax.Array | int = 0):
+    if isinstance(rng, int):
+        rng = jax.random.key(rng)
+    return _jitted_init(config)(rng)
+
+
+# Logical axes for `skipdit_jax.sharding` (as DiT's, with the pair level in the paths).
+PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
+    (r"(encoder|decoder)_pairs/(spatial|temporal)/mlp/fc2/kernel", ("layers", "hidden", "embed")),
+    (r"(encoder|decoder)_pairs/(spatial|temporal)/.*/kernel", ("layers", "embed", "hidden")),
+    (r"(encoder|decoder)_pairs/(spatial|temporal)/.*/bias", ("layers", "hidden")),
+    (r"skip_fusions/linear/kernel", ("layers", "hidden", "embed")),
+    (r"skip_fusions/.*", ("layers", "hidden")),
+    (r"y_embedder/embedding", ("vocab", "embed")),
+    (r"x_embedder/kernel", (None, None, None, "embed")),
+    (r"t_embedder_mlp_0/kernel", ("hidden", "embed")),
+    (r"(t_embedder_mlp_2|final_layer/adaLN_modulation)/kernel", ("embed", "hidden")),
+    (r"final_layer/linear/kernel", ("embed", None)),
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class LatteFamily(ModelFamily):
+    """Latte / Latte-skip (class-to-video): samples (F, H, W, C); condition = class ids (B,)
+    int32 with `num_classes` the null label, or None for an unconditional model. Cache
+    units are (spatial, temporal) pairs."""
+
+    config: LatteConfig
+
+    name: ClassVar[str] = "latte"
+    config_cls: ClassVar[type] = LatteConfig
+
+    @property
+    def module(self) -> Latte:
+        return Latte(self.config)
+
+    @property
+    def sample_shape(self) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_frames, c.input_size, c.input_size, c.in_channels)
+
+    # ---- the condition (as DiT's) -------------------------------------------------------
+    @property
+    def is_conditional(self) -> bool:
+        return self.config.num_classes > 0
+
+    def check_condition(self, condition, batch: int) -> None:
+        from skipdit_jax.models.dit import DiTFamily
+
+        DiTFamily.check_condition(self, condition, batch)
+
+    def null_condition(self, condition):
+        return None if condition is None else jnp.full_like(condition, self.config.null_label)
+
+    def condition_from_batch(self, batch: dict):
+        return batch["label"].astype(jnp.int32) if self.is_conditional else None
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, *self.sample_shape), jnp.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
+        }
+
+    def example_condition(self, num: int):
+        return np.arange(num, dtype=np.int32) % max(self.config.num_classes, 1) if self.is_conditional else None
+
+    # ---- passes -------------------------------------------------------------------------
+    def apply(self, params, x, t, condition):
+        return self.module.apply({"params": params}, x, t, condition)
+
+    @property
+    def has_long_skips(self) -> bool:
+        return self.config.long_skip
+
+    @property
+    def cache_units(self) -> int:
+        return self.config.num_encoder_pairs
+
+    @property
+    def depth_units(self) -> int:
+        return self.config.num_pairs
+
+    def forward_full(self, params, x, t, condition, shallow_units: int):
+        return self.module.apply({"params": params}, x, t, condition, shallow_units, method=Latte.forward_full)
+
+    def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
+        return self.module.apply(
+            {"params": params}, x, t, condition, deep_feature, shallow_units, method=Latte.forward_shallow
+        )
+
+    def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
+        c = self.config
+        return (batch, c.num_frames, c.num_patches, c.hidden_size)
+
+    @property
+    def param_axes(self):
+        return PARAM_AXES
+
+    # ---- parameters and conversion ------------------------------------------------------
+    def init_params(self, rng: jax.Array | int = 0):
+        return init_latte_params(self.config, rng)
+
+    @classmethod
+    def from_torch(cls, state_dict: dict, **kwargs):
+        from skipdit_jax.convert.latte import latte_from_torch
+
+        return latte_from_torch(state_dict, **kwargs)
+
+    def to_torch(self, params) -> dict[str, np.ndarray]:
+        from skipdit_jax.convert.latte import latte_to_torch
+
+        return latte_to_torch(self.config, params)
+
+    @classmethod
+    def recognises(cls, state_dict: dict) -> bool:
+        return "temp_embed" in state_dict and "x_embedder.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict
+
+    def describe(self) -> str:
+        c = self.config
+        kind = "Latte-skip" if c.long_skip else "Latte"
+        return f"{kind} {c.num_pairs} pairs width {c.hidden_size}, {c.num_frames} frames: {self.count_params():,} parameters"
