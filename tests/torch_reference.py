@@ -578,3 +578,168 @@ def import_pytorch_fid_inception():
     import pytorch_fid.inception
 
     return pytorch_fid.inception
+
+
+# --------------------------------------------------------------------------------------------
+# Latte / Latte-skip (class-to-video), official `class-to-video/models/latte.py` semantics
+# --------------------------------------------------------------------------------------------
+
+
+def sincos_1d_temp_embed(dim: int, length: int) -> np.ndarray:
+    """Latte's `get_1d_sincos_temp_embed`: the MAE 1-D table of frame indices 0..length-1."""
+    return _sincos_1d(dim, np.arange(length, dtype=np.float64))
+
+
+class TorchLatte(nn.Module):
+    """Latte (`long_skip=False`) / Latte_skip (`long_skip=True`) with the official key layout
+    (section 1.2): `blocks` alternate spatial (even) and temporal (odd); `temp_embed` is added
+    after the spatial block of pair 0; skip module j serves pair P/2 + j and fuses the output of
+    pair P/2 - 1 - j (LIFO). `num_classes=0` is the unconditional (extras=1) model: no
+    y_embedder. `forward(x (B, F, C, H, W), t, y) -> (B, F, out, H, W)`.
+
+    With `enable_cache(interval, pairs)` it behaves like the official `Latte_skip_cache`
+    (module-held state; full when cache_cont % N == 0, no cache, or t >= start_t; the cache is
+    dropped after a step with t < close_t; the cache holds the input of pair P-k).
+    """
+
+    def __init__(
+        self,
+        input_size: int,
+        patch_size: int,
+        in_channels: int,
+        hidden_size: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        num_frames: int = 16,
+        num_classes: int = 101,
+        learn_sigma: bool = True,
+        long_skip: bool = False,
+    ):
+        super().__init__()
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.depth = depth
+        self.num_frames = num_frames
+        self.num_classes = num_classes
+        self.long_skip = long_skip
+        grid = input_size // patch_size
+        self.x_embedder = PatchEmbed(patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        if num_classes:
+            self.y_embedder = LabelEmbedder(num_classes, hidden_size)
+        self.pos_embed = nn.Parameter(torch.from_numpy(sincos_2d_pos_embed(hidden_size, grid)).float()[None], requires_grad=False)
+        self.temp_embed = nn.Parameter(
+            torch.from_numpy(sincos_1d_temp_embed(hidden_size, num_frames)).float()[None], requires_grad=False
+        )
+        self.blocks = nn.ModuleList([DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
+        if long_skip:
+            n_skip = depth // 4
+            self.skip_norms = nn.ModuleList(
+                [FP32LayerNorm(2 * hidden_size, eps=1e-6, elementwise_affine=True) for _ in range(n_skip)]
+            )
+            self.skip_linears = nn.ModuleList([SkipLinear(2 * hidden_size, hidden_size) for _ in range(n_skip)])
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.cache_enabled = False
+        self.reset_cache_state()
+        self.reset_counters()
+
+    def enable_cache(self, interval: int, pairs: int = 1, start_t: int = 900, close_t: int = 50):
+        self.cache_enabled, self.cache_interval, self.skip_at_branch = True, interval, pairs
+        self.cache_start_t, self.cache_close_t = start_t, close_t
+        self.reset_cache_state()
+        return self
+
+    def reset_cache_state(self):
+        self.cache_val = None
+        self.cache_cont = 0
+
+    def reset_counters(self):
+        self.n_full = 0
+        self.n_cached = 0
+
+    def _pair(self, x, i, b, c_s, c_t, skips):
+        """Blocks i (spatial) and i+1 (temporal) on x in the (b f) t d layout."""
+        n_blocks = len(self.blocks)
+        if self.long_skip and i >= n_blocks // 2:
+            j = (i - n_blocks // 2) // 2  # = (i - 14) // 2 at 28 blocks
+            x = self.skip_linears[j](self.skip_norms[j](torch.cat([x, skips.pop()], dim=-1)))
+        x = self.blocks[i](x, c_s)
+        bf, n, d = x.shape
+        f = bf // b
+        x = x.reshape(b, f, n, d).permute(0, 2, 1, 3).reshape(b * n, f, d)  # (b t) f d
+        if i == 0:
+            x = x + self.temp_embed
+        x = self.blocks[i + 1](x, c_t)
+        x = x.reshape(b, n, f, d).permute(0, 2, 1, 3).reshape(b * f, n, d)
+        if self.long_skip and i < n_blocks // 2:
+            skips.append(x)
+        return x
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+        t = torch.as_tensor(t)
+        b, f, ch, hh, ww = x.shape
+        h = self.x_embedder(x.reshape(b * f, ch, hh, ww)) + self.pos_embed
+        c = self.t_embedder(t)
+        if self.num_classes:
+            c = c + self.y_embedder(torch.as_tensor(y, dtype=torch.long))
+        n = h.shape[1]
+        c_s = c.repeat_interleave(f, dim=0)  # 'n d -> (n c) d'
+        c_t = c.repeat_interleave(n, dim=0)
+        cur_t = float(t.reshape(-1)[0])
+        n_blocks = len(self.blocks)
+        k = getattr(self, "skip_at_branch", 0)
+        full = True
+        if self.cache_enabled:
+            full = self.cache_cont % self.cache_interval == 0 or self.cache_val is None or cur_t >= self.cache_start_t
+        skips: list[torch.Tensor] = []
+        if full:
+            for i in range(0, n_blocks, 2):
+                if self.cache_enabled and i == n_blocks - 2 * k:
+                    self.cache_val = h
+                h = self._pair(h, i, b, c_s, c_t, skips)
+            self.n_full += 1
+        else:
+            for i in range(0, n_blocks, 2):
+                if 2 * k <= i < n_blocks - 2 * k:
+                    continue
+                if i == n_blocks - 2 * k:
+                    h = self.cache_val
+                h = self._pair(h, i, b, c_s, c_t, skips)
+            self.n_cached += 1
+        if self.cache_enabled:
+            self.cache_cont += 1
+            if cur_t < self.cache_close_t:
+                self.reset_cache_state()
+        out = self.final_layer(h, c_s)
+        p, oc = self.patch_size, self.out_channels
+        g = hh // p
+        out = out.reshape(b * f, g, g, p, p, oc)
+        out = torch.einsum("nhwpqc->nchpwq", out).reshape(b, f, oc, hh, ww)
+        return out
+
+
+def latte_cache_schedule(timesteps: Sequence[int], interval: int, start_t: int = 900, close_t: int = 50) -> list[bool]:
+    """The official `Latte_skip_cache` full(True)/cached(False) schedule (close: `t < close_t`)."""
+    full, cont, has_cache = [], 0, False
+    for t in timesteps:
+        f = cont % interval == 0 or not has_cache or t >= start_t
+        full.append(f)
+        has_cache = has_cache or f
+        cont += 1
+        if t < close_t:
+            cont, has_cache = 0, False
+    return full
+
+
+@torch.no_grad()
+def randomize_latte_parameters_(model: nn.Module, seed: int = 0, scale: float = 0.05) -> nn.Module:
+    """`randomize_parameters_` for Latte: the frozen pos_embed and temp_embed are kept."""
+    g = torch.Generator().manual_seed(seed)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        if name in ("pos_embed", "temp_embed"):
+            continue
+        noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+        p.copy_(1.0 + 0.1 * noise if "skip_norms" in name and name.endswith("weight") else scale * noise)
+    return model
