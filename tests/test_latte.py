@@ -89,24 +89,26 @@ def test_forward_parity_through_the_converter(long_skip, num_classes, learn_sigm
         np.testing.assert_allclose(back[k], state[k], atol=1e-6, err_msg=k)
 
 
-def test_cached_step_matches_the_official_cache():
-    """A full step then a cached step (k=1 pair) of the module-held official cache equal
-    forward_full then forward_shallow from its deep feature."""
+def test_cached_ddim_matches_the_official_cache():
+    """DDIM-10 with the c2v Skip-Cache (N=2, k=1 pair, full for t >= 900, dropped after t < 50)
+    through the jitted sampler equals the reference's module-held cache (`Latte_skip_cache`)
+    in the official DDIM loop: full and cached steps both take part."""
+    from skipdit_jax.sampling import sample
+
     ref = _torch_model().enable_cache(2, 1, start_t=900, close_t=50)
     config, params = latte_from_torch(numpy_state_dict(ref), num_heads=4)
-    family = family_of(config)
-    rng = np.random.default_rng(1)
-    x1, x2 = (rng.standard_normal((2, 3, 4, 4, 4)).astype(np.float32) for _ in range(2))
+    noise = np.random.default_rng(1).standard_normal((2, 3, 4, 4, 4)).astype(np.float32)
     y = np.array([0, 3])
-    t1, t2 = np.array([800, 800]), np.array([780, 780])
+    diffusion = create_diffusion("ddim10")
+    x = noise.transpose(0, 1, 4, 2, 3).astype(np.float64)  # (B, F, C, H, W)
     with torch.no_grad():
-        want1 = _from_torch_video(ref(_to_torch_video(x1), torch.from_numpy(t1), torch.from_numpy(y)))
-        want2 = _from_torch_video(ref(_to_torch_video(x2), torch.from_numpy(t2), torch.from_numpy(y)))
-    assert (ref.n_full, ref.n_cached) == (1, 1)
-    out1, deep = family.forward_full(params, x1, t1, y, 1)
-    np.testing.assert_allclose(np.asarray(out1), want1, atol=2e-5, rtol=1e-4)
-    out2 = family.forward_shallow(params, x2, t2, y, deep, 1)
-    np.testing.assert_allclose(np.asarray(out2), want2, atol=2e-5, rtol=1e-4)
+        for i in reversed(range(diffusion.num_timesteps)):
+            t = torch.full((2,), int(diffusion.timestep_map[i]), dtype=torch.long)
+            out = ref(torch.from_numpy(x).float(), t, torch.from_numpy(y)).double().numpy()
+            x = diffusion.ddim_step(out, x, i, channel_axis=2)
+    assert (ref.n_full, ref.n_cached) == (5, 5)  # t = 900 (full), 800 (cached), ..., 0 (cached)
+    got = sample(config, params, noise=noise, labels=y, sampler="ddim", num_steps=10, cache=SkipCache(2, 1, 900, 49))
+    np.testing.assert_allclose(np.asarray(got), x.transpose(0, 1, 3, 4, 2), atol=1e-4, rtol=1e-4)
 
 
 # ---- the c2v Skip-Cache schedule ---------------------------------------------------------------
