@@ -84,7 +84,6 @@ def main(_):
     from skipdit_jax.xla_tuning import tune_xla_cpu_flags
 
     tune_xla_cpu_flags()
-    import jax
 
     from _common import class_noise, compiled_sampler, ensure_classifier, load_models, model_sources
     from _common import settings as run_settings
