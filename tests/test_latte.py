@@ -130,6 +130,9 @@ def test_skip_cache_accepts_latte_skip_and_counts_pairs():
     SkipCache(2, 6, 900, 49).check_model(family)
     with pytest.raises(UserError):
         SkipCache(2, 7, 900, 49).check_model(family)
+    # The released Latte-XL/2-skip: 692.4M trainable parameters for UCF-101, 692.3M unconditional.
+    assert family.count_params() == 692_418_848
+    assert family_of(latte_preset("Latte-XL/2-skip", num_classes=0)).count_params() == 692_301_344
 
 
 # ---- converter: inference, validation, the other family -----------------------------------------
