@@ -89,26 +89,36 @@ def test_forward_parity_through_the_converter(long_skip, num_classes, learn_sigm
         np.testing.assert_allclose(back[k], state[k], atol=1e-6, err_msg=k)
 
 
-def test_cached_ddim_matches_the_official_cache():
-    """DDIM-10 with the c2v Skip-Cache (N=2, k=1 pair, full for t >= 900, dropped after t < 50)
-    through the jitted sampler equals the reference's module-held cache (`Latte_skip_cache`)
-    in the official DDIM loop: full and cached steps both take part."""
+def test_cached_guided_ddim_matches_the_official_cache():
+    """DDIM-10 with guidance (scale 4 on all 4 eps channels, as the c2v `forward_with_cfg`) and
+    the c2v Skip-Cache (N=2, k=1 pair, full for t >= 900, dropped after t < 50) through the
+    jitted sampler equals the reference's module-held cache (`Latte_skip_cache`) in the
+    official loop (batch [cond; uncond]): full and cached steps both take part."""
     from skipdit_jax.sampling import sample
 
     ref = _torch_model().enable_cache(2, 1, start_t=900, close_t=50)
     config, params = latte_from_torch(numpy_state_dict(ref), num_heads=4)
     noise = np.random.default_rng(1).standard_normal((2, 3, 4, 4, 4)).astype(np.float32)
     y = np.array([0, 3])
+    scale = 4.0
     diffusion = create_diffusion("ddim10")
-    x = noise.transpose(0, 1, 4, 2, 3).astype(np.float64)  # (B, F, C, H, W)
+    x = np.concatenate([noise, noise]).transpose(0, 1, 4, 2, 3).astype(np.float64)  # (2B, F, C, H, W)
+    y2 = torch.from_numpy(np.concatenate([y, np.full_like(y, 5)]))  # 5 = the null label
     with torch.no_grad():
         for i in reversed(range(diffusion.num_timesteps)):
-            t = torch.full((2,), int(diffusion.timestep_map[i]), dtype=torch.long)
-            out = ref(torch.from_numpy(x).float(), t, torch.from_numpy(y)).double().numpy()
+            t = torch.full((4,), int(diffusion.timestep_map[i]), dtype=torch.long)
+            half = torch.from_numpy(x[:2]).float()
+            out = ref(torch.cat([half, half]), t, y2)
+            eps, rest = out[:, :, :4], out[:, :, 4:]
+            cond, uncond = eps[:2], eps[2:]
+            guided = uncond + scale * (cond - uncond)
+            out = torch.cat([torch.cat([guided, guided]), rest], dim=2).double().numpy()
             x = diffusion.ddim_step(out, x, i, channel_axis=2)
     assert (ref.n_full, ref.n_cached) == (5, 5)  # t = 900 (full), 800 (cached), ..., 0 (cached)
-    got = sample(config, params, noise=noise, labels=y, sampler="ddim", num_steps=10, cache=SkipCache(2, 1, 900, 49))
-    np.testing.assert_allclose(np.asarray(got), x.transpose(0, 1, 3, 4, 2), atol=1e-4, rtol=1e-4)
+    got = sample(
+        config, params, noise=noise, labels=y, sampler="ddim", num_steps=10, cfg_scale=scale, cache=SkipCache(2, 1, 900, 49)
+    )
+    np.testing.assert_allclose(np.asarray(got), x[:2].transpose(0, 1, 3, 4, 2), atol=1e-4, rtol=1e-4)
 
 
 # ---- the c2v Skip-Cache schedule ---------------------------------------------------------------
