@@ -10,14 +10,21 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-
 from test_family_contract import FamilyContract, pytest_generate_tests  # noqa: F401 (parametrizes the contract)
+from torch_reference import (
+    TorchDiT,
+    TorchLatte,
+    create_diffusion,
+    latte_cache_schedule,
+    numpy_state_dict,
+    randomize_latte_parameters_,
+)
+
 from skipdit_jax.cache import SkipCache
 from skipdit_jax.convert import from_torch, latte_from_torch, latte_to_torch
 from skipdit_jax.errors import CheckpointError, UserError
 from skipdit_jax.models import Latte, LatteConfig, family_of, latte_preset
 from skipdit_jax.models.families import family_for_state_dict
-from torch_reference import TorchDiT, TorchLatte, create_diffusion, latte_cache_schedule, numpy_state_dict, randomize_latte_parameters_
 
 TINY = dict(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=8, num_heads=4, num_frames=3)
 
@@ -66,13 +73,16 @@ def _from_torch_video(x):
 
 
 @pytest.mark.parametrize(
-    "long_skip,num_classes,learn_sigma", [(True, 5, True), (False, 0, False)], ids=["conditional-skip", "unconditional-vanilla-no-sigma"]
+    "long_skip,num_classes,learn_sigma",
+    [(True, 5, True), (False, 0, False)],
+    ids=["conditional-skip", "unconditional-vanilla-no-sigma"],
 )
 def test_forward_parity_through_the_converter(long_skip, num_classes, learn_sigma):
     ref = _torch_model(long_skip=long_skip, num_classes=num_classes, learn_sigma=learn_sigma)
     state = numpy_state_dict(ref)
     config, params = latte_from_torch({"ema": state}, num_heads=4)
-    assert (config.long_skip, config.num_classes, config.num_frames, config.depth, config.learn_sigma) == (long_skip, num_classes, 3, 8, learn_sigma)
+    got_arch = (config.long_skip, config.num_classes, config.num_frames, config.depth, config.learn_sigma)
+    assert got_arch == (long_skip, num_classes, 3, 8, learn_sigma)
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 3, 4, 4, 4)).astype(np.float32)
     t = np.array([999, 17])

@@ -30,7 +30,9 @@ def infer_latte_config(state: dict[str, np.ndarray], num_heads: int | None = Non
     """Architecture from key names and shapes (frames from `temp_embed`); heads from the
     argument or a preset ("Latte-XL/2")."""
     if _looks_like_dit(state):
-        raise CheckpointError("not a Latte checkpoint: it has no temp_embed (it looks like a DiT checkpoint; load it as a DiT)")
+        raise CheckpointError(
+            "not a Latte checkpoint: it has no temp_embed (it looks like a DiT checkpoint; load it as a DiT)"
+        )
     for key in ("x_embedder.proj.weight", "pos_embed", "temp_embed", "final_layer.linear.weight", "blocks.0.mlp.fc1.weight"):
         if key not in state:
             raise CheckpointError(f"not a Latte checkpoint: missing key {key!r}")
@@ -67,7 +69,8 @@ def infer_latte_config(state: dict[str, np.ndarray], num_heads: int | None = Non
         for name in ("depth", "hidden_size", "patch_size"):
             if getattr(ref, name) != kw[name]:
                 raise CheckpointError(
-                    f"checkpoint does not match preset {preset}: {name} is {kw[name]} in the file, {getattr(ref, name)} in the preset"
+                    f"checkpoint does not match preset {preset}: "
+                    f"{name} is {kw[name]} in the file, {getattr(ref, name)} in the preset"
                 )
         heads = ref.num_heads if num_heads is None else num_heads
     elif num_heads is not None:
@@ -119,7 +122,11 @@ def validate_latte_state_dict(state: dict[str, np.ndarray], config: LatteConfig)
     want = latte_expected_shapes(config)
     missing = sorted(set(want) - set(state))
     unexpected = sorted(set(state) - set(want))
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {want[k]})" for k in sorted(want) if k in state and tuple(state[k].shape) != want[k]]
+    wrong = [
+        f"{k} {tuple(state[k].shape)} (expected {want[k]})"
+        for k in sorted(want)
+        if k in state and tuple(state[k].shape) != want[k]
+    ]
     problems = []
     for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
         if items:
@@ -218,11 +225,11 @@ def latte_to_torch(config: LatteConfig, params) -> dict[str, np.ndarray]:
             node = stack[kind]
             for part in path:
                 node = node[part]
-            put(f"blocks.{i}.{torch_name}", jax.tree.map(lambda a: a[idx], node))
+            put(f"blocks.{i}.{torch_name}", jax.tree.map(lambda a, idx=idx: a[idx], node))
     if config.long_skip:
         sf = p["skip_fusions"]
         for j in range(half):
             out[f"skip_norms.{j}.weight"] = sf["norm"]["scale"][j]
             out[f"skip_norms.{j}.bias"] = sf["norm"]["bias"][j]
-            put(f"skip_linears.{j}.linear", jax.tree.map(lambda a: a[j], sf["linear"]))
+            put(f"skip_linears.{j}.linear", jax.tree.map(lambda a, j=j: a[j], sf["linear"]))
     return {k: np.ascontiguousarray(v) for k, v in out.items()}

@@ -140,7 +140,10 @@ class LatteConfig:
         if self.depth % 2 or self.depth < 4:
             bad(f"depth counts blocks, two per (spatial, temporal) pair: it must be even and >= 4, got {self.depth}")
         if self.long_skip and self.num_pairs % 2:
-            bad(f"long skips pair pair p with pair P-1-p, so the number of pairs must be even, got {self.num_pairs} (depth {self.depth})")
+            bad(
+                f"long skips pair pair p with pair P-1-p, so the number of pairs must be even, "
+                f"got {self.num_pairs} (depth {self.depth})"
+            )
         if self.num_classes < 0:
             bad(f"num_classes must be >= 0, got {self.num_classes}")
         if self.skip_init not in _SKIP_INITS:
@@ -156,7 +159,7 @@ class LatteConfig:
         except ConfigError as e:
             bad(str(e))
 
-    def replace(self, **changes) -> "LatteConfig":
+    def replace(self, **changes) -> LatteConfig:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -166,7 +169,7 @@ class LatteConfig:
         return json.dumps(self.to_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LatteConfig":
+    def from_dict(cls, d: dict[str, Any]) -> LatteConfig:
         d = dict(d)
         d.pop("family", None)
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -176,7 +179,7 @@ class LatteConfig:
         return cls(**d)
 
     @classmethod
-    def from_json(cls, text: str) -> "LatteConfig":
+    def from_json(cls, text: str) -> LatteConfig:
         return cls.from_dict(json.loads(text))
 
 
