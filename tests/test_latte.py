@@ -21,7 +21,7 @@ from torch_reference import (
 )
 
 from skipdit_jax.cache import SkipCache
-from skipdit_jax.convert import from_torch, latte_from_torch, latte_to_torch
+from skipdit_jax.convert import dit_from_torch, from_torch, latte_from_torch, latte_to_torch
 from skipdit_jax.errors import CheckpointError, UserError
 from skipdit_jax.models import Latte, LatteConfig, family_of, latte_preset
 from skipdit_jax.models.families import family_for_state_dict
@@ -190,6 +190,8 @@ def test_the_other_family_gives_one_clear_error():
         from_torch(dit_state, family="latte", num_heads=4)
     with pytest.raises(CheckpointError, match="not a dit checkpoint .it looks like a latte"):
         from_torch(latte_state, family="dit", num_heads=4)
+    with pytest.raises(CheckpointError, match="Latte .video. checkpoint, not a DiT one"):
+        dit_from_torch(latte_state, num_heads=4)
 
 
 # ---- configs and bad inputs --------------------------------------------------------------------

@@ -46,6 +46,8 @@ def infer_config(state: dict[str, np.ndarray], num_heads: int | None = None, pre
     for key in ("x_embedder.proj.weight", "pos_embed", "final_layer.linear.weight"):
         if key not in state:
             raise CheckpointError(f"not a DiT checkpoint: missing key {key!r}")
+    if "temp_embed" in state:  # the video family's temporal embedding: a Latte checkpoint
+        raise CheckpointError("this is a Latte (video) checkpoint, not a DiT one: use latte_from_torch or --family latte")
     d, in_ch, p, _ = state["x_embedder.proj.weight"].shape
     depth = _count(state, "blocks.", ".attn.qkv.weight")
     n_tokens = state["pos_embed"].shape[1]
