@@ -36,6 +36,7 @@ interrupted evaluation is redone once, a completed one never.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import json
 import time
@@ -77,7 +78,7 @@ class EvalContext:
             raise EvaluationInterrupted()
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
     """One named evaluator. `settings` holds every key: the entry's, the type's `defaults`
     for the rest and, for sampler keys, `config.sample`'s values."""
 
@@ -107,10 +108,10 @@ class Evaluator:
         """Load what every evaluation needs (weights, reference statistics) once, before
         training starts, so a bad file is found at once rather than at the first evaluation."""
 
+    @abc.abstractmethod
     def run(self, params, step: int, ctx: EvalContext) -> dict[str, float]:
         """The metrics of the EMA `params` at `step` (every process calls this; process 0's
         values are written)."""
-        raise NotImplementedError
 
     def due(self, step: int) -> bool:
         return self.every > 0 and step > 0 and step % self.every == 0
