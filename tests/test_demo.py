@@ -112,6 +112,11 @@ def test_demo_end_to_end_from_an_installed_package(tmp_path, installed):
     assert (tmp_path / "curves.png").read_bytes()[:8] == PNG_MAGIC
     plotted = json.loads((tmp_path / "curves.json").read_text())
     assert [r["curve"]["steps"] for r in plotted["runs"]] == [[4, 8]] and "compare_dit" not in on_disk
+    # BENCHMARKS.md's demo table is rendered from this report by experiments/demo_table.py.
+    table = _demo_table().render(on_disk, "report.json")
+    assert f"| full sampling: class accuracy | **{on_disk['full']['class_accuracy']:.2f}**" in table
+    assert f"{on_disk['train']['steps']:,} steps" in table and table.count("| Skip-Cache N=") == len(CACHE_INTERVALS)
+    assert f"4: {curve['values'][0]:.2f}, 8: {curve['values'][1]:.2f}" in table
 
     # --compare-dit: a DiT without long skips trains for the same seconds; both curves on one plot.
     cmp_dir = tmp_path.parent / "demo-cmp"
@@ -140,3 +145,14 @@ def test_demo_bad_minutes_is_one_line(tmp_path):
     res = subprocess.run([sys.executable, "-m", "skipdit_jax.cli", "demo", f"--out={tmp_path}", "--minutes=0"], capture_output=True, text=True)
     assert res.returncode == 2
     assert res.stderr.strip().splitlines() == ["skipdit: error: --minutes must be > 0, got 0.0"]
+
+
+def _demo_table():
+    """experiments/demo_table.py as a module (experiments/ is not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "demo_table.py")
+    spec = importlib.util.spec_from_file_location("demo_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
