@@ -13,8 +13,10 @@ from typing import Any
 
 import numpy as np
 
+from skipdit_jax.convert.torch_io import check_keys_and_shapes
 from skipdit_jax.errors import CheckpointError
-from skipdit_jax.models.config import ModelConfig, preset as model_preset
+from skipdit_jax.models.config import ModelConfig
+from skipdit_jax.models.config import preset as model_preset
 from skipdit_jax.models.layers import get_2d_sincos_pos_embed
 
 # Per-block Linear layers: (torch name, flax path inside a block).
@@ -119,17 +121,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def validate_state_dict(state: dict[str, np.ndarray], config: ModelConfig) -> None:
-    want = expected_shapes(config)
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    wrong = [f"{k} {tuple(state[k].shape)} (expected {want[k]})" for k in sorted(want) if k in state and tuple(state[k].shape) != want[k]]
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise CheckpointError("checkpoint does not fit the inferred architecture: " + "; ".join(problems))
+    check_keys_and_shapes(state, expected_shapes(config), "checkpoint")
     ref = get_2d_sincos_pos_embed(config.hidden_size, config.grid_size)
     err = float(np.abs(state["pos_embed"][0] - ref).max())
     if err > 1e-4:

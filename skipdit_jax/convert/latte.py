@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from skipdit_jax.convert.dit import _BLOCK_LINEARS, _TOP_LINEARS, _count, _dense, _stack
+from skipdit_jax.convert.torch_io import check_keys_and_shapes
 from skipdit_jax.errors import CheckpointError
 from skipdit_jax.models.latte import LatteConfig, get_1d_sincos_temp_embed, latte_preset
 from skipdit_jax.models.layers import get_2d_sincos_pos_embed
@@ -119,21 +120,7 @@ def latte_expected_shapes(config: LatteConfig) -> dict[str, tuple[int, ...]]:
 
 
 def validate_latte_state_dict(state: dict[str, np.ndarray], config: LatteConfig) -> None:
-    want = latte_expected_shapes(config)
-    missing = sorted(set(want) - set(state))
-    unexpected = sorted(set(state) - set(want))
-    wrong = [
-        f"{k} {tuple(state[k].shape)} (expected {want[k]})"
-        for k in sorted(want)
-        if k in state and tuple(state[k].shape) != want[k]
-    ]
-    problems = []
-    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
-        if items:
-            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
-            problems.append(f"{label}: {shown}")
-    if problems:
-        raise CheckpointError("Latte checkpoint does not fit the inferred architecture: " + "; ".join(problems))
+    check_keys_and_shapes(state, latte_expected_shapes(config), "Latte checkpoint")
     for key, ref in (
         ("pos_embed", get_2d_sincos_pos_embed(config.hidden_size, config.grid_size)),
         ("temp_embed", get_1d_sincos_temp_embed(config.hidden_size, config.num_frames)),

@@ -159,3 +159,18 @@ def load_torch_checkpoint(path) -> dict[str, np.ndarray]:
     return out
 
 
+def check_keys_and_shapes(state: dict[str, np.ndarray], want: dict[str, tuple[int, ...]], what: str) -> None:
+    """One CheckpointError naming the missing keys, unexpected keys and wrong shapes of
+    `state` against the expected `want` (at most 8 of each shown); `what` names the
+    checkpoint kind in the message."""
+    missing = sorted(set(want) - set(state))
+    unexpected = sorted(set(state) - set(want))
+    wrong = [f"{k} {tuple(state[k].shape)} (expected {want[k]})" for k in sorted(want) if k in state and tuple(state[k].shape) != want[k]]
+    problems = []
+    for label, items in (("missing keys", missing), ("unexpected keys", unexpected), ("wrong shapes", wrong)):
+        if items:
+            shown = ", ".join(items[:8]) + (f", ... ({len(items)} in all)" if len(items) > 8 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise CheckpointError(f"{what} does not fit the inferred architecture: " + "; ".join(problems))
+
