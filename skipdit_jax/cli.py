@@ -15,14 +15,15 @@ from absl import flags
 from skipdit_jax.errors import UserError
 
 COMMANDS = {
-    "demo": "train a small Skip-DiT on the embedded MNIST digits and compare sampling with and without Skip-Cache",
+    "demo": "train a small Skip-DiT (or, --task video, Latte-skip) on the embedded MNIST digits and compare sampling with and without Skip-Cache",
     "convert": "convert an official PyTorch (Skip-)DiT checkpoint into a model directory",
-    "extract-latents": "encode an image folder into VAE latent ArrayRecord shards for training",
+    "extract-latents": "encode an image (or, --video, video) folder into VAE latent ArrayRecord shards for training",
     "train": "train a DiT / Skip-DiT from a config file (skipdit train --config configs/NAME.py --workdir DIR)",
     "export": "export a model directory to an official-layout PyTorch .safetensors file",
     "sample": "sample images (or latents) from a model, optionally with Skip-Cache",
     "sample-many": "draw a large, resumable, sharded sample set (ADM .npz) for FID evaluation",
-    "evaluate": "FID, sFID, Inception Score, precision and recall of a sample .npz against a reference",
+    "evaluate": "FID, sFID, Inception Score, precision and recall of a sample .npz (FVD for videos) against a reference",
+    "convert-i3d": "convert the I3D (Kinetics-400) weight file used for FVD into a safetensors copy for evaluation",
     "convert-inception": "convert the pytorch-fid Inception weight file into a safetensors copy for evaluation",
     "plot-curves": "plot a logged metric (e.g. FID) against training steps for one or more runs",
     "calibrate": "fit TeaCache's rescaling polynomial for a DiT (a cache baseline)",
