@@ -192,3 +192,26 @@ def test_render_fresh_results(models, tmp_path_factory, tmp_path):
     for i in tables:
         assert blocks[i - 1].startswith("*"), blocks[i - 1]  # the generated settings line
     assert "--per_class=1" in text and "--steps=6" in text  # the commands of these runs
+
+
+def test_bench_latte_tiny(tmp_path):
+    """The video sampling benchmark end to end at a tiny size: full and Skip-Cache N=2 in JAX
+    and through the PyTorch reference, the plan's counts and prediction in the table, both
+    implementations' samples equal."""
+    from torch_reference import create_diffusion, latte_cache_schedule
+
+    out = tmp_path / "latte.md"
+    steps, pairs = 4, 4
+    run("bench_latte.py", f"--steps={steps}", "--width=32", "--heads=2", f"--depth={2 * pairs}", "--frames=2", "--size=8",
+        "--intervals=2", "--repeats=1", "--warmup=0", f"--out={out}", timeout=120)
+    text = out.read_text()
+    assert f"DDIM-{steps}" in text and f"{2 * pairs} blocks ({pairs} pairs)" in text
+    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in text.splitlines() if r.startswith("| ") and "---" not in r}
+    assert set(rows) == {"method", "full", "Skip-Cache N=2"}
+    schedule = latte_cache_schedule([int(t) for t in create_diffusion(f"ddim{steps}").timestep_map[::-1]], 2, 900, 50)
+    full, cached = sum(schedule), len(schedule) - sum(schedule)
+    assert cached > 0 and rows["full"][0] == f"{steps}/0" and rows["Skip-Cache N=2"][0] == f"{full}/{cached}"
+    assert rows["Skip-Cache N=2"][1] == f"{steps * pairs / (full * pairs + cached * 2):.2f}x"
+    for cols in (rows["full"], rows["Skip-Cache N=2"]):
+        assert float(cols[2]) > 0 and float(cols[4]) > 0 and float(cols[6]) > 0  # JAX s, PyTorch s, ratio
+        assert float(cols[7]) < 1e-4  # JAX and PyTorch drew the same samples
