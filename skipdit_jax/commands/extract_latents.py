@@ -11,6 +11,17 @@ the new latents are complete.
 Batches are split over all local devices (a 1-D "data" mesh); the last batch is padded to
 the full size so the encoder compiles once. The posterior noise of batch i comes from
 fold_in(key(seed), i), so a run is reproducible for a given seed and batch size.
+
+With --video, FOLDER is a folder of videos (`skipdit_jax.data.VideoFolderSource`: video
+files or frame folders, ROOT/CLASS/VIDEO with --classes, else every video, label 0). Each
+video gives --clips_per_video records: a clip of --num_frames frames --frame_interval apart
+(the official TemporalRandomCrop, its start drawn from numpy's default_rng((seed, video,
+clip))), resized by --video_resize to --image_size, and every frame encoded: a record holds
+the latents (F, h, w, 4) and, with --flip, those of the mirrored clip. --batch_size counts
+frames (a batch holds batch_size // num_frames clips, at least one). latents.json adds the
+clip settings and "labels" (the label of every record), which joint image-video training
+uses to draw images of a video's own class. The temporal crop of a record is fixed at
+extraction: extract more clips per video for more variety.
 """
 
 from __future__ import annotations
@@ -31,7 +42,12 @@ from skipdit_jax import data
 from skipdit_jax.data.latents import check_latents_output
 from skipdit_jax.errors import UserError
 
-USAGE = "IMAGE_FOLDER OUT_PATH --vae SPEC [--image_size 256] [--batch_size 32] [--flip=true] [--seed 0] [--num_shards N] [--overwrite]"
+USAGE = (
+    "IMAGE_FOLDER OUT_PATH --vae SPEC [--image_size 256] [--batch_size 32] [--flip=true] [--seed 0] [--num_shards N]\n"
+    "       [--overwrite]\n"
+    "       VIDEO_FOLDER OUT_PATH --video --vae SPEC [--num_frames 16] [--frame_interval 3] [--video_resize center_crop]\n"
+    "       [--frame_sampling linspace] [--clips_per_video 1] [--classes=true] [--image_size 256] [--batch_size 32] [--flip=true]"
+)
 
 _SHARD_TARGET_BYTES = 1 << 30  # about 1 GiB per shard: few files, each still easy to copy
 
@@ -45,18 +61,37 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("num_shards", None, "ArrayRecord shards to write (default: about 1 GiB each)", flag_values=fv)
     flags.DEFINE_integer("read_threads", 8, "threads decoding and cropping images", flag_values=fv)
     flags.DEFINE_bool("overwrite", False, "replace latents already in OUT_PATH", flag_values=fv)
+    flags.DEFINE_bool("video", False, "FOLDER holds videos: write clip latents (F, h, w, 4)", flag_values=fv)
+    flags.DEFINE_integer("num_frames", 16, "--video: frames per clip", flag_values=fv)
+    flags.DEFINE_integer("frame_interval", 3, "--video: frames between clip frames", flag_values=fv)
+    flags.DEFINE_enum(
+        "video_resize", "center_crop", ["center_crop", "center_crop_resize"],
+        "--video: UCFCenterCropVideo or CenterCropResizeVideo", flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "frame_sampling", "linspace", ["linspace", "stride"], "--video: clip frame indices (skipdit_jax.data.video_sources)",
+        flag_values=fv,
+    )
+    flags.DEFINE_integer("clips_per_video", 1, "--video: random clips (records) per video", flag_values=fv)
+    flags.DEFINE_bool("classes", True, "--video: class folders ROOT/CLASS/VIDEO (false: unconditional)", flag_values=fv)
 
 
 def _build_encoder(vae_params, config, flip: bool, mesh):
-    """A jitted (params, images, key) -> (latents, flipped latents or None), batch-sharded."""
+    """A jitted (params, images, key) -> (latents, flipped latents or None), batch-sharded.
+    Images (B, H, W, C), or clips (B, F, H, W, C) whose frames are encoded as images."""
     from skipdit_jax.encoders.vae import encode_to_latents
 
     replicated, batch = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
 
+    def encode_frames(params, x, key):
+        lead = x.shape[:-3]
+        z = encode_to_latents(params, config, x.reshape(-1, *x.shape[-3:]), key)
+        return z.reshape(*lead, *z.shape[1:])
+
     def encode(params, images, key):
         key_plain, key_flip = jax.random.split(key)
-        latents = encode_to_latents(params, config, images, key_plain)
-        flipped = encode_to_latents(params, config, images[:, :, ::-1], key_flip) if flip else None
+        latents = encode_frames(params, images, key_plain)
+        flipped = encode_frames(params, images[..., ::-1, :], key_flip) if flip else None  # the W axis
         return latents, flipped
 
     fn = jax.jit(encode, in_shardings=(replicated, batch, replicated), out_shardings=batch)
@@ -75,10 +110,22 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         raise UserError(f"--num_shards must be >= 1, got {fv.num_shards}")
     if fv.read_threads < 1:
         raise UserError(f"--read_threads must be >= 1, got {fv.read_threads}")
+    for name in ("num_frames", "frame_interval", "clips_per_video"):
+        if fv[name].value < 1:
+            raise UserError(f"--{name} must be >= 1, got {fv[name].value}")
     start = time.perf_counter()
 
     # Check the input and output first: a wrong path should fail before a VAE download.
-    source = data.ImageFolderSource(folder, fv.image_size)
+    if fv.video:
+        videos = data.VideoFolderSource(
+            folder, image_size=fv.image_size, num_frames=fv.num_frames, frame_interval=fv.frame_interval,
+            resize=fv.video_resize, frame_sampling=fv.frame_sampling, classes=fv.classes,
+        )
+        source = _ClipRecords(videos, fv.clips_per_video, fv.seed)
+        per_record, unit = fv.num_frames, "clip"
+    else:
+        source = data.ImageFolderSource(folder, fv.image_size)
+        per_record, unit = 1, "img"
     check_latents_output(out_path, fv.overwrite)
     from skipdit_jax.encoders.vae import load_vae
 
@@ -86,12 +133,13 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     f = config.downsample_factor
     if fv.image_size % f:
         raise UserError(f"--image_size {fv.image_size} is not a multiple of the VAE's downsampling factor {f}")
-    latent_shape = (fv.image_size // f, fv.image_size // f, config.latent_channels)
+    latent_shape = (fv.num_frames,) * bool(fv.video) + (fv.image_size // f, fv.image_size // f, config.latent_channels)
 
     devices = jax.local_devices()
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
     # Every device gets the same number of rows: round the batch up to a multiple of them.
-    batch_size = math.ceil(fv.batch_size / len(devices)) * len(devices)
+    rows = max(1, fv.batch_size // per_record)
+    batch_size = math.ceil(rows / len(devices)) * len(devices)
     encode, params, batch_sharding = _build_encoder(vae_params, config, fv.flip, mesh)
 
     n = len(source)
@@ -120,7 +168,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             bar.update(valid)
 
         pending = None
-        with tqdm(total=n, desc="encoding", unit="img") as bar:
+        with tqdm(total=n, desc="encoding", unit=unit) as bar:
             for i, batch in enumerate(batches):
                 valid = min(batch_size, n - i * batch_size)
                 images = jax.device_put(batch["image"], batch_sharding)
@@ -133,27 +181,48 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             if pending is not None:
                 yield from emit(pending)
 
-    meta = data.write_latents(
-        out_path,
-        records(),
-        num_shards,
-        overwrite=fv.overwrite,
-        metadata={
-            "source": str(source.root),
-            "classes": source.classes,
-            "num_classes": len(source.classes),
-            "image_size": fv.image_size,
-            "vae": fv.vae,
-            "scaling_factor": config.scaling_factor,
-            "shift_factor": config.shift_factor,
-            "seed": fv.seed,
-        },
-    )
-    h, w, c = latent_shape
+    metadata = {
+        "source": str(source.root),
+        "classes": source.classes,
+        "num_classes": len(source.classes),
+        "image_size": fv.image_size,
+        "vae": fv.vae,
+        "scaling_factor": config.scaling_factor,
+        "shift_factor": config.shift_factor,
+        "seed": fv.seed,
+    }
+    if fv.video:
+        metadata.update(
+            video=True, num_frames=fv.num_frames, frame_interval=fv.frame_interval, video_resize=fv.video_resize,
+            frame_sampling=fv.frame_sampling, clips_per_video=fv.clips_per_video, labels=source.labels.tolist(),
+        )
+    meta = data.write_latents(out_path, records(), num_shards, overwrite=fv.overwrite, metadata=metadata)
+    shape = "x".join(str(d) for d in latent_shape)
     flipped = " (+ flipped)" if fv.flip else ""
     print(
-        f"extracted {meta['count']} latents {h}x{w}x{c}{flipped} of {len(source.classes)} classes from {folder} -> "
+        f"extracted {meta['count']} latents {shape}{flipped} of {len(source.classes)} classes from {folder} -> "
         f"{out_path} ({num_shards} shard(s), batch {batch_size} on {len(devices)} device(s), "
         f"{time.perf_counter() - start:.1f} s)"
     )
     return 0
+
+
+class _ClipRecords:
+    """Record k = clip k % clips of video k // clips of a `VideoFolderSource`, as
+    {"image": (F, H, W, 3), "label"}; the clip's start from default_rng((seed, video, clip))."""
+
+    def __init__(self, videos, clips: int, seed: int):
+        self.videos, self.clips, self.seed = videos, clips, seed
+        self.root, self.classes = videos.root, videos.classes
+
+    @property
+    def labels(self) -> np.ndarray:
+        return np.repeat(self.videos.labels, self.clips)
+
+    def __len__(self) -> int:
+        return len(self.videos) * self.clips
+
+    def __getitem__(self, k):
+        i, c = divmod(int(k), self.clips)
+        clip = self.videos.clip(i, np.random.default_rng((self.seed, i, c)))
+        return {"image": clip, "label": np.int32(self.videos.videos[i][1])}

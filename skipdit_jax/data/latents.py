@@ -195,8 +195,11 @@ class LatentSource:
     not the flip of the latent, so flip augmentation needs files written with flipped
     latents.
 
+    Video latents (`extract-latents --video`) are records of (F, h, w, c) clips.
+
     Attributes: paths (the shards as given), local_paths (the files read), latent_shape,
-    has_flipped, metadata (latents.json or None).
+    has_flipped, metadata (latents.json or None), labels (every record's label when
+    latents.json lists them, else None).
     """
 
     def __init__(self, path_or_glob: paths.PathLike, *, cache_dir: paths.PathLike | None = None):
@@ -236,6 +239,17 @@ class LatentSource:
         except (ValueError, KeyError, OSError) as e:
             raise UserError(f"{self.paths[0]} does not hold latents written by write_latents: {e}") from e
         self.has_flipped = "latent_flipped" in first
+        self.labels = self._labels_in_read_order(len(self._records))
+
+    def _labels_in_read_order(self, count: int):
+        """The records' labels from latents.json ("labels", in write order; written by
+        `extract-latents --video`), or None. Write record i went to shard i % S and the
+        shards are read one after another, so shard s holds write records s, s+S, ..."""
+        labels = (self.metadata or {}).get("labels") if isinstance(self.metadata, dict) else None
+        if not isinstance(labels, list) or len(labels) != count:
+            return None
+        labels, shards = np.asarray(labels, np.int32), len(self.paths)
+        return np.concatenate([labels[s::shards] for s in range(shards)])
 
     def __len__(self) -> int:
         return len(self._records)

@@ -114,7 +114,9 @@ def make_train_iterator(
     Video sources: a source with a `random_transform` (a Grain RandomMap, e.g.
     `VideoFolderSource`'s clip decoding) has it applied to every record first, with the
     example's rng; the flip mirrors the whole clip (W axis); `images_per_video` > 0 then
-    appends that many single frames of random videos (`AppendJointImages`) after the clip.
+    appends that many single frames of random videos (`AppendJointImages`) after the clip:
+    of any class with their labels when `fields` has "image_labels", else of the
+    example's own class (the source must know its labels: `source.labels`).
 
     `num_epochs=None` repeats forever; otherwise the iterator stops after
     floor(num_epochs * len(source) / global_batch_size) batches (batches may span epochs;
@@ -165,7 +167,10 @@ def make_train_iterator(
     if images_per_video:
         from skipdit_jax.data.video_sources import AppendJointImages
 
-        ds = ds.random_map(AppendJointImages(source, images_per_video))
+        # A model that takes the images' own labels gets them ("image_labels"); one that
+        # conditions every frame on the video's label gets images of that label.
+        same_class = "image_labels" not in (fields or IMAGE_LABEL_FIELDS)
+        ds = ds.random_map(AppendJointImages(source, images_per_video, same_class=same_class))
     ds = ds.map(_SelectFields(fields or IMAGE_LABEL_FIELDS))
     ds = ds.batch(per_process, drop_remainder=True)
     # Chunk j is rows [(j % P) * b, ...) of global batch j // P: keep whole global batches,

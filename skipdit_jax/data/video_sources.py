@@ -185,6 +185,10 @@ class VideoFolderSource:
     def __len__(self) -> int:
         return len(self.videos)
 
+    @property
+    def labels(self) -> np.ndarray:
+        return np.asarray([label for _, label in self.videos], np.int32)
+
     def __getitem__(self, index) -> dict[str, np.ndarray]:
         return {"video_index": np.int32(index), "label": np.int32(self.videos[index][1])}
 
@@ -234,15 +238,36 @@ class LoadClip(grain.transforms.RandomMap):
         return {"image": self.source.clip(int(record["video_index"]), rng), "label": np.int32(record["label"])}
 
 
-class AppendJointImages(grain.transforms.RandomMap):
-    """Joint image-video training: appends `count` single frames, each from a uniformly
-    drawn video of the source (then a uniform frame of it), after the clip's frames. The
-    official datasets draw them uniformly from all frames of the dataset; as there, the
-    images are not flipped. Sources with `random_frame(i, rng)` decode just that frame;
-    for others (latents, in-memory clips) it is a frame of record i's "image"."""
+def source_labels(source) -> np.ndarray | None:
+    """The label of every record, when the source knows them without reading records:
+    `source.labels` (an array) or None."""
+    labels = getattr(source, "labels", None)
+    return None if labels is None else np.asarray(labels, np.int32)
 
-    def __init__(self, source, count: int):
+
+class AppendJointImages(grain.transforms.RandomMap):
+    """Joint image-video training: appends `count` single frames after the clip's frames,
+    each a uniformly drawn frame of a uniformly drawn video, and their labels as
+    "image_labels" int32 (count,). As in the official datasets the images are not flipped.
+
+    `same_class=True` draws only from videos with the record's label, so that a model
+    conditioning every frame on the video's label (one label per example) sees correctly
+    labelled images; the official UCF-101 code instead draws from all videos and conditions
+    each image on its own label (`y_image`), which `same_class=False` + "image_labels"
+    reproduces. Sources with `random_frame(i, rng)` decode just that frame; for others
+    (latents, in-memory clips) it is a frame of record i's "image"."""
+
+    def __init__(self, source, count: int, same_class: bool = False):
         self.source, self.count = source, count
+        labels = source_labels(source)
+        if labels is None and same_class:
+            raise ConfigError(
+                f"joint images of the same class need the labels of {source!r} (e.g. video latents extracted with their labels)"
+            )
+        self.labels = labels
+        self.by_class = None
+        if same_class:
+            self.by_class = {int(c): np.flatnonzero(labels == c) for c in np.unique(labels)}
 
     def _frame(self, index: int, rng: np.random.Generator) -> np.ndarray:
         if hasattr(self.source, "random_frame"):
@@ -254,6 +279,18 @@ class AppendJointImages(grain.transforms.RandomMap):
         video = np.asarray(record["image"])
         if video.ndim != 4:
             raise ConfigError(f"joint images (data.images_per_video) need video records (F, H, W, C), got shape {video.shape}")
-        picks = rng.integers(len(self.source), size=self.count)
+        if self.by_class is not None:
+            pool = self.by_class[int(record["label"])]
+            picks = pool[rng.integers(len(pool), size=self.count)]
+        else:
+            picks = rng.integers(len(self.source), size=self.count)
         images = [self._frame(int(j), rng) for j in picks]
-        return {**record, "image": np.concatenate([video, np.stack(images).astype(video.dtype)], axis=0)}
+        if self.labels is not None:
+            image_labels = self.labels[picks]
+        else:
+            image_labels = np.asarray([self.source[int(j)]["label"] for j in picks], np.int32)
+        return {
+            **record,
+            "image": np.concatenate([video, np.stack(images).astype(video.dtype)], axis=0),
+            "image_labels": image_labels.astype(np.int32),
+        }

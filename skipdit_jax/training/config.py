@@ -99,6 +99,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict(
         dict(name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, decay="constant", end_lr_factor=0.0, grad_clip=0.0)
     )
+    # Global-norm clipping at grad_clip (0 = off) only from this many updates on (0 = always):
+    # Latte's c2v start_clip_iter.
+    c.optimizer.clip_after_steps = 0
 
     c.checkpoint = ml_collections.ConfigDict(dict(every=500, keep=3, async_save=True))
 

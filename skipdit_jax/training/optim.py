@@ -8,6 +8,8 @@ finite or above a threshold) lives in the train step, which counts what it skips
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,12 +57,42 @@ def trainable_mask(params, trainable: str):
     return mask
 
 
+class ClipAfterState(NamedTuple):
+    count: jax.Array  # updates seen so far (int32)
+
+
+def clip_by_global_norm_after(max_norm: float, after_steps: int) -> optax.GradientTransformation:
+    """Global-norm clipping to `max_norm` from update number `after_steps` on (0-based):
+    the first `after_steps` updates pass unclipped (Latte's `start_clip_iter`: it clips
+    when its step counter, the updates done before this one, is >= start_clip_iter).
+    Inside the jitted update: a select on the counter, no recompilation."""
+    clip = optax.clip_by_global_norm(max_norm)
+
+    def init(params):
+        del params
+        return ClipAfterState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        clipped, _ = clip.update(updates, optax.EmptyState())
+        on = state.count >= after_steps
+        out = jax.tree.map(lambda c, u: jnp.where(on, c, u), clipped, updates)
+        return out, ClipAfterState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
+
+
 def make_optimizer(cfg: ml_collections.ConfigDict, params, trainable: str = "all") -> optax.GradientTransformation:
     """AdamW (+ optional clipping) on the trainable parameters; frozen ones get zero updates
     and carry no Adam moments."""
     if cfg.name != "adamw":
         raise ConfigError(f"unknown optimizer.name {cfg.name!r}; only 'adamw' is supported")
-    steps = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.get("grad_clip") else []
+    steps = []
+    if cfg.get("grad_clip"):
+        after = cfg.get("clip_after_steps", 0)
+        if after < 0:
+            raise ConfigError(f"optimizer.clip_after_steps must be >= 0, got {after}")
+        steps.append(clip_by_global_norm_after(cfg.grad_clip, after) if after else optax.clip_by_global_norm(cfg.grad_clip))
     steps.append(
         optax.adamw(
             learning_rate_schedule(cfg),
