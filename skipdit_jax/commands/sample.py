@@ -1,9 +1,11 @@
-"""`skipdit sample MODEL`: a PNG grid and the raw samples from a (Skip-)DiT.
+"""`skipdit sample MODEL`: a PNG grid (images) or one MP4 + GIF per sample (videos), and
+the raw samples, from a (Skip-)DiT or a Latte(-skip).
 
 MODEL is a model directory (`skipdit convert`), an official checkpoint file or an
-`hf://org/repo/file` path. With `--vae` the latents are decoded to images; without it a
-latent model's grid shows latent channels 0-2 (said on stdout), while a pixel-space model
-(1 or 3 channels) shows its samples directly.
+`hf://org/repo/file` path. With `--vae` the latents are decoded to images (a video's
+frames `--decode_frames` at a time); without it a latent model's output shows latent
+channels 0-2 (said on stdout), while a pixel-space model (1 or 3 channels) shows its
+samples directly.
 """
 
 from __future__ import annotations
@@ -24,12 +26,17 @@ from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import family_of
 from skipdit_jax.sampling import build_sampler, check_settings, resolve_respacing, sampling_timesteps, validate_inputs
 
-USAGE = "MODEL [--labels 207,360,...] [--sampler ddpm|ddim] [--steps N] [--cfg_scale S] [--cache N[,k[,start,close]]] [--vae SPEC] [--out DIR]"
+USAGE = (
+    "MODEL [--labels 207,360,... | --num N] [--sampler ddpm|ddim] [--steps N] [--cfg_scale S] [--cfg_channels C] "
+    "[--cache N[,k[,start,close]]] [--vae SPEC] [--decode_frames 16] [--fps 8] [--out DIR]"
+)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string(
-        "labels", None, "comma-separated class ids (default: DiT's 8 demo classes for ImageNet, else 0..min(C,16)-1)", flag_values=fv
+        "labels", None,
+        "comma-separated class ids (default: DiT's 8 demo classes for ImageNet, else 0..min(C,16)-1; video models 0..min(C,4)-1)",
+        flag_values=fv,
     )
     flags.DEFINE_integer("seed", 0, "seed of the initial noise and the sampler's noise", flag_values=fv)
     flags.DEFINE_enum("sampler", "ddpm", ["ddpm", "ddim"], "ancestral DDPM or DDIM (eta 0)", flag_values=fv)
@@ -38,11 +45,17 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer(
         "cfg_channels", None, "guide only the first C output channels (3 = official DiT); default: all", flag_values=fv
     )
-    flags.DEFINE_string("cache", None, "Skip-Cache spec N[,shallow_blocks[,start_t,close_t]], e.g. 2 or 3,4,1000,20", flag_values=fv)
-    flags.DEFINE_string("vae", None, "SD VAE to decode latents: a diffusers folder, .safetensors or hf://org/repo", flag_values=fv)
+    flags.DEFINE_string(
+        "cache", None, "Skip-Cache spec N[,shallow_blocks[,start_t,close_t]], e.g. 2 or 3,4,1000,20", flag_values=fv
+    )
+    flags.DEFINE_string(
+        "vae", None, "SD VAE to decode latents: a diffusers folder, .safetensors or hf://org/repo", flag_values=fv
+    )
     flags.DEFINE_string("out", "samples", "output directory", flag_values=fv)
     flags.DEFINE_integer("batch_size", 8, "samples per device call", flag_values=fv)
-    flags.DEFINE_integer("num", 8, "samples to draw from an unconditional model", flag_values=fv)
+    flags.DEFINE_integer("num", 8, "samples to draw from an unconditional model (video models: 4 unless given)", flag_values=fv)
+    flags.DEFINE_integer("decode_frames", 16, "video models: frames per VAE decoder call (bounds memory)", flag_values=fv)
+    flags.DEFINE_float("fps", 8.0, "video models: frame rate of the MP4s and GIFs", flag_values=fv)
     flags.DEFINE_integer("num_heads", None, "attention heads, for an official checkpoint file", flag_values=fv)
     flags.DEFINE_string("preset", None, "model preset, for an official checkpoint file (e.g. DiT-XL/2)", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)", flag_values=fv)
@@ -75,7 +88,11 @@ def _settle(config, fv, labels, cache):
     family = family_of(config)
     if not family.is_conditional and fv.labels is not None:
         raise UserError("this model is unconditional: drop --labels (use --num for the sample count)")
-    if labels is None:
+    video = len(family.sample_shape) == 4
+    if labels is None and video:  # a few videos by default: each is F images
+        num = fv.num if fv["num"].present else 4
+        labels = np.arange(min(config.num_classes, 4), dtype=np.int32) if family.is_conditional else np.zeros((num,), np.int32)
+    elif labels is None:
         labels = _default_labels(config.num_classes) if family.is_conditional else np.zeros((fv.num,), np.int32)
     # The noise is built with the model's sample shape, so this checks the labels (range, count).
     noise = jax.ShapeDtypeStruct((labels.size, *family.sample_shape), jnp.float32)
@@ -97,6 +114,10 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         raise UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
     if fv.num < 1:
         raise UserError(f"--num must be >= 1, got {fv.num}")
+    if fv.decode_frames < 1:
+        raise UserError(f"--decode_frames must be >= 1, got {fv.decode_frames}")
+    if fv.fps <= 0:
+        raise UserError(f"--fps must be > 0, got {fv.fps}")
     if fv.cfg_channels is not None and fv.cfg_channels < 1:
         raise UserError(f"--cfg_channels must be >= 1 (or unset for all channels), got {fv.cfg_channels}")
     cache = parse_cache_spec(fv.cache)
@@ -117,6 +138,10 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         from skipdit_jax.encoders import vae as vae_lib
 
         vae = vae_lib.load_vae(fv.vae)
+        if vae[0].latent_channels != family.eps_channels:
+            raise UserError(
+                f"the VAE's {vae[0].latent_channels} latent channels do not fit the model's {family.eps_channels} channels"
+            )
 
     key = jax.random.key(fv.seed)
     noise_key, sample_key = jax.random.split(key)
@@ -150,6 +175,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         "respacing": respacing,
         "cfg_scale": fv.cfg_scale,
         "cfg_channels": fv.cfg_channels,
+        "guided_channels": (fv.cfg_channels or family.eps_channels) if guided else 0,
         "cache": None if cache is None else dataclasses.asdict(cache),
         "compile_seconds": round(compile_s, 3),
         "sampling_seconds": round(sample_s, 3),
@@ -159,7 +185,10 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     if cache is not None:
         plan = cache.plan(sampling_timesteps(fv.sampler, fv.steps), family.depth_units)
         report.update(full_steps=plan.num_full, cached_steps=plan.num_cached, predicted_speedup=round(plan.predicted_speedup, 3))
-        line = f"Skip-Cache N={cache.interval} k={cache.shallow_blocks}: {plan.num_full} full / {plan.num_cached} cached steps, predicted speedup {plan.predicted_speedup:.2f}x"
+        line = (
+            f"Skip-Cache N={cache.interval} k={cache.shallow_blocks}: {plan.num_full} full / {plan.num_cached} cached steps, "
+            f"predicted speedup {plan.predicted_speedup:.2f}x"
+        )
         if fv.compare:
             z, y = batches[0]
             full_fn = make(None).lower(params, z, y, scale, sample_key).compile()
@@ -169,13 +198,20 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             line += f", measured {t_full / t_cached:.2f}x ({t_full:.2f} s full vs {t_cached:.2f} s cached, first batch)"
         print(line)
 
+    if len(family.sample_shape) == 4:
+        return _write_videos(out, samples, vae, family, report, fv)
+    return _write_images(out, samples, vae, family, report, bs)
+
+
+def _write_images(out, samples, vae, family, report, bs) -> int:
     if vae is not None:
         from skipdit_jax.encoders import vae as vae_lib
 
         vae_config, vae_params = vae
-        pictures = np.concatenate(
-            [np.asarray(vae_lib.decode_latents(vae_params, vae_config, jnp.asarray(samples[i : i + bs]))) for i in range(0, len(samples), bs)]
-        )
+        pictures = np.concatenate([
+            np.asarray(vae_lib.decode_latents(vae_params, vae_config, jnp.asarray(samples[i : i + bs])))
+            for i in range(0, len(samples), bs)
+        ])
         note = "decoded with the VAE"
     elif family.eps_channels in (1, 3):
         pictures, note = samples, "pixel-space samples"
@@ -187,4 +223,55 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     images.save_grid(pictures, out / "samples.png", upscale=max(1, 128 // pictures.shape[1]))
     paths.atomic_write_text(out / "samples.json", json.dumps(report, indent=2))
     print(f"wrote {out / 'samples.png'} ({note}), {out / 'samples.npy'} (raw samples, NHWC float32) and samples.json")
+    return 0
+
+
+def decode_video_frames(vae, latents: np.ndarray, frames_per_call: int) -> np.ndarray:
+    """Video latents (N, F, h, w, C) -> frames (N, F, H, W, C_out) in [-1, 1], decoded
+    `frames_per_call` frames per VAE call (one compiled program: the last chunk is padded)."""
+    from skipdit_jax.encoders import vae as vae_lib
+
+    vae_config, vae_params = vae
+    flat = latents.reshape(-1, *latents.shape[2:])
+    n = min(frames_per_call, len(flat))
+    decode = jax.jit(vae_lib.decode_latents, static_argnums=1)
+    out = []
+    for i in range(0, len(flat), n):
+        chunk = flat[i : i + n]
+        padded = np.concatenate([chunk, np.zeros((n - len(chunk), *chunk.shape[1:]), chunk.dtype)]) if len(chunk) < n else chunk
+        out.append(np.asarray(decode(vae_params, vae_config, jnp.asarray(padded)))[: len(chunk)])
+    frames = np.concatenate(out)
+    return frames.reshape(*latents.shape[:2], *frames.shape[1:])
+
+
+def _write_videos(out, samples, vae, family, report, fv) -> int:
+    """One MP4 and one GIF per sample (OUT/sample_{i:03d}.mp4/.gif at --fps) plus the raw
+    latents (samples.npy, (N, F, h, w, C) float32) and samples.json."""
+    from skipdit_jax import videos
+
+    n, f = samples.shape[:2]
+    if vae is not None:
+        frames, note = decode_video_frames(vae, samples, fv.decode_frames), "decoded with the VAE"
+    elif family.eps_channels in (1, 3):
+        frames, note = samples, "pixel-space samples"
+    else:
+        flat = images.latents_for_display(samples.reshape(n * f, *samples.shape[2:]))
+        frames, note = flat.reshape(n, f, *flat.shape[1:]), "latent channels 0-2, NOT decoded frames (pass --vae to decode)"
+    clips = videos.video_to_uint8(frames)
+    if clips.shape[-1] == 1:
+        clips = np.repeat(clips, 3, axis=-1)
+    up = max(1, 128 // clips.shape[2])  # small (latent) frames: nearest-neighbour upscaled for viewing
+    if up > 1:
+        clips = clips.repeat(up, axis=2).repeat(up, axis=3)
+    report.update(videos=note, fps=fv.fps, frames=int(f))
+    names = [f"sample_{i:03d}" for i in range(n)]
+    for name, clip in zip(names, clips, strict=True):
+        videos.write_mp4(out / f"{name}.mp4", clip, fps=fv.fps)
+        videos.write_gif(out / f"{name}.gif", clip, fps=fv.fps)
+    paths.save_npy(out / "samples.npy", samples)
+    paths.atomic_write_text(out / "samples.json", json.dumps(report, indent=2))
+    print(
+        f"wrote {n} videos of {f} frames at {fv.fps:g} fps ({note}): {out / names[0]}.mp4/.gif ... {names[-1]}.mp4/.gif, "
+        f"{out / 'samples.npy'} (raw samples, NFHWC float32) and samples.json"
+    )
     return 0

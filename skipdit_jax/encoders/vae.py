@@ -44,6 +44,7 @@ __all__ = [
     "load_vae",
     "encode_to_latents",
     "decode_latents",
+    "decode_video_latents",
 ]
 
 _NORM_EPS = 1e-6  # every GroupNorm of the SD VAE (resnets, attention, norm_out)
@@ -92,13 +93,13 @@ class VAEConfig:
         self.validate()
 
     @classmethod
-    def sd_vae(cls, **overrides) -> "VAEConfig":
+    def sd_vae(cls, **overrides) -> VAEConfig:
         """The Stable Diffusion VAE: widths (128, 256, 512, 512), 2 resnets per level,
         4 latent channels, 32 groups, scaling factor 0.18215 (8x downsampling)."""
         return cls(**overrides)
 
     @classmethod
-    def from_diffusers_config(cls, config: dict[str, Any], **overrides) -> "VAEConfig":
+    def from_diffusers_config(cls, config: dict[str, Any], **overrides) -> VAEConfig:
         """Reads a diffusers `AutoencoderKL` `config.json` dict; `overrides` (e.g. dtype)
         win. Keys that do not affect the computation (sample_size, force_upcast, ...) are
         ignored; architecture options this module does not implement raise ConfigError."""
@@ -146,7 +147,7 @@ class VAEConfig:
         if not self.scaling_factor:
             bad("scaling_factor must be non-zero")
 
-    def replace(self, **changes) -> "VAEConfig":
+    def replace(self, **changes) -> VAEConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -395,6 +396,35 @@ def decode_latents(vae_params, config: VAEConfig, latents: jax.Array) -> jax.Arr
     """
     z = latents / config.scaling_factor + config.shift_factor
     return AutoencoderKL(config).apply({"params": vae_params}, z, method=AutoencoderKL.decode)
+
+
+def decode_video_latents(vae_params, config: VAEConfig, latents: jax.Array, frames_per_call: int = 16) -> jax.Array:
+    """Video latents (B, F, h, w, C) -> frames (B, F, H, W, C_out), decoded frame by frame
+    (the SD VAE is an image VAE) in chunks along the frame axis.
+
+    Each decoder call takes `frames_per_call` frames of every sample (B * frames_per_call
+    images; a last partial chunk is zero-padded and dropped), the chunks one after another
+    (`lax.map`), so peak memory is that of one chunk whatever F is. The batch axis stays the
+    leading axis of every call, so a batch-sharded input stays sharded. Jittable with
+    `config` and `frames_per_call` static.
+    """
+    if latents.ndim != 5:
+        raise ValueError(f"video latents must be (B, F, h, w, C), got shape {latents.shape}")
+    b, f = latents.shape[:2]
+    c = max(1, min(int(frames_per_call), f))
+    n = -(-f // c)
+    x = latents
+    if n * c != f:
+        x = jnp.pad(x, ((0, 0), (0, n * c - f), (0, 0), (0, 0), (0, 0)))
+    chunks = jnp.swapaxes(x.reshape(b, n, c, *x.shape[2:]), 0, 1)  # (n, B, c, h, w, C)
+
+    def decode_chunk(z):
+        y = decode_latents(vae_params, config, z.reshape(b * c, *z.shape[2:]))
+        return y.reshape(b, c, *y.shape[1:])
+
+    y = decode_chunk(chunks[0])[None] if n == 1 else jax.lax.map(decode_chunk, chunks)
+    y = jnp.swapaxes(y, 0, 1)
+    return y.reshape(b, n * c, *y.shape[3:])[:, :f]
 
 
 # ---- diffusers weights -> Flax params ----------------------------------------------------------

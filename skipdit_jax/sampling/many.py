@@ -1,4 +1,4 @@
-"""Large sample sets for FID: deterministic per sample, sharded, resumable, ADM .npz out.
+"""Large sample sets for FID / FVD: deterministic per sample, sharded, resumable, .npz out.
 
 Sample i is a function of (seed, i) alone: with `key_i = fold_in(key(seed), i)` its
 initial noise is `normal(fold_in(key_i, NOISE))`, its class label
@@ -11,34 +11,26 @@ program shapes (the tests measure this). An adaptive cache (TeaCache) decides pe
 so with it a sample also depends on the other samples of its batch (fixed by the seed
 and the batch size, so runs and resumes stay reproducible).
 
-One jitted function per global batch maps sample indices to finished uint8 images (and
-labels): noise and labels are drawn on the device, then sampling, the VAE decode and the
-official conversion `clip(127.5 * x + 128, 0, 255) -> uint8` run fused, batch-sharded over
-a mesh of every device of every process. The host only gathers uint8 batches and writes.
+One jitted function per global batch maps sample indices to finished uint8 images or
+videos (and labels): noise and labels are drawn on the device, then sampling, the VAE
+decode (frame chunk by frame chunk for videos) and the official conversion
+`clip(127.5 * x + 128, 0, 255) -> uint8` run fused, batch-sharded over a mesh of every
+device of every process. The host only gathers uint8 batches and writes.
 
-Output directory (process 0 writes, every process computes):
-
-    OUT/settings.json                  everything that determines the bytes (checked on resume)
-    OUT/shards/SSSSSSSS-EEEEEEEE.npz   one global batch: images, labels, indices (atomic)
-    OUT/samples_{N}x{H}x{W}x3.npz      ADM format: arr_0 uint8 NHWC, arr_1 labels (conditional models)
-    OUT/png/000000.png ...             with png=True
-    OUT/summary.json                   timings of the last run
-
-A re-run with the same settings redoes only missing or unreadable shards and writes the
-same bytes (zip entries carry a fixed timestamp); other settings are one `UserError`
-that touches nothing.
+The output directory (`skipdit_jax.sampling.shards`; process 0 writes, every process
+computes) holds settings.json, the shards, the final .npz (images: ADM's
+`samples_{N}x{H}x{W}x3.npz`; videos: `samples.npz` with arr_0 (N, F, H, W, 3)), optional
+PNGs / MP4s and summary.json. A re-run with the same settings redoes only missing or
+unreadable shards and writes the same bytes; other settings are one `UserError` that
+touches nothing.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
-import io
 import json
 import time
-import zipfile
-from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -49,6 +41,26 @@ from skipdit_jax import paths, sharding
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import config_to_dict, family_of
 from skipdit_jax.sampling.sampler import build_sampler, check_settings, resolve_respacing, sampling_timesteps
+from skipdit_jax.sampling.shards import (  # noqa: F401  (public names of this module before the split)
+    PNG_DIR,
+    SETTINGS_FILE,
+    SHARDS_DIR,
+    SUMMARY_FILE,
+    VIDEO_DIR,
+    VIDEO_NPZ,
+    ZIP_DATE,
+    Plan,
+    _assemble,
+    _barrier,
+    _write_pngs,
+    _write_videos,
+    fingerprint,
+    npz_bytes,
+    prepare_out_dir,
+    save_npz,
+    video_name,
+    write_npz,
+)
 
 # The official FID-50K settings (DiT / Skip-DiT sample_ddp.py): 250 DDPM steps, guidance
 # 1.5 on the first 3 eps channels, labels uniform over the classes, SD VAE (ft-EMA) decode.
@@ -60,20 +72,44 @@ FID_PRESET = {
     "num": 50000,
     "vae": "hf://stabilityai/sd-vae-ft-ema",
 }
-PRESETS = {"fid50k": FID_PRESET}
+# The official c2v FVD setting (class-to-video sample_ddp.py with the sample configs and
+# scripts, StyleGAN-V's fvd2048_16f): 2048 videos, 250 DDPM steps, guidance 7.0 on all 4
+# eps channels for UCF-101 (the c2v forward_with_cfg guides [:, :, :4]), none for the
+# unconditional models (Sky / Taichi / FFS: cfg 1.0), labels uniform over the classes,
+# sd-vae-ft-ema decode.
+FVD_PRESET = {
+    "sampler": "ddpm",
+    "steps": 250,
+    "cfg_scale": 7.0,
+    "cfg_channels": None,
+    "num": 2048,
+    "vae": "hf://stabilityai/sd-vae-ft-ema",
+}
+PRESETS = {"fid50k": FID_PRESET, "fvd2048": FVD_PRESET}
+PRESET_KINDS = {"fid50k": "image", "fvd2048": "video"}
+_UNCONDITIONAL = {"fvd2048": {"cfg_scale": 1.0}}  # what a preset sets for an unconditional model
 
 # What each per-sample key is folded with, per purpose.
 NOISE, LABEL, STEP = 0, 1, 2
-ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest date a zip entry can hold: no wall clock in the bytes
-SHARDS_DIR, PNG_DIR, SETTINGS_FILE, SUMMARY_FILE = "shards", "png", "settings.json", "summary.json"
 
 
-def get_preset(name: str | None) -> dict:
+def get_preset(name: str | None, config=None) -> dict:
+    """The settings of preset `name` ({} for None). With a model config, also checks
+    that the preset fits the model (image vs video) and applies its per-model values."""
     if name is None:
         return {}
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}; presets: {', '.join(PRESETS)}")
-    return dict(PRESETS[name])
+    preset = dict(PRESETS[name])
+    if config is not None:
+        family = family_of(config)
+        kind = "video" if len(family.sample_shape) == 4 else "image"
+        if PRESET_KINDS[name] != kind:
+            fits = [n for n, k in PRESET_KINDS.items() if k == kind]
+            raise UserError(f"--preset {name} is for {PRESET_KINDS[name]} models; this is a {kind} model (use {', '.join(fits)})")
+        if not family.is_conditional:
+            preset.update(_UNCONDITIONAL.get(name, {}))
+    return preset
 
 
 # ---- per-sample randomness and pixels (traceable) ---------------------------------------------
@@ -133,12 +169,16 @@ def make_batch_fn(
     clip_denoised: bool = False,
     classes=None,
     vae_config=None,
+    decode_frames: int = 16,
 ):
-    """A jitted `fn(params, vae_params, indices (B,) int32) -> (images uint8 (B, H, W, 3),
-    labels int32 (B,))`, batch-sharded over `mesh`. The weights keep whatever sharding they
-    have (replicated, or FSDP-sharded EMA weights during training). Labels are -1 for
-    an unconditional model. `vae_params` is None without a VAE. Cached per setting (all
-    arguments hashable: `classes` a tuple), so a repeated run reuses the compiled program."""
+    """A jitted `fn(params, vae_params, indices (B,) int32) -> (images uint8 (B, H, W, 3)
+    or videos uint8 (B, F, H, W, 3), labels int32 (B,))`, batch-sharded over `mesh`. The
+    weights keep whatever sharding they have (replicated, or FSDP-sharded EMA weights during
+    training). Labels are -1 for an unconditional model. `vae_params` is None without a
+    VAE. A video model's frames go through the VAE about `decode_frames` frames per device
+    at a time (`encoders.vae.decode_video_latents`; the chunking does not change the
+    result). Cached per setting (all arguments hashable: `classes` a tuple), so a repeated
+    run reuses the compiled program."""
     family = family_of(config)
     guided = check_settings(config, cache=cache, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     run = build_sampler(config, sampler, respacing, guided, cfg_channels, cache, float(eta), bool(clip_denoised))
@@ -148,9 +188,13 @@ def make_batch_fn(
         noise, labels, step_keys = sample_inputs(seed, indices, family.sample_shape, classes, num_classes)
         x = run(params, noise, labels, jnp.float32(cfg_scale), step_keys)
         if vae_config is not None:
-            from skipdit_jax.encoders.vae import decode_latents
+            from skipdit_jax.encoders.vae import decode_latents, decode_video_latents
 
-            x = decode_latents(vae_params, vae_config, x)
+            if x.ndim == 5:
+                per_device = max(1, x.shape[0] // mesh.size)
+                x = decode_video_latents(vae_params, vae_config, x, max(1, int(decode_frames) // per_device))
+            else:
+                x = decode_latents(vae_params, vae_config, x)
         if labels is None:
             labels = jnp.full(indices.shape, -1, jnp.int32)
         return to_uint8(rgb(x)), labels
@@ -178,207 +222,6 @@ def gather(x: jax.Array) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-# ---- deterministic .npz files -----------------------------------------------------------------
-def _npy_header(shape, dtype) -> bytes:
-    buf = io.BytesIO()
-    d = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(int(s) for s in shape)}
-    try:
-        np.lib.format.write_array_header_1_0(buf, d)
-    except ValueError:  # header too long for format 1.0 (what np.save falls back to as well)
-        buf = io.BytesIO()
-        np.lib.format.write_array_header_2_0(buf, d)
-    return buf.getvalue()
-
-
-def write_npz(fileobj, arrays: dict) -> None:
-    """An uncompressed .npz (what np.savez writes) with fixed zip timestamps, so equal
-    arrays give equal bytes. Each value is an array, or (shape, dtype, chunks): C-order
-    chunks (arrays) streamed one after another, for arrays too large to hold."""
-    with zipfile.ZipFile(fileobj, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-        for name, value in arrays.items():
-            if isinstance(value, tuple):
-                shape, dtype, chunks = value
-            else:
-                value = np.ascontiguousarray(value)
-                shape, dtype, chunks = value.shape, value.dtype, [value]
-            header = _npy_header(shape, dtype)
-            size = len(header) + int(np.prod(shape)) * np.dtype(dtype).itemsize
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=ZIP_DATE)
-            info.compress_type = zipfile.ZIP_STORED
-            info.external_attr = 0o644 << 16
-            written = 0
-            with zf.open(info, "w", force_zip64=size >= zipfile.ZIP64_LIMIT) as out:
-                out.write(header)
-                for chunk in chunks:
-                    data = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
-                    out.write(data)
-                    written += len(data)
-            if written != size - len(header):
-                raise ValueError(f"{name}: wrote {written} data bytes for shape {tuple(shape)}")
-
-
-def npz_bytes(arrays: dict) -> bytes:
-    buf = io.BytesIO()
-    write_npz(buf, arrays)
-    return buf.getvalue()
-
-
-def save_npz(path, arrays: dict) -> None:
-    """`write_npz` to `path` atomically (a temporary sibling renamed into place; a remote
-    path is built in a local temporary file first, as zip writing needs to seek)."""
-    path = paths.as_path(path)
-    if paths.is_local(path):
-        with paths.written_atomically(path) as tmp, tmp.open("wb") as f:
-            write_npz(f, arrays)
-        return
-    import tempfile
-
-    with tempfile.NamedTemporaryFile(suffix=".npz") as f:
-        write_npz(f, arrays)
-        f.flush()
-        paths.copy_file(f.name, path)
-
-
-# ---- settings and fingerprints ----------------------------------------------------------------
-def fingerprint(tree) -> str:
-    """sha256 (first 16 hex digits) of a pytree's paths, dtypes, shapes and bytes."""
-    h = hashlib.sha256()
-    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        a = np.ascontiguousarray(np.asarray(leaf))
-        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}\n".encode())
-        h.update(a.tobytes())
-    return h.hexdigest()[:16]
-
-
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """What a run writes: the batches (global batch = shard), the output names."""
-
-    num: int
-    batch_size: int
-    image_shape: tuple[int, int, int]
-
-    @property
-    def num_batches(self) -> int:
-        return -(-self.num // self.batch_size)
-
-    def bounds(self, k: int) -> tuple[int, int]:
-        return k * self.batch_size, min((k + 1) * self.batch_size, self.num)
-
-    def shard_name(self, k: int) -> str:
-        lo, hi = self.bounds(k)
-        return f"{lo:08d}-{hi:08d}.npz"
-
-    @property
-    def final_name(self) -> str:
-        h, w, c = self.image_shape
-        return f"samples_{self.num}x{h}x{w}x{c}.npz"
-
-
-def _diff(old: dict, new: dict) -> list[str]:
-    keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k, '<absent>')!r} -> {new.get(k, '<absent>')!r}" for k in keys if old.get(k) != new.get(k)]
-
-
-def _load_shard(path, plan: Plan, k: int):
-    """(images, labels) of a complete shard k, or None if it is missing or unreadable."""
-    lo, hi = plan.bounds(k)
-    try:
-        with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
-            images, labels, indices = z["images"], z["labels"], z["indices"]
-    except Exception:  # a torn or corrupt file is redone, whatever the error
-        return None
-    ok = (
-        images.dtype == np.uint8 and images.shape == (hi - lo, *plan.image_shape)
-        and labels.shape == (hi - lo,) and np.array_equal(indices, np.arange(lo, hi))
-    )
-    return (images, labels) if ok else None
-
-
-def _final_ok(path, plan: Plan, conditional: bool) -> bool:
-    """A cheap check of an existing final .npz: its members and arr_0's header."""
-    try:
-        if not path.exists():
-            return False
-        with path.open("rb") as raw, zipfile.ZipFile(raw) as zf:
-            names = sorted(zf.namelist())
-            with zf.open("arr_0.npy") as f:
-                version = np.lib.format.read_magic(f)
-                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-                shape, _, dtype = read(f)
-    except Exception:
-        return False
-    want = ["arr_0.npy", "arr_1.npy"] if conditional else ["arr_0.npy"]
-    return names == want and tuple(shape) == (plan.num, *plan.image_shape) and dtype == np.uint8
-
-
-def _broadcast(array: np.ndarray) -> np.ndarray:
-    if jax.process_count() == 1:
-        return array
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.broadcast_one_to_all(array))
-
-
-def _agree(error: str | None, todo: np.ndarray) -> np.ndarray:
-    """Process 0's verdict (an error line, or the batches to draw) on every process."""
-    msg = np.zeros(1024, np.uint8)
-    raw = (error or "").encode()[:1024]
-    msg[: len(raw)] = np.frombuffer(raw, np.uint8)
-    msg = _broadcast(msg)
-    text = bytes(msg).rstrip(b"\0").decode(errors="replace")
-    if text:
-        raise UserError(text if jax.process_index() == 0 or error else f"{text} (process 0)")
-    return _broadcast(todo.astype(np.uint8)).astype(bool)
-
-
-def prepare_out_dir(out, settings: dict, plan: Plan, conditional: bool) -> tuple[np.ndarray, bool]:
-    """Check (or create) OUT/settings.json; returns (todo: per-batch bool, final done).
-    Process 0 reads and writes, every process gets the same answer. Nothing is deleted."""
-    out = paths.as_path(out)
-    error, todo, final_done = None, np.ones(plan.num_batches, bool), False
-    if jax.process_index() == 0:
-        try:
-            error = _check_settings_file(out, settings)
-            if error is None:
-                final_done = _final_ok(out / plan.final_name, plan, conditional)
-                if not final_done:
-                    shards = out / SHARDS_DIR
-                    present = {p.name for p in shards.iterdir()} if shards.is_dir() else set()
-                    for k in range(plan.num_batches):
-                        name = plan.shard_name(k)
-                        todo[k] = name not in present or _load_shard(shards / name, plan, k) is None
-                else:
-                    todo[:] = False
-        except OSError as e:
-            error = f"cannot use --out {out}: {e}"
-    todo = _agree(error, np.append(todo, final_done))
-    return todo[:-1], bool(todo[-1])
-
-
-def _check_settings_file(out, settings: dict) -> str | None:
-    if out.exists() and not out.is_dir():
-        return f"--out {out} exists and is not a directory"
-    file = out / SETTINGS_FILE
-    if file.exists():
-        try:
-            old = json.loads(file.read_text())
-            if not isinstance(old, dict):
-                raise ValueError("not a JSON object")
-        except (ValueError, UnicodeDecodeError) as e:
-            return f"{file} is unreadable ({e}); use another --out"
-        diff = _diff(old, settings)
-        if diff:
-            return f"{out} holds samples drawn with other settings ({'; '.join(diff)}); use another --out or the same settings"
-        return None
-    ours = [n for n in (SHARDS_DIR, PNG_DIR) if (out / n).exists()]
-    ours += [p.name for p in (out.glob("samples_*.npz") if out.exists() else [])]
-    if ours:
-        return f"{out} holds {', '.join(ours)} but no {SETTINGS_FILE}; use another --out"
-    paths.atomic_write_text(file, json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    return None
-
-
 # ---- the run ------------------------------------------------------------------------------------
 def sample_many(
     config,
@@ -400,6 +243,9 @@ def sample_many(
     clip_denoised: bool = False,
     batch_size: int = 32,
     png: bool = False,
+    videos: bool = False,
+    fps: float = 8,
+    decode_frames: int = 16,
     compare: bool = True,
     keep_shards: bool = False,
     model: str | None = None,
@@ -417,22 +263,29 @@ def sample_many(
     `progress`: a progress bar and a line on what the directory already holds (process
     0). `keep_shards`: keep OUT/shards once the final .npz is written. `_stop_after`
     (tests) raises after that many batches, as a crash would.
+
+    A video model (samples (F, h, w, C)) gives `samples.npz` with arr_0 uint8
+    (N, F, H, W, 3); its VAE decode takes about `decode_frames` frames per device at a
+    time. `png` (images) writes OUT/png/{i:06d}.png, `videos` (videos) writes
+    OUT/videos/sample_{i:06d}.mp4 at `fps`; both only for samples without their file.
     """
     family = family_of(config)
     respacing = resolve_respacing(sampler, num_steps, respacing)
     settings = check_run(
         config, num=num, seed=seed, batch_size=batch_size, cfg_scale=cfg_scale, cfg_channels=cfg_channels, cache=cache,
-        classes=classes, eta=eta, sampler=sampler,
+        classes=classes, eta=eta, sampler=sampler, png=png, videos=videos,
     )
+    if int(decode_frames) < 1:
+        raise UserError(f"--decode_frames must be >= 1, got {decode_frames}")
     vae_config, vae_params = vae if vae is not None else (None, None)
     if vae_config is not None and vae_config.latent_channels != family.eps_channels:
         raise UserError(
             f"the VAE's {vae_config.latent_channels} latent channels do not fit the model's {family.eps_channels} channels"
         )
-    h, w = family.sample_shape[:2]
+    *frames, h, w, _ = family.sample_shape  # frames: [F] for a video model
     if vae_config is not None:
         h, w = h * vae_config.downsample_factor, w * vae_config.downsample_factor
-    plan = Plan(num, batch_size, (h, w, 3))
+    plan = Plan(num, batch_size, (*frames, h, w, 3))
     settings.update(
         model_family=family.name,
         model_config=_jsonable(config_to_dict(config)),
@@ -460,10 +313,10 @@ def sample_many(
     rep, batch = sharding.replicated(mesh), sharding.batch_sharding(mesh)
     classes = None if classes is None else tuple(int(c) for c in classes)
     kw = dict(seed=seed, sampler=sampler, respacing=respacing, cfg_scale=cfg_scale, cfg_channels=cfg_channels, eta=eta,
-              clip_denoised=clip_denoised, classes=classes, vae_config=vae_config)
+              clip_denoised=clip_denoised, classes=classes, vae_config=vae_config, decode_frames=int(decode_frames))
     summary = {"num": num, "devices": jax.device_count(), "processes": jax.process_count(), "batch_size": batch_size,
                "images": 0, "seconds": 0.0, "images_per_s": None, "compile_seconds": 0.0, "outside_fraction": None,
-               "pixels": settings["pixels"], "model": model}
+               "pixels": settings["pixels"], "model": model, "videos": plan.is_video}
     if todo.any():
         g_params, g_vae = to_global(params, rep), to_global(vae_params, rep)
         idx0 = _indices(plan, int(np.argmax(todo)), batch)
@@ -485,6 +338,8 @@ def sample_many(
     if main:
         if png:
             summary["png_written"] = _write_pngs(out, plan)
+        if videos:
+            summary["videos_written"] = _write_videos(out, plan, fps)
         if not keep_shards and (out / SHARDS_DIR).exists():
             paths.remove_dir_quietly(out / SHARDS_DIR)  # the final .npz holds them all
         summary["npz"] = str(out / plan.final_name)
@@ -492,7 +347,9 @@ def sample_many(
     return summary
 
 
-def check_run(config, *, num, seed, batch_size, cfg_scale, cfg_channels, cache, classes, eta, sampler) -> dict:
+def check_run(
+    config, *, num, seed, batch_size, cfg_scale, cfg_channels, cache, classes, eta, sampler, png=False, videos=False
+) -> dict:
     """Every cheap check of a run's settings (before loading weights or compiling); returns
     the settings that do not need the weights."""
     family = family_of(config)
@@ -505,8 +362,13 @@ def check_run(config, *, num, seed, batch_size, cfg_scale, cfg_channels, cache, 
         lower, upper = batch_size // n_dev * n_dev, (batch_size // n_dev + 1) * n_dev
         hint = f"{upper}" if lower < 1 else f"{lower} or {upper}"
         raise UserError(f"--batch_size {batch_size} is not a positive multiple of the {n_dev} devices; use {hint}")
-    if len(family.sample_shape) != 3:
-        raise UserError(f"sample-many draws images; this model's samples have shape {family.sample_shape}")
+    if len(family.sample_shape) not in (3, 4):
+        raise UserError(f"sample-many draws images or videos; this model's samples have shape {family.sample_shape}")
+    is_video = len(family.sample_shape) == 4
+    if png and is_video:
+        raise UserError("--png writes images; this is a video model (use --videos for one MP4 per sample)")
+    if videos and not is_video:
+        raise UserError("--videos writes videos; this is an image model (use --png for one PNG per sample)")
     if family.is_conditional and family.condition_kind != "class":
         raise UserError(f"sample-many draws class labels; the {family.name} family is conditioned on {family.condition_kind}")
     if classes is not None:
@@ -544,13 +406,6 @@ def _indices(plan: Plan, k: int, batch_sharding) -> jax.Array:
     # has the compiled shape.
     lo = k * plan.batch_size
     return to_global(np.arange(lo, lo + plan.batch_size, dtype=np.int32), batch_sharding)
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"sample_many:{name}")
 
 
 def _draw(fn, params, vae_params, plan: Plan, todo, out, batch_sharding, main: bool, progress: bool, stop_after) -> dict:
@@ -594,56 +449,9 @@ def _compare(cached_fn, make_uncached, params, vae_params, idx, repeats: int = 3
         return time.perf_counter() - t0
 
     runs = [(timed(full_fn), timed(cached_fn)) for _ in range(repeats)]
-    t_full, t_cached = (float(np.median(column)) for column in zip(*runs))
+    t_full, t_cached = (float(np.median(column)) for column in zip(*runs, strict=True))
     return {
         "full_seconds_batch": round(t_full, 4),
         "cached_seconds_batch": round(t_cached, 4),
         "measured_speedup": round(t_full / t_cached, 3),
     }
-
-
-def _shard_chunks(out, plan: Plan) -> Iterable[np.ndarray]:
-    for k in range(plan.num_batches):
-        shard = _load_shard(out / SHARDS_DIR / plan.shard_name(k), plan, k)
-        if shard is None:
-            raise UserError(f"shard {plan.shard_name(k)} became unreadable while assembling; run again to redraw it")
-        yield shard[0]
-
-
-def _read_member(path, name: str) -> np.ndarray:
-    with path.open("rb") as f, np.load(f, allow_pickle=False) as z:
-        return z[name]
-
-
-def _assemble(out, plan: Plan, conditional: bool) -> None:
-    """The final ADM .npz from the shards, streamed (never all images in memory)."""
-    arrays = {"arr_0": ((plan.num, *plan.image_shape), np.uint8, _shard_chunks(out, plan))}
-    if conditional:
-        labels = [_read_member(out / SHARDS_DIR / plan.shard_name(k), "labels") for k in range(plan.num_batches)]
-        arrays["arr_1"] = np.concatenate(labels).astype(np.int64)
-    save_npz(out / plan.final_name, arrays)
-
-
-def _write_pngs(out, plan: Plan) -> int:
-    """OUT/png/{i:06d}.png for every sample not written yet (from the shards, or from
-    the final .npz when the shards are gone)."""
-    from PIL import Image
-
-    missing = [i for i in range(plan.num) if not (out / PNG_DIR / f"{i:06d}.png").exists()]
-    if not missing:
-        return 0
-    if (out / SHARDS_DIR).exists():
-        source = lambda k: _load_shard(out / SHARDS_DIR / plan.shard_name(k), plan, k)[0]  # noqa: E731
-    else:
-        everything = _read_member(out / plan.final_name, "arr_0")
-        source = lambda k: everything[slice(*plan.bounds(k))]  # noqa: E731
-    want = set(missing)
-    for k in range(plan.num_batches):
-        lo, hi = plan.bounds(k)
-        if want.isdisjoint(range(lo, hi)):
-            continue
-        images = source(k)
-        for i in range(lo, hi):
-            if i in want:
-                paths.save_png(out / PNG_DIR / f"{i:06d}.png", Image.fromarray(images[i - lo]))
-    return len(missing)
