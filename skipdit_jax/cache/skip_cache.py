@@ -17,7 +17,7 @@ is full). The counter advances once per sampling step (the guidance batch is one
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 import numpy as np

@@ -293,7 +293,8 @@ class DiTFamily(ModelFamily):
             return
         if condition is None:
             raise UserError(f"this model is class-conditional: pass labels, class ids in 0..{self.config.num_classes - 1}")
-        shape, dtype = tuple(np.shape(condition)), np.dtype(condition.dtype) if hasattr(condition, "dtype") else np.asarray(condition).dtype
+        shape = tuple(np.shape(condition))
+        dtype = np.dtype(condition.dtype) if hasattr(condition, "dtype") else np.asarray(condition).dtype
         if len(shape) != 1 or shape[0] != batch:
             raise UserError(f"labels must have shape ({batch},) to match the noise batch, got {shape}")
         if not np.issubdtype(dtype, np.integer):
@@ -353,7 +354,9 @@ class DiTFamily(ModelFamily):
     def param_axes(self):
         return PARAM_AXES
 
-    # ---- pieces for the other cache strategies (adaLN-Zero blocks, no long skips) -------
+    # ---- pieces for the other cache strategies (units = blocks; no long skips) ----------
+    attention_kinds: ClassVar[tuple[str, ...]] = ("spatial",)
+
     def embed(self, params, x, t, condition):
         """(tokens h (B, T, D), conditioning vector c (B, D))."""
         return self.module.apply({"params": params}, x, t, condition, method=DiT.embed)
@@ -361,9 +364,14 @@ class DiTFamily(ModelFamily):
     def head(self, params, h, c):
         return self.module.apply({"params": params}, h, c, method=DiT.head)
 
+    def hidden_shape(self, batch: int) -> tuple[int, ...]:
+        return self.deep_feature_shape(batch)
+
     def block_stacks(self, params) -> tuple:
         """The stacked block parameters, in order (every block appears once)."""
         return params["encoder_blocks"], params["decoder_blocks"]
+
+    unit_stacks = block_stacks
 
     def block_with_branches(self, block_params, h, c):
         """(output, (attention, MLP) before their gates, (gate_msa, gate_mlp)) of one block."""
@@ -372,6 +380,27 @@ class DiTFamily(ModelFamily):
     def block_modulation(self, block_params, c):
         """The six adaLN vectors of one block: (shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp)."""
         return DiTBlock(self.config, parent=None).apply({"params": block_params}, c, method=DiTBlock.modulation)
+
+    def branch_shapes(self, batch: int):
+        """(attention, MLP) stacked: (2, B, T, D)."""
+        return (2, *self.hidden_shape(batch))
+
+    def unit_with_branches(self, unit_params, h, c, index):
+        out, (attn, mlp), _ = self.block_with_branches(unit_params, h, c)
+        return out, jnp.stack([attn, mlp])
+
+    def unit_from_branches(self, unit_params, h, c, index, branches):
+        gate_msa, gate_mlp = self.block_modulation(unit_params, c)[2::3]
+        h = h + gate_msa[:, None] * branches[0]
+        return h + gate_mlp[:, None] * branches[1]
+
+    def probe(self, params, h, c):
+        p0 = jax.tree.map(lambda a: a[0], params["encoder_blocks"])
+        shift, scale = self.block_modulation(p0, c)[:2]
+        return modulate(layer_norm(h), shift, scale).astype(jnp.float32)
+
+    def probe_shape(self, batch: int) -> tuple[int, ...]:
+        return self.hidden_shape(batch)
 
     def run_units(self, params, h, c, lo: int, hi: int):
         """Blocks lo..hi-1 (global indices) of a model without long skips."""
@@ -405,7 +434,8 @@ class DiTFamily(ModelFamily):
     def recognises(cls, state_dict: dict) -> bool:
         # DiT blocks are single blocks with a fused qkv; Latte has temp_embed, diffusers
         # layouts have transformer_blocks, Hunyuan has blocks.N.attn1.
-        return "x_embedder.proj.weight" in state_dict and "blocks.0.attn.qkv.weight" in state_dict and "temp_embed" not in state_dict
+        keys = ("x_embedder.proj.weight", "blocks.0.attn.qkv.weight")
+        return all(k in state_dict for k in keys) and "temp_embed" not in state_dict
 
     def describe(self) -> str:
         c = self.config

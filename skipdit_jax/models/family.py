@@ -14,9 +14,18 @@ builds it), is hashable, and answers for that model:
   * passes: `apply` (the plain forward), `forward_full` / `forward_shallow` (the two
     passes of the deep-feature cache: `cache_units` encoder-side units, of which a cached
     step runs the first k and the last k), `deep_feature_shape`;
-  * the pieces the other cache strategies need (`embed`, `head`, `block_stacks`,
-    `block_with_branches`, `block_modulation`, `run_units`), for families whose blocks are
-    adaLN-Zero transformer blocks;
+  * the pieces the other cache strategies (FORA, PAB, Delta-DiT, TeaCache, PAB-video)
+    need, for models without long skips, all in *units* (a DiT block; a Latte
+    (spatial, temporal) pair) and with the hidden state in the family's own layout
+    between units (`hidden_shape`): `embed` / `head` (tokens and conditioning vector c in,
+    output out), `unit_stacks` (the stacked unit parameters, every unit once, in order),
+    `run_units` (a contiguous range of units), `unit_with_branches` (one unit, also
+    returning its attention/MLP outputs before their adaLN gates, a pytree shaped by
+    `branch_shapes`), `unit_from_branches` (one unit rebuilt from such outputs under the
+    current gates, no attention or MLP run), `unit_broadcast` (one unit where each
+    attention kind (`attention_kinds`: "spatial", "temporal") and MLP is either computed
+    or taken from stored gated outputs), and `probe` / `probe_shape` (TeaCache's signal:
+    the first block's modulated input). Families without them raise `ConfigError`;
   * parameters: `init_params`, `count_params`; conversion: `from_torch`, `to_torch`.
 
 Caching stays out of the model's call signature: a cache strategy composes these passes.
@@ -31,6 +40,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
+from skipdit_jax.errors import ConfigError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,4 +173,58 @@ class ModelFamily(abc.ABC):
     def describe(self) -> str:
         """One line for logs: family, size, parameter count."""
         return f"{self.name} ({self.count_params():,} parameters)"
+
+    # ---- pieces for the other cache strategies (models without long skips) --------------
+    # Units are what `depth_units` counts; the hidden state between units has the shape
+    # `hidden_shape(batch)`; `index` is a unit's global position (0 = the first unit).
+    attention_kinds: ClassVar[tuple[str, ...]] = ()
+
+    def _no_pieces(self, what: str):
+        raise ConfigError(f"the {self.name} family does not provide {what}, which this cache strategy needs")
+
+    def embed(self, params, x, t, condition):
+        """(hidden state entering unit 0, conditioning vector c (B, D))."""
+        self._no_pieces("embed")
+
+    def head(self, params, h, c):
+        """The output (B, *sample_shape[:-1], out channels), float32, from the last unit's state."""
+        self._no_pieces("head")
+
+    def hidden_shape(self, batch: int) -> tuple[int, ...]:
+        """Shape of the hidden state between units for a model batch of `batch`."""
+        self._no_pieces("hidden_shape")
+
+    def unit_stacks(self, params) -> tuple:
+        """The stacked unit parameters (leading unit axis), every unit once, in order."""
+        self._no_pieces("unit_stacks")
+
+    def run_units(self, params, h, c, lo: int, hi: int):
+        """Units lo..hi-1 (global indices)."""
+        self._no_pieces("run_units")
+
+    def branch_shapes(self, batch: int):
+        """Pytree of shapes of one unit's branch record (`unit_with_branches`)."""
+        self._no_pieces("branch_shapes")
+
+    def unit_with_branches(self, unit_params, h, c, index):
+        """(output, branches): one unit, with its attention and MLP outputs before the gates."""
+        self._no_pieces("unit_with_branches")
+
+    def unit_from_branches(self, unit_params, h, c, index, branches):
+        """One unit's output rebuilt from stored pre-gate branches under the gates of c:
+        h += gate_msa(c) * attn; h += gate_mlp(c) * mlp, per block of the unit."""
+        self._no_pieces("unit_from_branches")
+
+    def unit_broadcast(self, unit_params, h, c, index, stored, fresh):
+        """(output, stored'): one unit where, per attention kind k, `fresh[k] = (attn, mlp)`
+        (scalar bools) say whether the block's attention / MLP is computed (its gated output
+        goes to stored') or its gated output is taken from `stored[k]` ((2, ...) arrays)."""
+        self._no_pieces("unit_broadcast")
+
+    def probe(self, params, h, c):
+        """TeaCache's signal: the first block's modulated input LN(h)(1 + scale) + shift, f32."""
+        self._no_pieces("probe")
+
+    def probe_shape(self, batch: int) -> tuple[int, ...]:
+        self._no_pieces("probe_shape")
 

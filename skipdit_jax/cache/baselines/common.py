@@ -3,14 +3,16 @@ the Skip-DiT authors' DiT baselines, and `BranchCache`, the per-block branch cac
 FORA and PAB (the two differ only in their schedule).
 
 Every baseline is a strategy of the one jitted sampler (see `skipdit_jax.sampling`) and
-reaches the model only through its family's adaLN-block pieces (`embed`, `block_stacks`,
-`block_with_branches`, `block_modulation`, `run_units`, `head`).
+reaches the model only through its family's unit pieces (`embed`, `unit_stacks`,
+`unit_with_branches`, `unit_from_branches`, `unit_broadcast`, `run_units`, `probe`,
+`head`; see `skipdit_jax.models.family`), so the same code serves DiT (units = blocks)
+and Latte (units = (spatial, temporal) pairs); plans count those units.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -70,36 +72,53 @@ def authors_cadence(timesteps, interval: int) -> np.ndarray:
     return ~cached
 
 
-def record_branches(family: ModelFamily, params, x, t, cond, per_block):
-    """Run every block of a model without long skips; `per_block(attn, mlp, gates)` says
-    what to keep of each. Returns (output, one stacked record per block stack)."""
+def unit_indices(family: ModelFamily, params) -> list[jax.Array]:
+    """Per unit stack, the global indices of its units (what `unit_*` pieces take)."""
+    out, start = [], 0
+    for n in stack_sizes(family, params):
+        out.append(jnp.arange(start, start + n))
+        start += n
+    return out
+
+
+def record_branches(family: ModelFamily, params, x, t, cond, per_unit):
+    """Run every unit of a model without long skips; `per_unit(branches)` says what to keep
+    of each unit's pre-gate branch outputs. Returns (output, one stacked record per unit stack)."""
     h, c = family.embed(params, x, t, cond)
 
-    def body(h, p):
-        out, (attn, mlp), gates = family.block_with_branches(p, h, c)
-        return out, per_block(attn, mlp, gates)
+    def body(h, xs):
+        p, i = xs
+        out, branches = family.unit_with_branches(p, h, c, i)
+        return out, per_unit(branches)
 
     kept = []
-    for stack in family.block_stacks(params):
-        h, k = jax.lax.scan(body, h, stack)
+    for stack, index in zip(family.unit_stacks(params), unit_indices(family, params), strict=True):
+        h, k = jax.lax.scan(body, h, (stack, index))
         kept.append(k)
     return family.head(params, h, c), tuple(kept)
 
 
 def stack_sizes(family: ModelFamily, params=None) -> tuple[int, ...]:
     params = family.abstract_params() if params is None else params
-    return tuple(jax.tree.leaves(s)[0].shape[0] for s in family.block_stacks(params))
+    return tuple(jax.tree.leaves(s)[0].shape[0] for s in family.unit_stacks(params))
+
+
+def stacked_zeros(family: ModelFamily, batch: int, dtype):
+    """Per unit stack, zeros shaped like the stacked branch records of its units."""
+    shapes = family.branch_shapes(batch)
+    is_shape = lambda s: isinstance(s, tuple) and all(isinstance(d, int) for d in s)  # noqa: E731
+    return tuple(jax.tree.map(lambda s, n=n: jnp.zeros((n, *s), dtype), shapes, is_leaf=is_shape) for n in stack_sizes(family))
 
 
 @dataclasses.dataclass(frozen=True)
 class BranchCache(IntervalBaseline):
     """The cache FORA and PAB share; a subclass only supplies `full_steps`.
 
-    A full step runs every block and stores, per block, the outputs of its attention and
+    A full step runs every unit and stores, per block, the outputs of its attention and
     its MLP *before* their adaLN gates. A cached step runs neither attention nor MLP (nor
     their LayerNorms): it computes the fresh embedding and conditioning vector, each
     block's adaLN modulation from that vector, and rebuilds the residual stream with the
-    current gates, block by block:
+    current gates, block by block (and, for Latte, through the pair's layout changes):
 
         h = h + gate_msa(now) * attn(stored);  h = h + gate_mlp(now) * mlp(stored)
 
@@ -107,23 +126,21 @@ class BranchCache(IntervalBaseline):
     """
 
     def init_carry(self, family: ModelFamily, batch: int):
-        shape = family.deep_feature_shape(batch)
-        # Per block stack: (blocks, 2, *shape) -- (attention, MLP) outputs before the gates.
-        return tuple(jnp.zeros((n, 2, *shape), family.compute_dtype) for n in stack_sizes(family))
+        # Per unit stack: the units' branch records, e.g. (blocks, 2, *shape) for DiT.
+        return stacked_zeros(family, batch, family.compute_dtype)
 
     def full_pass(self, family, params, x, t, cond, carry):
-        dtype = carry[0].dtype
-        return record_branches(family, params, x, t, cond, lambda attn, mlp, _: jnp.stack([attn, mlp]).astype(dtype))
+        dtype = family.compute_dtype
+        return record_branches(family, params, x, t, cond, lambda br: jax.tree.map(lambda a: a.astype(dtype), br))
 
     def cached_pass(self, family, params, x, t, cond, carry):
         h, c = family.embed(params, x, t, cond)
 
         def body(h, xs):
-            p, (attn, mlp) = xs
-            gate_msa, gate_mlp = family.block_modulation(p, c)[2::3]
-            h = h + gate_msa[:, None] * attn
-            return h + gate_mlp[:, None] * mlp, None
+            p, i, branches = xs
+            return family.unit_from_branches(p, h, c, i, branches), None
 
-        for stack, stored in zip(family.block_stacks(params), carry):
-            h, _ = jax.lax.scan(body, h, (stack, (stored[:, 0].astype(h.dtype), stored[:, 1].astype(h.dtype))))
+        dtype = h.dtype
+        for stack, index, stored in zip(family.unit_stacks(params), unit_indices(family, params), carry, strict=True):
+            h, _ = jax.lax.scan(body, h, (stack, index, jax.tree.map(lambda a: a.astype(dtype), stored)))
         return family.head(params, h, c), carry

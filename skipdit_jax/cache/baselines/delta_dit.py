@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+
 from skipdit_jax.cache.baselines.common import IntervalBaseline, authors_cadence
 from skipdit_jax.errors import ConfigError
 from skipdit_jax.models.families import as_family
@@ -45,7 +46,7 @@ class DeltaDiT(IntervalBaseline):
         return authors_cadence(timesteps, self.interval)
 
     def init_carry(self, family: ModelFamily, batch: int):
-        z = jnp.zeros(family.deep_feature_shape(batch), family.compute_dtype)
+        z = jnp.zeros(family.hidden_shape(batch), family.compute_dtype)
         return (z, z)  # (change across the rear blocks, change across the front blocks)
 
     def full_pass(self, family, params, x, t, cond, carry):

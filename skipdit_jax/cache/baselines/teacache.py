@@ -15,7 +15,6 @@ import numpy as np
 from skipdit_jax.cache.baselines.common import Baseline
 from skipdit_jax.errors import ConfigError
 from skipdit_jax.models.family import ModelFamily
-from skipdit_jax.models.layers import layer_norm, modulate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,8 +43,8 @@ class TeaCache(Baseline):
         raise ConfigError("TeaCache decides while sampling; its plan comes from the realised schedule (plan_from_schedule)")
 
     def init_carry(self, family: ModelFamily, batch: int):
-        z = jnp.zeros(family.deep_feature_shape(batch), jnp.float32)
-        return (jnp.zeros((), jnp.float32), z, z)  # (accumulated distance, previous modulated input, residual)
+        probe, residual = jnp.zeros(family.probe_shape(batch), jnp.float32), jnp.zeros(family.hidden_shape(batch), jnp.float32)
+        return (jnp.zeros((), jnp.float32), probe, residual)  # (accumulated distance, previous modulated input, residual)
 
     def decide(self, family, params, x, t, cond, forced_full, carry):
         # The embedding computed here is computed again by the pass that follows; it is a
@@ -71,11 +70,10 @@ class TeaCache(Baseline):
 
 
 def modulated_input(family: ModelFamily, params, x, t, cond) -> jax.Array:
-    """Block 0's modulated input LN(h) * (1 + scale) + shift, float32: TeaCache's signal."""
+    """Block 0's modulated input LN(h) * (1 + scale) + shift, float32: TeaCache's signal
+    (the family's `probe`; for Latte, the spatial block of pair 0)."""
     h, c = family.embed(params, x, t, cond)
-    p0 = jax.tree.map(lambda a: a[0], family.block_stacks(params)[0])
-    shift, scale = family.block_modulation(p0, c)[:2]
-    return modulate(layer_norm(h), shift, scale).astype(jnp.float32)
+    return family.probe(params, h, c)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,7 +96,7 @@ class _CalibrationProbe:
         out_shape = (batch, *family.sample_shape[:-1], family.eps_channels * (2 if family.learn_sigma else 1))
         return (
             jnp.zeros((), jnp.int32),
-            jnp.zeros((self.num_steps, *family.deep_feature_shape(batch)), jnp.float32),
+            jnp.zeros((self.num_steps, *family.probe_shape(batch)), jnp.float32),
             jnp.zeros((self.num_steps, *out_shape), jnp.float32),
         )
 
@@ -148,7 +146,9 @@ def calibrate_teacache(
     if steps < 2:
         raise ConfigError(f"calibration needs at least 2 sampling steps, got {steps}")
     probe = _CalibrationProbe(steps)
-    run = build_sampler(config, sampler, respacing, guided, cfg_channels, probe, float(eta), bool(clip_denoised), return_carry=True)
+    run = build_sampler(
+        config, sampler, respacing, guided, cfg_channels, probe, float(eta), bool(clip_denoised), return_carry=True
+    )
     _, _, (_, mods, outs) = run(params, noise, labels, jnp.float32(cfg_scale), jax.random.key(0))
 
     def rel_l1(seq):
