@@ -121,6 +121,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             folder, image_size=fv.image_size, num_frames=fv.num_frames, frame_interval=fv.frame_interval,
             resize=fv.video_resize, frame_sampling=fv.frame_sampling, classes=fv.classes,
         )
+        _check_video_lengths(videos)
         source = _ClipRecords(videos, fv.clips_per_video, fv.seed)
         per_record, unit = fv.num_frames, "clip"
     else:
@@ -205,6 +206,17 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         f"{time.perf_counter() - start:.1f} s)"
     )
     return 0
+
+
+def _check_video_lengths(videos) -> None:
+    """Every video has a clip's frames (a cheap header read each): fail before the VAE loads."""
+    from skipdit_jax.videos import video_num_frames
+
+    short = [(p, n) for p, n in ((p, video_num_frames(p)) for p, _ in videos.videos) if n < videos.num_frames]
+    if short:
+        path, n = short[0]
+        need = videos.num_frames
+        raise UserError(f"{len(short)} video(s) have fewer than the {need} frames of a clip (--num_frames), e.g. {path} ({n})")
 
 
 class _ClipRecords:
