@@ -128,7 +128,7 @@ def torch_sampler(config, params, noise, labels, steps, cfg_scale):
     abar = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)
     abar_prev = torch.tensor(diffusion.alphas_cumprod_prev, dtype=torch.float32)
     x0 = torch.from_numpy(np.array(noise)).permute(0, 1, 4, 2, 3).contiguous()  # (B, F, C, H, W)
-    y = torch.from_numpy(np.asarray(labels)).long()
+    y = torch.from_numpy(np.array(labels)).long()
     y = torch.cat([y, torch.full_like(y, config.num_classes)])  # [cond; uncond], the null label last
     c = config.in_channels
 
@@ -182,8 +182,8 @@ def main(_):
         tune_xla_cpu_flags()  # before the first JAX computation starts the backend
     import jax
     import jax.numpy as jnp
-
     from _common import compiled_sampler, machine
+
     from skipdit_jax.cache import SkipCache
     from skipdit_jax.models import LatteConfig, family_of
     from skipdit_jax.paths import atomic_write_text
@@ -219,12 +219,13 @@ def main(_):
     params = random_params(family)
     noise = jax.random.normal(jax.random.key(42), (1, *family.sample_shape))
     labels = jnp.array([7], jnp.int32)
-    mc = config
 
     runs, results = {}, {}
     compile_start = time.perf_counter()
     for name, cache in caches.items():
-        run = compiled_sampler(mc, params, cache, noise, labels, sampler="ddim", num_steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale, clip=False)
+        run = compiled_sampler(
+            config, params, cache, noise, labels, sampler="ddim", num_steps=FLAGS.steps, cfg_scale=FLAGS.cfg_scale, clip=False
+        )
 
         def jax_run(run=run, name=name):
             x, _, full = run()
@@ -268,7 +269,8 @@ def main(_):
         f"{config.num_frames} frames of {config.input_size}x{config.input_size}x4 latents, {NUM_CLASSES} classes, batch 1 "
         f"+ guidance (scale {FLAGS.cfg_scale:g} on all 4 eps channels; model batch 2); DDIM-{FLAGS.steps} (eta 0); "
         f"Skip-Cache k={SHALLOW_PAIRS} pair, full while t >= {START_T}, dropped after t < {CLOSE_T + 1}; "
-        f"predicted = block-count speedup of the plan ({config.num_pairs} pairs per full step, {2 * SHALLOW_PAIRS} per cached step); "
+        f"predicted = block-count speedup of the plan ({config.num_pairs} pairs per full step, "
+        f"{2 * SHALLOW_PAIRS} per cached step); "
         f"median of {FLAGS.repeats} interleaved rounds after {FLAGS.warmup} warm-up round(s), JAX compiled ahead "
         f"({compile_s:.1f} s for all settings, not timed); PyTorch: `tests/torch_reference.py` TorchLatte with its module-held "
         f"c2v cache, SDPA attention, same weights; {m['cpu']}, {cores} CPU cores, JAX device {m['device']}; {versions}; "
@@ -282,7 +284,8 @@ def main(_):
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in caches:
         j = med[("jax", name)]
-        row = f"| {name} | {counts[name][0]}/{counts[name][1]} | {predicted[name]:.2f}x | {_s(j)} | {med[('jax', 'full')] / j:.2f}x |"
+        steps = f"{counts[name][0]}/{counts[name][1]}"
+        row = f"| {name} | {steps} | {predicted[name]:.2f}x | {_s(j)} | {med[('jax', 'full')] / j:.2f}x |"
         if FLAGS.torch:
             t = med[("torch", name)]
             xj, xt = results[("jax", name)][0], results[("torch", name)][0]

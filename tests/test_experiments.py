@@ -206,7 +206,8 @@ def test_bench_latte_tiny(tmp_path):
         "--intervals=2", "--repeats=1", "--warmup=0", f"--out={out}", timeout=120)
     text = out.read_text()
     assert f"DDIM-{steps}" in text and f"{2 * pairs} blocks ({pairs} pairs)" in text
-    rows = {r.split("|")[1].strip(): [c.strip() for c in r.split("|")[2:-1]] for r in text.splitlines() if r.startswith("| ") and "---" not in r}
+    table = [r.split("|")[1:-1] for r in text.splitlines() if r.startswith("| ") and "---" not in r]
+    rows = {r[0].strip(): [c.strip() for c in r[1:]] for r in table}
     assert set(rows) == {"method", "full", "Skip-Cache N=2"}
     schedule = latte_cache_schedule([int(t) for t in create_diffusion(f"ddim{steps}").timestep_map[::-1]], 2, 900, 50)
     full, cached = sum(schedule), len(schedule) - sum(schedule)
