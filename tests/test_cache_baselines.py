@@ -6,11 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import random_params, tiny_config
 
 from skipdit_jax.cache import (
     FORA,
     PAB,
     DeltaDiT,
+    PABVideo,
     ShallowCache,
     SkipCache,
     TeaCache,
@@ -20,10 +22,9 @@ from skipdit_jax.cache import (
 )
 from skipdit_jax.diffusion import Diffusion
 from skipdit_jax.errors import ConfigError
+from skipdit_jax.models import LatteConfig, family_of
 from skipdit_jax.models.dit import DiT, DiTBlock
 from skipdit_jax.sampling import build_sampler, sample, sampling_timesteps
-
-from helpers import random_params, tiny_config
 
 DIT = tiny_config(depth=8, long_skip=False)
 PARAMS = random_params(DIT)
@@ -84,7 +85,7 @@ class Oracle:
     def __init__(self, config, params):
         self.config = config
         stacks = (params["encoder_blocks"], params["decoder_blocks"])
-        self.blocks = [jax.tree.map(lambda a: a[j], s) for s in stacks for j in range(jax.tree.leaves(s)[0].shape[0])]
+        self.blocks = [jax.tree.map(lambda a, j=j: a[j], s) for s in stacks for j in range(jax.tree.leaves(s)[0].shape[0])]
         assert len(self.blocks) == config.depth
         dit, block = DiT(config), DiTBlock(config)
         self.embed = jax.jit(lambda x, t, y: dit.apply({"params": params}, x, t, y, method=DiT.embed))
@@ -126,7 +127,7 @@ class Oracle:
                 h, (attn, mlp), _ = self.block(p, h, c)
                 state["branches"].append((attn, mlp))
         else:
-            for p, (attn, mlp) in zip(self.blocks, state["branches"]):
+            for p, (attn, mlp) in zip(self.blocks, state["branches"], strict=True):
                 _, _, gate_msa, _, _, gate_mlp = self.modulation(p, c)
                 h = h + gate_msa[:, None] * attn
                 h = h + gate_mlp[:, None] * mlp
@@ -356,3 +357,140 @@ def test_teacache_negative_polynomial_values_do_not_shrink_the_accumulator():
     # but the forced steps, never reset by a shrinking sum.
     _, full = _run(TeaCache(0.5, (-1.0, -1.0)))
     assert full.sum() == 2 and full[0] and full[-1]
+
+
+# ---- the baselines on a tiny vanilla Latte (units = (spatial, temporal) pairs) ---------------
+# PAB shares FORA's passes (BranchCache) and differs only in its family-independent schedule,
+# so FORA stands for both here.
+
+LATTE = LatteConfig(
+    input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=8, num_heads=4, num_frames=3, num_classes=5, long_skip=False
+)
+LATTE_STEPS = 5  # ddim5: t = 800, 600, 400, 200, 0
+
+
+def _latte_params(config=LATTE, scale=0.2):
+    params = family_of(config).init_params(3)
+    leaves, treedef = jax.tree.flatten(params)
+    rng = np.random.default_rng(4)
+    return jax.tree.unflatten(treedef, [np.asarray(a) + scale * rng.standard_normal(a.shape).astype(np.float32) for a in leaves])
+
+
+LATTE_PARAMS = _latte_params()
+LATTE_NOISE = jax.random.normal(jax.random.key(1), (1, 3, 4, 4, 4))
+
+
+def _latte_run(cache):
+    fn = build_sampler(LATTE, "ddim", f"ddim{LATTE_STEPS}", True, None, cache, 0.0, False, return_schedule=True)
+    x, full = fn(LATTE_PARAMS, LATTE_NOISE, jnp.array([2]), jnp.float32(3.0), jax.random.key(0))
+    return np.asarray(x), np.asarray(full)
+
+
+@pytest.fixture(scope="module")
+def latte_uncached():
+    return _latte_run(None)[0]
+
+
+LATTE_OFF = (FORA(1), DeltaDiT(1), TeaCache(1e-9), PABVideo(1, 1, mlp_timesteps=()))
+
+
+def test_baselines_off_on_latte_are_the_plain_forward():
+    """With caching off (interval / ranges 1, no MLP broadcast) every step of these
+    strategies is a full pass (the host schedule is all-full; TeaCache's threshold resets
+    at every step), and each full pass, run through the family's unit pieces, is the plain
+    forward bit for bit -- so the sampler equals the uncached one. One jit holds all four."""
+    family = family_of(LATTE)
+    ts = sampling_timesteps("ddim", LATTE_STEPS)
+    for cache in LATTE_OFF:
+        cache.check_model(family)
+        assert cache is LATTE_OFF[2] or cache.full_steps(ts).all()
+    x = jax.random.normal(jax.random.key(5), (2, 3, 4, 4, 4))
+    t, y = jnp.array([600, 600]), jnp.array([1, 5])
+
+    @jax.jit
+    def outputs(params):
+        plain = family.apply(params, x, t, y)
+        return plain, [c.full_pass(family, params, x, t, y, c.init_carry(family, 2))[0] for c in LATTE_OFF]
+
+    plain, got = outputs(LATTE_PARAMS)
+    for cache, out in zip(LATTE_OFF, got, strict=True):
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(plain), err_msg=cache.name)
+
+
+@pytest.mark.parametrize(
+    "cache,expected_full",
+    [
+        (FORA(2), [F, C, F, C, F]),  # full: i = 4 (first), 2, 0
+        (DeltaDiT(2), [F, F, F, C, F]),  # s = 3 (t = 200): the late regime
+        (TeaCache(1.0), None),  # decided on the device
+        # spatial reused at s = 1, 3, temporal at s = 1, 2 (inside 100 < t < 800); the MLP key
+        # t = 400 (s = 2) lends its MLP outputs to s = 3, 4
+        (PABVideo(2, 3), [F, C, C, C, C]),
+    ],
+    ids=lambda v: getattr(v, "name", None),
+)
+def test_cached_baselines_on_latte_stay_close(cache, expected_full, latte_uncached):
+    """Each baseline samples a tiny Latte through the family's unit pieces: caching moves
+    the sample a little and it stays close to the uncached one."""
+    cache.check_model(LATTE)
+    x, full = _latte_run(cache)
+    if expected_full is not None:
+        np.testing.assert_array_equal(full, expected_full)
+        np.testing.assert_array_equal(cache.full_steps(sampling_timesteps("ddim", LATTE_STEPS)), expected_full)
+    assert full[0] and (~full).sum() > 0
+    scale = float(np.abs(latte_uncached).max())
+    moved = float(np.abs(x - latte_uncached).max()) / scale
+    assert 1e-3 < moved < 0.3, moved
+
+
+def test_latte_plans_count_pairs():
+    family = family_of(LATTE)
+    assert family.depth_units == 4 and family.hidden_shape(2) == (6, 4, 32)
+    # Delta-DiT's m = depth // 4 counts pairs: one pair per cached step.
+    assert DeltaDiT(2).units_per_cached_step(family) == 1
+    ts = sampling_timesteps("ddim", LATTE_STEPS)
+    plan = DeltaDiT(2).plan(ts, family.depth_units)
+    assert (plan.num_full, plan.num_cached) == (4, 1)
+    assert plan.predicted_speedup == pytest.approx(5 * 4 / (4 * 4 + 1))
+    assert FORA(2).plan(ts, family.depth_units).predicted_speedup == pytest.approx(5 / 3)  # 3 full, 2 free
+    # Latte-XL/2: 14 pairs, m = 3.
+    assert DeltaDiT(2).units_per_cached_step(family_of(LATTE.replace(depth=28, hidden_size=64))) == 3
+
+
+def test_baselines_refuse_latte_skip_and_pab_video_refuses_images():
+    skip = LATTE.replace(long_skip=True)
+    for cache in (FORA(2), PAB(2), DeltaDiT(2), TeaCache(0.1), PABVideo()):
+        with pytest.raises(ConfigError, match="without long skips"):
+            cache.check_model(skip)
+    SkipCache(2, 1).check_model(skip)  # Skip-Cache is Latte-skip's (tests/test_latte.py samples with it)
+    with pytest.raises(ConfigError, match="temporal attention"):
+        PABVideo().check_model(DIT)
+    assert make_cache("pab-video", 2) == PABVideo()  # N = 2: the published Latte setting
+
+
+def test_pab_video_schedule_on_ddim50_is_the_published_one():
+    # ddim50: step s has t = 980 - 20 s. The window 100 < t < 800 holds s = 10..43.
+    ts = sampling_timesteps("ddim", 50)
+    pab = PABVideo()  # spatial 2, temporal 3, MLP keys 720, 640, 560, 480, 400 (s = 13, 17, 21, 25, 29), skip 2
+    s = pab.schedule(ts)
+    steps = np.arange(50)
+    inside = (steps >= 10) & (steps <= 43)
+    np.testing.assert_array_equal(~s["spatial"], inside & (steps % 2 == 1))  # 17 reused
+    np.testing.assert_array_equal(~s["temporal"], inside & (steps % 3 != 0))  # 23 reused
+    assert list(np.flatnonzero(~s["mlp"])) == [14, 15, 18, 19, 22, 23, 26, 27, 30, 31]
+    # All computed: the 16 steps outside the window and s = 12, 24, 36, 42 (multiples of 6
+    # inside it, less 18 and 30, which reuse MLPs).
+    assert list(np.flatnonzero(pab.full_steps(ts))) == [*range(10), 12, 24, 36, 42, *range(44, 50)]
+    # The device rule (step counter + MLP countdown in the carry) realises the same pattern.
+    left = jnp.int32(0)
+    for i, t in enumerate(ts):
+        sp, tp, mlp, left = pab.step_flags(jnp.int32(t), jnp.int32(i), left)
+        assert (bool(sp), bool(tp), bool(mlp)) == (s["spatial"][i], s["temporal"][i], s["mlp"][i]), i
+    # Cost: attention 1/3 and MLP 2/3 of each block without a model; ranges of 1 and no
+    # MLP broadcast cost a full pass every step.
+    assert PABVideo(1, 1, mlp_timesteps=()).plan(ts, 14).predicted_speedup == pytest.approx(1.0)
+    cost = pab.step_costs(ts, 14)
+    assert cost[0] == pytest.approx(14) and cost[11] == pytest.approx(14 - 14 / 6 - 14 / 6)  # s = 11: both reused
+    assert cost[14] == pytest.approx(14 - 14 / 6 - 5 * 2 / 3)  # temporal attention + 5 pairs' MLPs reused
+    # With a model the attention shares grow by the score terms (2 L D per token).
+    assert 1.1 < pab.plan(ts, 14).predicted_speedup < pab.plan(ts, 14, LATTE).predicted_speedup < 2

@@ -597,6 +597,12 @@ class TorchLatte(nn.Module):
     pair P/2 - 1 - j (LIFO). `num_classes=0` is the unconditional (extras=1) model: no
     y_embedder. `forward(x (B, F, C, H, W), t, y) -> (B, F, out, H, W)`.
 
+    `forward(x, t, y, use_image_num=I, y_image=None)` is the joint image-video forward of the
+    official `latte_img.py` (training mode): the last I of the input frames are images; after
+    every spatial block they are split off the (b t) f d layout, skip temp_embed and the
+    temporal block, and are concatenated back behind the video frames; spatial blocks and the
+    final layer condition image j on t_emb + y_emb(y_image[:, j]) (y by default).
+
     With `enable_cache(interval, pairs)` it behaves like the official `Latte_skip_cache`
     (module-held state; full when cache_cont % N == 0, no cache, or t >= start_t; the cache is
     dropped after a step with t < close_t; the cache holds the input of pair P-k).
@@ -659,8 +665,9 @@ class TorchLatte(nn.Module):
         self.n_full = 0
         self.n_cached = 0
 
-    def _pair(self, x, i, b, c_s, c_t, skips):
-        """Blocks i (spatial) and i+1 (temporal) on x in the (b f) t d layout."""
+    def _pair(self, x, i, b, c_s, c_t, skips, n_img=0):
+        """Blocks i (spatial) and i+1 (temporal) on x in the (b f) t d layout; the last
+        `n_img` frames of each sample are images, which bypass the temporal block."""
         n_blocks = len(self.blocks)
         if self.long_skip and i >= n_blocks // 2:
             j = (i - n_blocks // 2) // 2  # = (i - 14) // 2 at 28 blocks
@@ -669,23 +676,30 @@ class TorchLatte(nn.Module):
         bf, n, d = x.shape
         f = bf // b
         x = x.reshape(b, f, n, d).permute(0, 2, 1, 3).reshape(b * n, f, d)  # (b t) f d
+        x_video, x_image = x[:, : f - n_img], x[:, f - n_img :]
         if i == 0:
-            x = x + self.temp_embed
-        x = self.blocks[i + 1](x, c_t)
+            x_video = x_video + self.temp_embed
+        x_video = self.blocks[i + 1](x_video, c_t)
+        x = torch.cat([x_video, x_image], dim=1)
         x = x.reshape(b, n, f, d).permute(0, 2, 1, 3).reshape(b * f, n, d)
         if self.long_skip and i < n_blocks // 2:
             skips.append(x)
         return x
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y=None, use_image_num: int = 0, y_image=None) -> torch.Tensor:
         t = torch.as_tensor(t)
         b, f, ch, hh, ww = x.shape
         h = self.x_embedder(x.reshape(b * f, ch, hh, ww)) + self.pos_embed
-        c = self.t_embedder(t)
+        t_emb = self.t_embedder(t)
+        c = t_emb
         if self.num_classes:
-            c = c + self.y_embedder(torch.as_tensor(y, dtype=torch.long))
+            c = t_emb + self.y_embedder(torch.as_tensor(y, dtype=torch.long))
         n = h.shape[1]
         c_s = c.repeat_interleave(f, dim=0)  # 'n d -> (n c) d'
+        if use_image_num and y_image is not None:
+            per_frame = c[:, None].repeat(1, f, 1)  # b f d
+            per_frame[:, f - use_image_num :] = t_emb[:, None] + self.y_embedder(torch.as_tensor(y_image, dtype=torch.long))
+            c_s = per_frame.reshape(b * f, -1)
         c_t = c.repeat_interleave(n, dim=0)
         cur_t = float(t.reshape(-1)[0])
         n_blocks = len(self.blocks)
@@ -698,7 +712,7 @@ class TorchLatte(nn.Module):
             for i in range(0, n_blocks, 2):
                 if self.cache_enabled and i == n_blocks - 2 * k:
                     self.cache_val = h
-                h = self._pair(h, i, b, c_s, c_t, skips)
+                h = self._pair(h, i, b, c_s, c_t, skips, use_image_num)
             self.n_full += 1
         else:
             for i in range(0, n_blocks, 2):

@@ -1,7 +1,7 @@
 """Cache strategies for the one jitted sampler: Skip-Cache (`skip_cache`), the other
 caching methods (`baselines/`), plans (`plan`) and the by-name registry (`registry`)."""
 
-from skipdit_jax.cache.baselines import FORA, PAB, DeltaDiT, TeaCache, calibrate_teacache
+from skipdit_jax.cache.baselines import FORA, PAB, DeltaDiT, PABVideo, TeaCache, calibrate_teacache
 from skipdit_jax.cache.plan import CachePlan, plan_from_schedule
 from skipdit_jax.cache.registry import METHODS, make_cache
 from skipdit_jax.cache.skip_cache import ShallowCache, SkipCache, parse_cache_spec
@@ -12,6 +12,7 @@ __all__ = [
     "FORA",
     "METHODS",
     "PAB",
+    "PABVideo",
     "ShallowCache",
     "SkipCache",
     "TeaCache",

@@ -648,14 +648,15 @@ class LatteFamily(ModelFamily):
             y = self._block(p, modulate(layer_norm(x), shift_msa, scale_msa), method=lambda m, y: m.attn(y))
             return gate_msa[:, None] * y
 
-        a = jax.lax.cond(fresh[0], attn, lambda: stored[0].astype(x.dtype))
+        # A Python True (a pass that computes everything) needs no conditional.
+        a = attn() if fresh[0] is True else jax.lax.cond(fresh[0], attn, lambda: stored[0].astype(x.dtype))
         x = x + a
 
         def mlp():
             y = self._block(p, modulate(layer_norm(x), shift_mlp, scale_mlp), method=lambda m, y: m.mlp(y))
             return gate_mlp[:, None] * y
 
-        m = jax.lax.cond(fresh[1], mlp, lambda: stored[1].astype(x.dtype))
+        m = mlp() if fresh[1] is True else jax.lax.cond(fresh[1], mlp, lambda: stored[1].astype(x.dtype))
         return x + m, jnp.stack([a, m]).astype(stored.dtype)
 
     def probe(self, params, h, c):
