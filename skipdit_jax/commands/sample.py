@@ -161,11 +161,12 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             compiled[len(z)] = make(cache).lower(params, z, y, scale, sample_key).compile()
     compile_s = time.perf_counter() - t0
 
-    outs, sample_s = [], 0.0
+    outs, sample_s, first_s = [], 0.0, None
     for i, (z, y) in enumerate(tqdm(batches, desc="sampling", unit="batch")):
         x, dt = _timed(compiled[len(z)], params, z, y, scale, jax.random.fold_in(sample_key, i))
         outs.append(np.asarray(x))
         sample_s += dt
+        first_s = dt if first_s is None else first_s
     samples = np.concatenate(outs)
     report = {
         "model": args[0],
@@ -193,7 +194,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             z, y = batches[0]
             full_fn = make(None).lower(params, z, y, scale, sample_key).compile()
             _, t_full = _timed(full_fn, params, z, y, scale, sample_key)
-            _, t_cached = _timed(compiled[len(z)], params, z, y, scale, sample_key)
+            t_cached = first_s  # the cached program's first call, as this is the full one's
             report.update(measured_speedup=round(t_full / t_cached, 3), full_seconds_first_batch=round(t_full, 3))
             line += f", measured {t_full / t_cached:.2f}x ({t_full:.2f} s full vs {t_cached:.2f} s cached, first batch)"
         print(line)

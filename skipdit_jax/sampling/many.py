@@ -412,7 +412,8 @@ def _draw(fn, params, vae_params, plan: Plan, todo, out, batch_sharding, main: b
     from tqdm import tqdm
 
     done = sum(plan.bounds(k)[1] - plan.bounds(k)[0] for k in np.flatnonzero(~todo))
-    bar = tqdm(total=plan.num, initial=done, unit="img", desc="sampling", disable=not (main and progress), smoothing=0.1)
+    unit = "video" if plan.is_video else "img"
+    bar = tqdm(total=plan.num, initial=done, unit=unit, desc="sampling", disable=not (main and progress), smoothing=0.1)
     inside, images, start = 0.0, 0, time.perf_counter()
     for n, k in enumerate(np.flatnonzero(todo)):
         if stop_after is not None and n >= stop_after:
