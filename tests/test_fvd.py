@@ -7,7 +7,6 @@ import json
 import re
 import zipfile
 
-import jax
 import numpy as np
 import pytest
 import scipy.linalg
@@ -30,22 +29,27 @@ def _rel_err(got, want) -> float:
 # ---- the network -------------------------------------------------------------------------------
 
 
-def test_i3d_matches_torch_reference():
-    """Every layer with TF-SAME padding on sizes the strides do not divide (11 frames of
-    34x42), BatchNorm folding, the average pool, logits and time mean: the Flax network from
-    converted piergiaj weights equals the PyTorch reference. (The (2, 7, 7) pool needs 224x224
-    frames, too slow here: a smaller pool window on a small input.)"""
-    torch.manual_seed(0)
-    model = randomize_(TorchI3D(pool_window=(2, 2, 2)), seed=1)
-    params = i3d.i3d_from_torch(_state(model))
-    videos = np.random.default_rng(0).integers(0, 256, (2, 11, 34, 42, 3), dtype=np.uint8)
-    want = detector_features(model, videos, size=None)
-    x = videos.astype(np.float32) / 255 * 2 - 1
-    apply = jax.jit(lambda p, x: i3d.InceptionI3d(folded=True, pool_window=(2, 2, 2)).apply({"params": p}, x))
-    got = apply(i3d.fold_batchnorm(params), x)
-    assert got["logits"].shape == (2, 400) and got["pool"].shape == (2, 1024)
-    assert np.abs(want).max() > 1 and _rel_err(got["logits"], want) < 1e-4
-    # The two videos give different features (the comparison is not vacuous).
+def test_i3d_matches_torch_reference(monkeypatch):
+    """The whole feature path (x / 255 * 2 - 1, bilinear resize, every layer with TF-SAME
+    padding on sizes the strides do not divide, folded BatchNorm, average pool, logits, time
+    mean) through the sharded `extract_features` (3 videos in batches of 2: padded and
+    trimmed) equals the PyTorch reference detector on converted piergiaj weights. The real
+    (2, 7, 7) pool needs 224x224 frames, too slow here: the test resizes to 40x40 and pools
+    (2, 2, 2)."""
+    monkeypatch.setattr(i3d, "INPUT_SIZE", 40)
+    monkeypatch.setattr(i3d, "POOL_WINDOW", (2, 2, 2))
+    i3d._jitted_on.cache_clear()  # programs traced with the shrunken network stay in this test
+    try:
+        model = randomize_(TorchI3D(pool_window=(2, 2, 2)), seed=1)
+        params = i3d.i3d_from_torch(_state(model))
+        videos = np.random.default_rng(0).integers(0, 256, (3, 11, 34, 42, 3), dtype=np.uint8)
+        want = detector_features(model, videos, size=40)
+        got = i3d.extract_features(params, videos, batch_size=2)
+    finally:
+        i3d._jitted_on.cache_clear()
+    assert got.shape == (3, 400) and got.dtype == np.float32
+    assert np.abs(want).max() > 1 and _rel_err(got, want) < 1e-4
+    # The videos give different features (the comparison is not vacuous).
     assert np.abs(want[0] - want[1]).max() > 1e-2 * np.abs(want).max()
 
 

@@ -304,7 +304,7 @@ def reference_features(
     if im._all_processes_agree(cached is not None):
         return cached, True
     feats = i3d.extract_features(params, clip_array, batch_size=batch_size, mesh=mesh, progress=progress)
-    if cached is None and jax.process_index() == 0:
+    if cached is None:  # every process keeps its own (local) cache, as the Inception features
         with contextlib.suppress(OSError):  # a cache that cannot be written only costs time
             _write_cache(path, feats)
     return feats, False

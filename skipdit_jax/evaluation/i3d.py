@@ -268,7 +268,8 @@ def check_videos(videos, what: str = "I3D features") -> None:
 
 
 def _network(folded_params, x):
-    return InceptionI3d(folded=True).apply({"params": folded_params}, x)
+    # POOL_WINDOW / INPUT_SIZE are read when tracing (tests shrink both to run small inputs).
+    return InceptionI3d(folded=True, pool_window=POOL_WINDOW).apply({"params": folded_params}, x)
 
 
 def _forward(folded_params, videos):
