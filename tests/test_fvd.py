@@ -4,8 +4,14 @@ the FVD statistics against StyleGAN-V's formula, the official clip selection, an
 `skipdit evaluate` on videos."""
 
 import json
+import os
 import re
+import socket
+import subprocess
+import sys
+import textwrap
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -317,3 +323,61 @@ def test_evaluate_command_on_videos(tmp_path, capsys, monkeypatch):
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and re.search(message, err[0]), (case, err)
     assert len(seen) == 4
+
+
+_SHARDED = textwrap.dedent(
+    """
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    if len(sys.argv) > 2:
+        jax.distributed.initialize(sys.argv[2], num_processes=2, process_id=int(sys.argv[3]))
+    from skipdit_jax.evaluation import i3d
+
+    def cheap_forward(params, videos):  # per-frame means, tiled to 400: the sharding is under test
+        m = jnp.mean(videos.astype(jnp.float32), axis=(2, 3, 4)) * params["w"]
+        return {"logits": jnp.tile(m, (1, 45))[:, :400]}
+
+    i3d._forward = cheap_forward
+    two = len(sys.argv) > 2
+    assert jax.device_count() == (2 if two else 8), jax.device_count()
+    videos = np.random.default_rng(0).integers(0, 256, (11, 9, 4, 4, 3), dtype=np.uint8)
+    videos = videos[:3] if two else videos
+    np.save(sys.argv[1], i3d.extract_features({"w": np.float32(2)}, videos, batch_size=2 if two else 8))
+    """
+)
+
+
+def test_extract_features_on_8_devices_and_2_processes(tmp_path):
+    """Each process feeds only its rows of every global batch; the padded last batch is
+    trimmed; every process gets all rows, in order (the network replaced by a cheap one)."""
+    root = str(Path(__file__).resolve().parents[1])
+
+    def env(devices):
+        env = dict(os.environ)
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+        env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
+        return env
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        coordinator = f"127.0.0.1:{s.getsockname()[1]}"
+    runs = [([str(tmp_path / "eight.npy")], 8)] + [([str(tmp_path / f"p{i}.npy"), coordinator, str(i)], 1) for i in range(2)]
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _SHARDED, *a], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env(n), cwd=root)  # fmt: skip
+        for a, n in runs
+    ]
+    try:
+        for p in procs:
+            _, err = p.communicate(timeout=300)
+            assert p.returncode == 0, err[-3000:]
+    finally:  # a failed process leaves its peer waiting
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    videos = np.random.default_rng(0).integers(0, 256, (11, 9, 4, 4, 3), dtype=np.uint8)
+    want = np.tile(videos.astype(np.float64).mean(axis=(2, 3, 4)) * 2, (1, 45))[:, :400]
+    assert np.allclose(np.load(tmp_path / "eight.npy"), want, rtol=1e-5)
+    for i in range(2):
+        assert np.allclose(np.load(tmp_path / f"p{i}.npy"), want[:3], rtol=1e-5)
