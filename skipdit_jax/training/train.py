@@ -77,7 +77,9 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train"):
 
 # ---- initial parameters -----------------------------------------------------------------------
 # What `train.init_from` must agree on with the model being trained.
-_INIT_FROM_FIELDS = ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "num_classes", "learn_sigma", "num_frames")
+_INIT_FROM_FIELDS = (
+    "depth", "hidden_size", "patch_size", "input_size", "in_channels", "num_classes", "learn_sigma", "num_frames",
+)
 
 
 def load_init_from(family, config: ml_collections.ConfigDict, param_shardings):
