@@ -115,12 +115,29 @@ def _tf_named_module(state: dict) -> torch.nn.Module:
     return Wrapper()
 
 
+def _fold(state: dict) -> dict:
+    """piergiaj state dict -> {unit: (kernel * s, bias - mean * s)} in numpy (s = gamma /
+    sqrt(var + eps)): the network a frozen archive holds."""
+    out = {}
+    for key in [k for k in state if k.endswith(".conv3d.weight")]:
+        unit = key[: -len(".conv3d.weight")]
+        if unit == "logits":
+            out[unit], out[unit + ".b"] = state[key], state["logits.conv3d.bias"]
+            continue
+        s = state[f"{unit}.bn.weight"] / np.sqrt(state[f"{unit}.bn.running_var"] + 1e-3)
+        out[unit] = state[key] * s[:, None, None, None, None]
+        out[unit + ".b"] = state[f"{unit}.bn.bias"] - state[f"{unit}.bn.running_mean"] * s
+    return out
+
+
 def test_torchscript_archives_read_without_running_code(tmp_path, monkeypatch):
-    """A scripted detector (piergiaj names under a prefix) and an archive of unknown names
-    (matched by order and shape) load to the same params, with torch.jit.load unusable; an
-    archive whose data.pkl references another global is refused."""
+    """A scripted detector (piergiaj names under a prefix), an archive of unknown names
+    (matched by order and shape) and a frozen one (weights as constants, BatchNorms folded)
+    load to the same network, with torch.jit.load unusable; an archive whose data.pkl
+    references another global is refused."""
     detector = randomize_(Detector(), seed=2)
     torch.jit.save(torch.jit.script(detector), tmp_path / "i3d_torchscript.pt")
+    torch.jit.save(torch.jit.freeze(torch.jit.script(detector)), tmp_path / "frozen.pt")
     state = _state(detector.i3d)
     for k in [k for k in state if k.endswith(".bn.weight")]:
         state[k] = np.ones_like(state[k])  # TF's I3D has no BatchNorm scale
@@ -137,6 +154,9 @@ def test_torchscript_archives_read_without_running_code(tmp_path, monkeypatch):
     assert all(np.array_equal(got[k], want[k]) for k in got)
     got = i3d.i3d_to_torch(i3d.load_i3d(str(tmp_path / "tf_names.pt")))
     assert all(np.array_equal(got[k], state[k]) for k in got)
+    frozen, folded = _fold(i3d.i3d_to_torch(i3d.load_i3d(str(tmp_path / "frozen.pt")))), _fold(want)
+    assert set(frozen) == set(folded)
+    assert all(np.abs(frozen[k] - folded[k]).max() <= 1e-5 * np.abs(folded[k]).max() for k in folded)
 
     # A data.pkl calling os.system is refused before anything runs.
     evil = tmp_path / "evil.pt"

@@ -10,7 +10,8 @@ must have exactly the shapes of the I3D convs in network order (Conv3d_1a_7x7, .
 Mixed_3b b0, b1a, b1b, b2a, b2b, b3b, ..., logits), and each conv's BatchNorm is the set
 of 1-D tensors beside it named like running_mean / moving_mean, running_var /
 moving_variance, bias / beta and (optional) weight / gamma; anything else is refused
-with the names found.
+with the names found. A FROZEN archive (`torch.jit.freeze`: weights become constants,
+BatchNorms folded into the convs) is read from its constants (`frozen_state`).
 """
 
 from __future__ import annotations
@@ -115,7 +116,9 @@ def i3d_from_torch(state_dict, *, structural: bool = False, shown: str = "the ar
     given = normalize_state_dict(state_dict)
     layout = torch_layout()
     if structural and set(given) != {key for key, _ in layout.values()}:
-        given = structural_state({k: np.asarray(v, np.float32) for k, v in state_dict.items()}, shown)
+        tensors = {k: np.asarray(v, np.float32) for k, v in state_dict.items()}
+        frozen = bool(tensors) and all(k.startswith("constants.") for k in tensors)
+        given = frozen_state(tensors, shown) if frozen else structural_state(tensors, shown)
     check_keys_and_shapes(given, {key: shape for key, shape in layout.values()}, "this I3D state dict")
     params: dict = {}
     for names, (key, _) in layout.items():
@@ -177,7 +180,10 @@ def load_state(spec: str) -> tuple[dict[str, np.ndarray], bool]:
     if p.exists() and not p.is_dir() and not p.name.endswith(".safetensors"):
         with paths.local_copy(p) as local:
             if video_torchscript.is_torchscript(local):
-                return video_torchscript.read_tensors(local, shown=str(spec)), True
+                tensors = video_torchscript.read_tensors(local, shown=str(spec))
+                if not any(v.ndim == 5 for v in tensors.values()):  # a frozen module: weights are constants
+                    tensors = video_torchscript.read_constants(local, shown=str(spec))
+                return tensors, True
     return load_torch_checkpoint(spec), False
 
 
@@ -218,20 +224,8 @@ def _role(name: str) -> str | None:
 def structural_state(tensors: dict[str, np.ndarray], shown: str = "the archive") -> dict[str, np.ndarray]:
     """A piergiaj-layout dict from tensors of unknown names, matched by order and shape
     (module docstring). CheckpointError naming what did not fit."""
-    shapes = dict(torch_layout().values())
-    convs = [key for key, shape in shapes.items() if len(shape) == 5]
     found = [(k, v) for k, v in tensors.items() if v.ndim == 5]
-    want, got = [shapes[key] for key in convs], [tuple(v.shape) for _, v in found]
-    if got != want:
-        common = min(len(got), len(want))
-        first = next((i for i in range(common) if got[i] != want[i]), common)
-        if first < common:
-            where = f"conv #{first}: {found[first][0]} {got[first]} vs {convs[first]} {want[first]}"
-        else:
-            where = f"{len(got)} 5-D tensors, the I3D has {len(want)} convs"
-        raise CheckpointError(
-            f"{shown}: tensor names are in no known I3D layout and its convs do not line up with the I3D's ({where})"
-        )
+    convs = _check_conv_sequence(found, shown)
     out: dict[str, np.ndarray] = {}
     names = list(tensors)
     for (key, weight), target in zip(found, convs, strict=True):
@@ -261,10 +255,59 @@ def structural_state(tensors: dict[str, np.ndarray], shown: str = "the archive")
     return out
 
 
+
+def _check_conv_sequence(found: list[tuple[str, np.ndarray]], shown: str) -> list[str]:
+    """The piergiaj keys of the I3D convs, in network order, after checking that the 5-D
+    tensors `found` (in archive order) have exactly their shapes."""
+    shapes = dict(torch_layout().values())
+    convs = [key for key, shape in shapes.items() if len(shape) == 5]
+    want, got = [shapes[key] for key in convs], [tuple(v.shape) for _, v in found]
+    if got != want:
+        common = min(len(got), len(want))
+        first = next((i for i in range(common) if got[i] != want[i]), common)
+        if first < common:
+            where = f"conv #{first}: {found[first][0]} {got[first]} vs {convs[first]} {want[first]}"
+        else:
+            where = f"{len(got)} 5-D tensors, the I3D has {len(want)} convs"
+        raise CheckpointError(
+            f"{shown}: tensor names are in no known I3D layout and its convs do not line up with the I3D's ({where})"
+        )
+    return convs
+
+
+def frozen_state(constants: dict[str, np.ndarray], shown: str = "the archive") -> dict[str, np.ndarray]:
+    """A piergiaj-layout dict from a FROZEN TorchScript module's constants (BatchNorms folded
+    into the convs by torch.jit.freeze): (conv weight, bias) pairs in execution order. Each
+    folded bias becomes an identity BatchNorm (scale 1, mean 0, var 1 - eps) with that
+    bias, which `fold_batchnorm` turns back into the same conv."""
+    items = list(constants.items())
+    found = [(k, v) for k, v in items if v.ndim == 5]
+    convs = _check_conv_sequence(found, shown)
+    position = {k: i for i, (k, _) in enumerate(items)}
+    out: dict[str, np.ndarray] = {}
+    for (key, weight), target in zip(found, convs, strict=True):
+        i = position[key] + 1
+        if i >= len(items) or items[i][1].shape != (weight.shape[0],):
+            raise CheckpointError(f"{shown}: the frozen conv {key} {tuple(weight.shape)} is not followed by its bias")
+        bias = items[i][1]
+        out[target] = weight
+        unit = target[: -len(".conv3d.weight")]
+        if unit == "logits":
+            out["logits.conv3d.bias"] = bias
+            continue
+        cout = weight.shape[0]
+        out[f"{unit}.bn.weight"] = np.ones((cout,), np.float32)
+        out[f"{unit}.bn.bias"] = bias
+        out[f"{unit}.bn.running_mean"] = np.zeros((cout,), np.float32)
+        out[f"{unit}.bn.running_var"] = np.full((cout,), 1.0 - net.BN_EPS, np.float32)
+    return out
+
+
 __all__ = [
     "torch_layout",
     "normalize_state_dict",
     "structural_state",
+    "frozen_state",
     "i3d_from_torch",
     "i3d_to_torch",
     "save_i3d",

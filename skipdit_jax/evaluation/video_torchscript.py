@@ -65,9 +65,9 @@ def _identity(*args):
 
 
 class _Unpickler(pickle.Unpickler):
-    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, shown: str):
+    def __init__(self, file, archive: zipfile.ZipFile, prefix: str, shown: str, storages: str = "data"):
         super().__init__(file)
-        self._archive, self._prefix, self._shown = archive, prefix, shown
+        self._archive, self._prefix, self._shown, self._storages = archive, prefix, shown, storages
 
     def find_class(self, module: str, name: str):
         if module.startswith("__torch__"):
@@ -92,7 +92,7 @@ class _Unpickler(pickle.Unpickler):
         dtype = _DTYPES.get(name)
         if dtype is None:
             raise CheckpointError(f"{self._shown}: unsupported storage type {name}")
-        raw = self._archive.read(f"{self._prefix}data/{key}")
+        raw = self._archive.read(f"{self._prefix}{self._storages}/{key}")
         if dtype == "bfloat16":
             as_u16 = np.frombuffer(raw, np.uint16)[:numel]
             return (as_u16.astype(np.uint32) << 16).view(np.float32)
@@ -130,30 +130,53 @@ def _walk(obj, prefix: str, out: dict, seen: set) -> None:
         _walk(v, f"{prefix}.{k}" if prefix else k, out, seen)
 
 
-def read_tensors(path: str, shown: str | None = None) -> dict[str, np.ndarray]:
-    """Every tensor attribute of the module tree in the TorchScript archive `path`, as
-    {"sub.module.name": float32 array} in the module's attribute order. Never runs code
-    from the archive; anything outside the allow-list is one CheckpointError."""
-    shown = shown or path
+def _load_pickle(path: str, member: str, storages: str, shown: str):
+    """(unpickled `member` of the archive, whether it exists)."""
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise CheckpointError(f"{shown} is not a readable TorchScript archive ({e})") from None
     with archive:
-        pkl = [n for n in archive.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
+        pkl = [n for n in archive.namelist() if n.endswith("/" + member) and n.count("/") == 1]
         if not pkl:
-            raise CheckpointError(f"{shown} is not a TorchScript archive (no data.pkl)")
-        prefix = pkl[0][: -len("data.pkl")]
+            return None, False
+        prefix = pkl[0][: -len(member)]
         try:
             with archive.open(pkl[0]) as f:
-                root = _Unpickler(f, archive, prefix, shown).load()
+                return _Unpickler(f, archive, prefix, shown, storages).load(), True
         except CheckpointError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged archive fails in many ways
-            raise CheckpointError(f"{shown}: cannot read its data.pkl ({type(e).__name__}: {e})") from None
+            raise CheckpointError(f"{shown}: cannot read its {member} ({type(e).__name__}: {e})") from None
+
+
+def _floats(tensors: dict) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v, np.float32) for k, v in tensors.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+
+
+def read_tensors(path: str, shown: str | None = None) -> dict[str, np.ndarray]:
+    """Every tensor attribute of the module tree in the TorchScript archive `path`, as
+    {"sub.module.name": float32 array} in the module's attribute order. Never runs code
+    from the archive; anything outside the allow-list is one CheckpointError."""
+    shown = shown or path
+    root, found = _load_pickle(path, "data.pkl", "data", shown)
+    if not found:
+        raise CheckpointError(f"{shown} is not a TorchScript archive (no data.pkl)")
     out: dict[str, np.ndarray] = {}
     _walk(root, "", out, set())
-    return {k: np.asarray(v, np.float32) for k, v in out.items() if np.issubdtype(np.asarray(v).dtype, np.floating)}
+    return _floats(out)
 
 
-__all__ = ["is_torchscript", "read_tensors", "ScriptObject"]
+def read_constants(path: str, shown: str | None = None) -> dict[str, np.ndarray]:
+    """The tensor constants of the archive (`constants.pkl`: where a FROZEN module,
+    `torch.jit.freeze`, keeps its weights, BatchNorms folded into the convs), as
+    {"constants.<i>": float32 array} in the order the compiled code numbers them."""
+    shown = shown or path
+    root, found = _load_pickle(path, "constants.pkl", "constants", shown)
+    out: dict[str, np.ndarray] = {}
+    if found:
+        _walk(root, "constants", out, set())
+    return _floats(out)
+
+
+__all__ = ["is_torchscript", "read_tensors", "read_constants", "ScriptObject"]
