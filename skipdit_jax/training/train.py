@@ -101,7 +101,8 @@ def load_init_from(family, config: ml_collections.ConfigDict, param_shardings):
     unknown = sorted(set(src_params) - set(param_shardings))
     if unknown:
         raise ConfigError(f"train.init_from has modules the model lacks: {', '.join(unknown)}")
-    placed = {k: jax.tree.map(lambda a, s: jax.device_put(np.asarray(a), s), v, param_shardings[k]) for k, v in src_params.items()}
+    put = lambda a, s: jax.device_put(np.asarray(a), s)  # noqa: E731
+    placed = {k: jax.tree.map(put, v, param_shardings[k]) for k, v in src_params.items()}
     fresh = sorted(set(param_shardings) - set(src_params))
     logging.info("initialised from %s; fresh modules: %s", src, ", ".join(fresh) or "none")
     return placed
@@ -237,7 +238,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     tx = optim.make_optimizer(_opt_cfg(config), abstract_params, t.trainable)
     abstract_state = jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
     state_shardings = train_state_shardings(abstract_state, mesh, config.mesh.min_shard_size, family.param_axes)
-    abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract_state, state_shardings)
+    with_sharding = lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s)  # noqa: E731
+    abstract_state = jax.tree.map(with_sharding, abstract_state, state_shardings)
 
     # -- restore or initialise -----------------------------------------------------------------
     mngr = checkpoints.checkpoint_manager(workdir, config)
@@ -267,7 +269,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         donate_argnums=(0,),
     )
     abstract_batch = {
-        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=batch_sharding) for k, v in family.batch_spec(t.global_batch_size).items()
+        k: with_sharding(v, batch_sharding) for k, v in family.batch_spec(t.global_batch_size).items()
     }
     t0 = time.perf_counter()
     compiled = jitted.lower(abstract_state, abstract_batch, rng).compile()
