@@ -326,6 +326,7 @@ def test_evaluate_command_on_videos(tmp_path, capsys, monkeypatch):
     capsys.readouterr()
     np.savez(tmp_path / "short.npz", _videos(3, 8, seed=3))
     np.savez(tmp_path / "float.npz", samples.astype(np.float32))
+    np.savez(tmp_path / "rank6.npz", samples[None])
     np.savez(tmp_path / "bad_stats.npz", mu=np.zeros(7), sigma=np.eye(7))
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "notes.txt").write_text("x")
@@ -333,6 +334,7 @@ def test_evaluate_command_on_videos(tmp_path, capsys, monkeypatch):
     for case, message in [
         ((tmp_path / "short.npz", "--ref", tmp_path / "real"), "no video has the 16 frames"),
         ((tmp_path / "float.npz", "--ref", tmp_path / "real"), "must be uint8"),
+        ((tmp_path / "rank6.npz", "--ref", tmp_path / "real"), r"images \(N, H, W, 3\) or videos .* got shape \(1, 5,"),
         ((s, "--ref", tmp_path / "empty"), "holds no videos"),
         ((tmp_path / "empty", "--ref", tmp_path / "real"), "holds no videos"),
         ((s, "--ref", tmp_path / "bad_stats.npz"), "400-d"),

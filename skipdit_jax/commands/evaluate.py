@@ -92,7 +92,12 @@ def is_video_input(samples: str) -> bool:
     p = paths.as_path(samples)
     if not p.exists():
         raise UserError(f"sample file {samples} does not exist")
-    return p.is_dir() or fvd.npz_array_ndim(samples) == 5
+    if p.is_dir():
+        return True
+    shape = fvd.npz_array_shape(samples)
+    if shape is not None and len(shape) not in (4, 5):
+        raise UserError(f"{samples}: arr_0 must be images (N, H, W, 3) or videos (N, frames, H, W, 3), got shape {shape}")
+    return shape is not None and len(shape) == 5
 
 
 def main_videos(samples: str, fv: flags.FlagValues, out) -> int:

@@ -153,13 +153,13 @@ def _check_video_array(arr, shown: str) -> None:
         raise UserError(f"{shown}: videos must be uint8 in [0, 255], got {arr.dtype}")
 
 
-def npz_array_ndim(path) -> int | None:
-    """The rank of arr_0 in the .npz `path` (read from its header), or None without arr_0."""
+def npz_array_shape(path) -> tuple[int, ...] | None:
+    """The shape of arr_0 in the .npz `path` (memory-mapped, not read), or None without arr_0."""
     p = im._require_file(path, "file")
     local = im._local_file(p)
     if "arr_0" not in im._npz_keys(local, str(path)):
         return None
-    return len(im._npz_member(local, "arr_0", str(path)).shape)
+    return tuple(im._npz_member(local, "arr_0", str(path)).shape)
 
 
 def open_videos(path, *, allow_stats: bool = False, what: str = "samples") -> VideoSet:
@@ -401,7 +401,7 @@ __all__ = [
     "save_stats",
     "VideoSet",
     "open_videos",
-    "npz_array_ndim",
+    "npz_array_shape",
     "ClipArray",
     "select_clips",
     "clips",
