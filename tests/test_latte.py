@@ -99,6 +99,46 @@ def test_forward_parity_through_the_converter(long_skip, num_classes, learn_sigm
         np.testing.assert_allclose(back[k], state[k], atol=1e-6, err_msg=k)
 
 
+@pytest.mark.parametrize("long_skip,image_labels", [(True, True), (False, False)], ids=["skip-own-labels", "vanilla-video-label"])
+def test_joint_image_video_forward_parity(long_skip, image_labels):
+    """3 video frames + 2 images (the official latte_img.py training forward): images pass the
+    spatial blocks (and the skip fusions) only, conditioned on their own labels or the video's."""
+    ref = _torch_model(long_skip=long_skip)
+    config, params = latte_from_torch(numpy_state_dict(ref), num_heads=4)
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((2, 5, 4, 4, 4)).astype(np.float32)
+    t, y = np.array([999, 17]), np.array([1, 5])
+    y_images = np.array([[0, 3], [2, 4]]) if image_labels else None
+    with torch.no_grad():
+        want = ref(
+            _to_torch_video(x), torch.from_numpy(t), torch.from_numpy(y), use_image_num=2,
+            y_image=None if y_images is None else torch.from_numpy(y_images),
+        )
+    apply = jax.jit(lambda x, y_images: Latte(config).apply({"params": params}, x, t, y, y_images))
+    got = apply(x, y_images)
+    assert got.shape == (2, 5, 4, 4, 8)
+    np.testing.assert_allclose(np.asarray(got), _from_torch_video(want), atol=2e-5, rtol=1e-4)
+    if image_labels:
+        # Frames meet only in temporal blocks, which images skip: other images (and other
+        # image labels) change the images' outputs and leave the video's exactly as it was.
+        other = apply(np.concatenate([x[:, :3], -x[:, 3:]], axis=1), y_images[:, ::-1])
+        np.testing.assert_array_equal(np.asarray(other[:, :3]), np.asarray(got[:, :3]))
+        assert float(jnp.abs(other[:, 3:] - got[:, 3:]).max()) > 1e-3
+
+
+def test_joint_images_config_batch_spec_and_too_few_frames():
+    config = _cfg(joint_images=2)
+    assert LatteConfig.from_json(config.to_json()) == config and '"joint_images": 2' in config.to_json()
+    family = family_of(config)
+    assert family.sample_shape == (3, 4, 4, 4)  # sampling and the caches see the video only
+    assert family.batch_spec(6)["image"].shape == (6, 5, 4, 4, 4)
+    with pytest.raises(UserError, match="joint_images"):
+        _cfg(joint_images=-1)
+    with pytest.raises(UserError, match=r"frames >= 3") as e:  # checked before any computation
+        family.apply(family.abstract_params(), jnp.zeros((1, 2, 4, 4, 4)), jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.int32))
+    assert "\n" not in str(e.value)
+
+
 def test_cached_guided_ddim_matches_the_official_cache():
     """DDIM-10 with guidance (scale 4 on all 4 eps channels, as the c2v `forward_with_cfg`) and
     the c2v Skip-Cache (N=2, k=1 pair, full for t >= 900, dropped after t < 50) through the

@@ -32,9 +32,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import re
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import flax.linen as nn
 import jax
@@ -42,10 +41,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from skipdit_jax.errors import ConfigError, UserError
+from skipdit_jax.models.config import ArchitectureConfig
 from skipdit_jax.models.dit import DiTBlock, FinalLayer
 from skipdit_jax.models.family import ModelFamily
 from skipdit_jax.models.layers import get_2d_sincos_pos_embed, layer_norm, modulate, normal002, timestep_features
-from skipdit_jax.models.skip import SkipFusion, check_remat_policy, remat, scan_blocks, stacked_init
+from skipdit_jax.models.skip import SkipFusion, remat, scan_blocks, stacked_init
 
 # (depth in blocks, hidden_size, num_heads) of the Latte presets (Latte_models).
 _SIZES = {
@@ -55,7 +55,6 @@ _SIZES = {
     "XL": (28, 1152, 16),
 }
 _SKIP_INITS = ("xavier", "torch_default")
-_COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 def get_1d_sincos_temp_embed(dim: int, length: int) -> np.ndarray:
@@ -66,7 +65,7 @@ def get_1d_sincos_temp_embed(dim: int, length: int) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class LatteConfig:
+class LatteConfig(ArchitectureConfig):
     """Architecture of a Latte / Latte-skip (the fields mean what they mean in `ModelConfig`).
 
     Attributes beyond DiT's:
@@ -99,23 +98,14 @@ class LatteConfig:
     scan_unroll: int = 1
 
     family: ClassVar[str] = "latte"
-
-    def __post_init__(self):
-        self.validate()
+    config_label: ClassVar[str] = "Latte"
+    positive_fields: ClassVar[tuple[str, ...]] = (
+        "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_frames",
+    )
+    skip_inits: ClassVar[tuple[str, ...]] = _SKIP_INITS
+    remat_before_mlp_ratio: ClassVar[bool] = False
 
     # ---- derived quantities -------------------------------------------------------------
-    @property
-    def out_channels(self) -> int:
-        return self.in_channels * 2 if self.learn_sigma else self.in_channels
-
-    @property
-    def grid_size(self) -> int:
-        return self.input_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.grid_size**2
-
     @property
     def num_pairs(self) -> int:
         return self.depth // 2
@@ -124,74 +114,16 @@ class LatteConfig:
     def num_encoder_pairs(self) -> int:
         return self.num_pairs // 2
 
-    @property
-    def null_label(self) -> int:
-        return self.num_classes
-
-    @property
-    def compute_dtype(self):
-        return jnp.dtype(self.dtype)
-
-    # ---- validation and (de)serialisation ----------------------------------------------
-    def validate(self) -> None:
-        def bad(msg):
-            raise ConfigError(f"invalid Latte config: {msg}")
-
-        for name in ("input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_frames"):
-            if int(getattr(self, name)) < 1:
-                bad(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.input_size % self.patch_size:
-            bad(f"input_size {self.input_size} is not divisible by patch_size {self.patch_size}")
-        if self.hidden_size % self.num_heads:
-            bad(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
-        if self.hidden_size % 4:
-            bad(f"hidden_size {self.hidden_size} must be divisible by 4 (2-D sin-cos position embedding)")
+    def validate_layout(self) -> None:
         if self.depth % 2 or self.depth < 4:
-            bad(f"depth counts blocks, two per (spatial, temporal) pair: it must be even and >= 4, got {self.depth}")
+            self._invalid(f"depth counts blocks, two per (spatial, temporal) pair: it must be even and >= 4, got {self.depth}")
         if self.long_skip and self.num_pairs % 2:
-            bad(
+            self._invalid(
                 f"long skips pair pair p with pair P-1-p, so the number of pairs must be even, "
                 f"got {self.num_pairs} (depth {self.depth})"
             )
-        if self.num_classes < 0:
-            bad(f"num_classes must be >= 0, got {self.num_classes}")
         if int(self.joint_images) != self.joint_images or self.joint_images < 0:
-            bad(f"joint_images must be an integer >= 0, got {self.joint_images}")
-        if self.skip_init not in _SKIP_INITS:
-            bad(f"skip_init must be one of {_SKIP_INITS}, got {self.skip_init!r}")
-        if self.dtype not in _COMPUTE_DTYPES:
-            bad(f"dtype must be one of {_COMPUTE_DTYPES}, got {self.dtype!r}")
-        if int(self.scan_unroll) != self.scan_unroll or self.scan_unroll < 0:
-            bad(f"scan_unroll must be an integer >= 0 (0 = unroll completely), got {self.scan_unroll}")
-        if self.mlp_ratio <= 0:
-            bad(f"mlp_ratio must be > 0, got {self.mlp_ratio}")
-        try:
-            check_remat_policy(self.remat_policy)
-        except ConfigError as e:
-            bad(str(e))
-
-    def replace(self, **changes) -> LatteConfig:
-        return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> LatteConfig:
-        d = dict(d)
-        d.pop("family", None)
-        fields = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - fields)
-        if unknown:
-            raise ConfigError(f"unknown Latte config keys: {', '.join(unknown)}")
-        return cls(**d)
-
-    @classmethod
-    def from_json(cls, text: str) -> LatteConfig:
-        return cls.from_dict(json.loads(text))
+            self._invalid(f"joint_images must be an integer >= 0, got {self.joint_images}")
 
 
 _PRESET_RE = re.compile(r"^Latte-(S|B|L|XL)/(2|4|8)(-skip)?$")
@@ -474,7 +406,8 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
 class LatteFamily(ModelFamily):
     """Latte / Latte-skip (class-to-video): samples (F, H, W, C); condition = class ids (B,)
     int32 with `num_classes` the null label, or None for an unconditional model. Cache
-    units are (spatial, temporal) pairs."""
+    units are (spatial, temporal) pairs. Training batches hold num_frames + joint_images
+    frames (the video, then its joint images); sampling and the caches see videos only."""
 
     config: LatteConfig
 
