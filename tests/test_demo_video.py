@@ -1,0 +1,148 @@
+"""The video demo: the moving-digits dataset (deterministic, the image demo's digits and
+labels, motion as specified), and `skipdit demo --task video` end to end on a tiny Latte-skip
+(report fields present and consistent, GIFs written, the markdown table), and its bad input."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from skipdit_jax.data import mnist_source
+from skipdit_jax.data.moving_digits import MAX_SPEED, moving_digits_source
+from skipdit_jax.demo.video import CACHE_INTERVALS, centres_of_mass, motion, run_video_demo
+from skipdit_jax.errors import ConfigError
+
+
+def _bounce(start: int, velocity: int, span: int, frames: int) -> list[int]:
+    """A point moving at `velocity` px per frame that reverses on leaving [0, span], simulated."""
+    p, v, out = start, velocity, []
+    for _ in range(frames):
+        out.append(p)
+        p += v
+        if p > span:
+            p, v = 2 * span - p, -v
+        elif p < 0:
+            p, v = -p, -v
+    return out
+
+
+def test_moving_digits_clips():
+    src = moving_digits_source(split="train", num_frames=12, image_size=16, seed=3)
+    again = moving_digits_source(split="train", num_frames=12, image_size=16, seed=3)
+    other_seed = moving_digits_source(split="train", num_frames=12, image_size=16, seed=4)
+    digits = mnist_source(src.digit_size, split="train", resize="resize")
+    assert (src.digit_size, src.span, len(src)) == (10, 6, len(digits)) and len(moving_digits_source(split="heldout")) == 1000
+    np.testing.assert_array_equal(src.labels, digits.labels)
+    speeds, moved = [], 0
+    for i in (0, 1, 17, 999, len(src) - 1):
+        r = src[i]
+        assert r["image"].shape == (12, 16, 16, 1) and r["image"].dtype == np.float32 and r["label"].dtype == np.int32
+        assert r["label"] == digits.labels[i] and -1 <= r["image"].min() and r["image"].max() <= 1
+        np.testing.assert_array_equal(r["image"], again[i]["image"])  # deterministic
+        traj = src.trajectory(i)
+        moved += not np.array_equal(traj, other_seed.trajectory(i))
+        # Straight lines bouncing inside the canvas, the velocity fixed by (seed, index).
+        start, velocity = src.motion(i)
+        assert all(1 <= abs(v) <= MAX_SPEED for v in velocity)
+        for axis in (0, 1):
+            assert traj[:, axis].tolist() == _bounce(int(start[axis]), int(velocity[axis]), src.span, 12)
+        speeds.extend(np.abs(velocity).tolist())
+        # Frame f is the digit at trajectory[f] on a blank canvas.
+        d = src.digit_size
+        for f, (y, x) in enumerate(traj):
+            frame = r["image"][f, ..., 0]
+            np.testing.assert_array_equal(frame[y : y + d, x : x + d], digits.images[i, ..., 0])
+            mask = np.ones_like(frame, bool)
+            mask[y : y + d, x : x + d] = False
+            assert np.all(frame[mask] == -1.0)
+        # The demo's centre-of-mass motion of a real clip is exactly its trajectory's.
+        com = centres_of_mass(r["image"][None])[0]
+        np.testing.assert_allclose(np.diff(com, axis=0), np.diff(traj, axis=0), atol=1e-9)
+    assert moved >= 4 and len(set(speeds)) > 1
+    assert motion(np.stack([src.trajectory(i) for i in range(20)]))["displacement_px"] >= 1.0
+    for bad in (dict(split="test"), dict(num_frames=0), dict(image_size=16, digit_size=20), dict(image_size=6)):
+        with pytest.raises(ConfigError):
+            moving_digits_source(**bad)
+
+
+TINY = {
+    "model.depth": 8,  # 4 pairs: Skip-Cache k = 1 pair
+    "model.hidden_size": 32,
+    "model.num_heads": 2,
+    "model.scan_unroll": 1,
+    "data.image_size": 12,  # 8 px digits, 4 px of motion
+    "data.num_frames": 4,
+    "train.steps": 4,
+    "train.global_batch_size": 8,
+    "train.log_every": 2,
+    "checkpoint.every": 4,
+    "optimizer.warmup_steps": 0,
+    "sample.num_steps": 4,
+    "demo.reserve_seconds": 10.0,
+    "demo.classifier_steps": 30,
+}
+
+
+def test_video_demo_end_to_end(tmp_path):
+    report = run_video_demo(tmp_path, minutes=3, samples_per_class=1, overrides=TINY)
+    assert json.loads((tmp_path / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert report["train"]["steps"] == 4 and report["train"]["seconds"] > 0
+    assert 0.1 < report["classifier_test_accuracy"] <= 1  # 30 steps: a weak but real judge
+    s = report["settings"]
+    got = (s["frames"], s["image_size"], s["digit_size"], s["pairs"], s["sampler"], s["samples_per_class"])
+    assert got == (4, 12, 8, 4, "ddim4", 1)
+    # The real clips' motion: centre of mass and trajectory agree (the digit never leaves the canvas).
+    data = report["data"]
+    assert data["clips"] == 1000 and data["displacement_px"] == pytest.approx(data["trajectory"]["displacement_px"], abs=1e-3)
+    assert data["displacement_px"] >= 1.0
+    tenths = {round(i / 10, 4) for i in range(11)}  # one clip per class
+    fortieths = {round(i / 40, 4) for i in range(41)}  # 10 clips of 4 frames
+    rows = [report["full"]] + report["cache"]
+    assert [r["interval"] for r in report["cache"]] == list(CACHE_INTERVALS)
+    for r in rows:
+        assert r["class_accuracy"] in fortieths and r["frame_agreement"] in fortieths and r["clip_accuracy"] in tenths
+        assert r["frame_agreement"] >= 0.5 - 1e-9  # the majority class holds at least 2 of 4 frames (ties: the lower class)
+        assert r["seconds"] > 0 and r["displacement_px"] >= 0 and r["acceleration_px"] >= 0
+    # DDIM-4 visits t = 750, 500, 250, 0 (close_t = 20 ends the cache after the last step).
+    #   N=2: full, cached, full, cached -> 2 x 4 + 2 x 2 = 12 pairs vs 16 -> 1.333
+    #   N=3: full, cached, cached, full -> 12 pairs                     -> 1.333
+    for r in report["cache"]:
+        assert r["predicted_speedup"] == round(16 / 12, 3)
+        assert r["speedup"] == round(report["full"]["seconds"] / r["seconds"], 3)
+        assert 0 < r["psnr_db"] < 200
+    # One GIF per setting (+ the real clips): 4 frames of the 10 x 1 grid, upscaled 4x.
+    for name in ["data.gif", "samples_full.gif"] + [f"samples_cache{n}.gif" for n in CACHE_INTERVALS]:
+        with Image.open(tmp_path / name) as gif:
+            assert gif.n_frames in (2, 3, 4) or name == "data.gif"  # identical consecutive frames are stored once
+            assert gif.size == (4 * (12 + 4), 4 * (10 * 14 + 2))
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert json.loads((tmp_path / "classifier" / "classifier_meta.json").read_text())["image_size"] == 12
+    # The markdown table of the report (experiments/demo_video_table.py).
+    table = _table().render(report, "report.json")
+    assert f"| full sampling: class accuracy per frame | **{report['full']['class_accuracy']:.2f}**" in table
+    assert table.count("| Skip-Cache N=") == len(CACHE_INTERVALS) and f"{report['train']['steps']:,} steps" in table
+
+
+def test_video_demo_bad_input_is_one_line(tmp_path):
+    cmd = [sys.executable, "-m", "skipdit_jax.cli", "demo", f"--out={tmp_path}"]
+    res = subprocess.run(cmd + ["--task=audio"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["skipdit: error: unknown demo task 'audio'; expected one of: image, video"]
+    res = subprocess.run(cmd + ["--task=video", "--minutes=1"], capture_output=True, text=True)
+    assert res.returncode == 2
+    assert res.stderr.strip().splitlines() == ["skipdit: error: --minutes 1.0 leaves no time to train; give at least 5"]
+
+
+def _table():
+    """experiments/demo_video_table.py as a module (experiments/ is not a package)."""
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "experiments", "demo_video_table.py")
+    spec = importlib.util.spec_from_file_location("demo_video_table", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
