@@ -384,9 +384,11 @@ LATTE_NOISE = jax.random.normal(jax.random.key(1), (1, 3, 4, 4, 4))
 
 
 def _latte_run(cache):
-    fn = build_sampler(LATTE, "ddim", f"ddim{LATTE_STEPS}", True, None, cache, 0.0, False, return_schedule=True)
-    x, full = fn(LATTE_PARAMS, LATTE_NOISE, jnp.array([2]), jnp.float32(3.0), jax.random.key(0))
-    return np.asarray(x), np.asarray(full)
+    """(sample, realised schedule, the cache's final carry)."""
+    kw = dict(return_schedule=True, return_carry=cache is not None)
+    fn = build_sampler(LATTE, "ddim", f"ddim{LATTE_STEPS}", True, None, cache, 0.0, False, **kw)
+    x, full, *carry = fn(LATTE_PARAMS, LATTE_NOISE, jnp.array([2]), jnp.float32(3.0), jax.random.key(0))
+    return np.asarray(x), np.asarray(full), (carry[0] if carry else None)
 
 
 @pytest.fixture(scope="module")
@@ -436,7 +438,7 @@ def test_cached_baselines_on_latte_stay_close(cache, expected_full, latte_uncach
     """Each baseline samples a tiny Latte through the family's unit pieces: caching moves
     the sample a little and it stays close to the uncached one."""
     cache.check_model(LATTE)
-    x, full = _latte_run(cache)
+    x, full, carry = _latte_run(cache)
     np.testing.assert_array_equal(full, expected_full)
     if not cache.adaptive:
         np.testing.assert_array_equal(cache.full_steps(sampling_timesteps("ddim", LATTE_STEPS)), expected_full)
@@ -444,6 +446,8 @@ def test_cached_baselines_on_latte_stay_close(cache, expected_full, latte_uncach
     scale = float(np.abs(latte_uncached).max())
     moved = float(np.abs(x - latte_uncached).max()) / scale
     assert 1e-3 < moved < 0.3, moved
+    if isinstance(cache, PABVideo):  # both passes advance the step counter; the MLP countdown ran out
+        assert (int(carry[0]), int(carry[1])) == (LATTE_STEPS, 0)
 
 
 def test_latte_plans_count_pairs():
@@ -497,3 +501,59 @@ def test_pab_video_schedule_on_ddim50_is_the_published_one():
     assert cost[14] == pytest.approx(14 - 14 / 6 - 5 * 2 / 3)  # temporal attention + 5 pairs' MLPs reused
     # With a model the attention shares grow by the score terms (2 L D per token).
     assert 1.1 < pab.plan(ts, 14).predicted_speedup < pab.plan(ts, 14, LATTE).predicted_speedup < 2
+
+
+def test_pab_video_reuses_the_right_branches():
+    """A cached PAB-video pass against a pair-by-pair oracle (Python branches, the blocks'
+    own attention and MLP): at step 2 inside the window with the MLP countdown running,
+    spatial attention is computed, temporal attention reused, and the MLPs of pair 0 (the
+    only pair in mlp_units) reused while pair 1's are computed."""
+    from skipdit_jax.models.latte import get_1d_sincos_temp_embed
+    from skipdit_jax.models.layers import layer_norm, modulate
+
+    family, cfg = family_of(LATTE), LATTE
+    pab = PABVideo(2, 3, mlp_units=(0,))
+    x1, x2 = jax.random.normal(jax.random.key(6), (2, 2, 3, 4, 4, 4))
+    t, y = jnp.array([600, 600]), jnp.array([1, 3])
+    assert [bool(v) for v in pab.step_flags(jnp.int32(600), jnp.int32(2), jnp.int32(1))[:3]] == [True, False, False]
+    full = jax.jit(lambda x: pab.full_pass(family, LATTE_PARAMS, x, t, y, pab.init_carry(family, 2)))
+    stored = full(x1)[1][2]
+    got = jax.jit(lambda x, s: pab.cached_pass(family, LATTE_PARAMS, x, t, y, (jnp.int32(2), jnp.int32(1), s))[0])(x2, stored)
+
+    @jax.jit
+    def oracle(x, stored):
+        block = DiTBlock(cfg)
+        f, n = cfg.num_frames, cfg.num_patches
+        h, c = family.embed(LATTE_PARAMS, x, t, y)
+        conds = {"spatial": jnp.repeat(c, f, axis=0), "temporal": jnp.repeat(c, n, axis=0)}
+        pairs = [
+            (jax.tree.map(lambda a, j=j: a[j], p), jax.tree.map(lambda a, j=j: a[j], s))
+            for p, s in zip(family.unit_stacks(LATTE_PARAMS), stored, strict=True)
+            for j in range(jax.tree.leaves(s)[0].shape[0])
+        ]
+        attn = lambda bp, v: block.apply(bp, v, method=lambda m, v: m.attn(v))  # noqa: E731
+        mlp = lambda bp, v: block.apply(bp, v, method=lambda m, v: m.mlp(v))  # noqa: E731
+        for u, (p, record) in enumerate(pairs):
+            for kind in ("spatial", "temporal"):
+                if kind == "temporal":
+                    h = h.reshape(-1, f, n, cfg.hidden_size).transpose(0, 2, 1, 3).reshape(-1, f, cfg.hidden_size)
+                    h = h + get_1d_sincos_temp_embed(cfg.hidden_size, f).astype(np.float32) if u == 0 else h
+                bp = {"params": p[kind]}
+                shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = block.apply(bp, conds[kind], method=DiTBlock.modulation)
+                if kind == "temporal":
+                    h = h + record[kind][0]
+                else:
+                    h = h + gate_a[:, None] * attn(bp, modulate(layer_norm(h), shift_a, scale_a))
+                if u == 0:
+                    h = h + record[kind][1]
+                else:
+                    h = h + gate_m[:, None] * mlp(bp, modulate(layer_norm(h), shift_m, scale_m))
+                if kind == "temporal":
+                    h = h.reshape(-1, n, f, cfg.hidden_size).transpose(0, 2, 1, 3).reshape(-1, n, cfg.hidden_size)
+        return family.head(LATTE_PARAMS, h, c)
+
+    want = oracle(x2, stored)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+    # The comparison has power: computing everything gives another output.
+    fresh = full(x2)[0]
+    assert float(jnp.abs(fresh - want).max()) > 1e-3 * float(jnp.abs(want).max())

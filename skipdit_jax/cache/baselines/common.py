@@ -40,8 +40,8 @@ class Baseline:
         """Raise `ConfigError` unless the strategy fits `model` (a model config or family)."""
         if as_family(model).has_long_skips:
             raise ConfigError(
-                f"{self.name} is a baseline for models without long skips; on a Skip-DiT use Skip-Cache "
-                "(method 'skip-cache'), or give a DiT checkpoint"
+                f"{self.name} is a baseline for models without long skips; on a model with them (Skip-DiT, "
+                "Latte-skip) use Skip-Cache (method 'skip-cache'), or give a DiT / Latte checkpoint"
             )
 
     def blocks_per_cached_step(self, depth: int) -> int:
