@@ -203,7 +203,7 @@ def test_bench_latte_tiny(tmp_path):
     out = tmp_path / "latte.md"
     steps, pairs = 4, 4
     run("bench_latte.py", f"--steps={steps}", "--width=32", "--heads=2", f"--depth={2 * pairs}", "--frames=2", "--size=8",
-        "--intervals=2", "--repeats=1", "--warmup=0", f"--out={out}", timeout=120)
+        "--intervals=2", "--repeats=1", "--warmup=0", "--torch_threads=1", f"--out={out}", timeout=120)
     text = out.read_text()
     assert f"DDIM-{steps}" in text and f"{2 * pairs} blocks ({pairs} pairs)" in text
     table = [r.split("|")[1:-1] for r in text.splitlines() if r.startswith("| ") and "---" not in r]
