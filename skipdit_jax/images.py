@@ -16,12 +16,14 @@ def to_uint8(images: np.ndarray) -> np.ndarray:
 
 
 def latents_for_display(latents: np.ndarray) -> np.ndarray:
-    """A viewable picture of latents: channels 0-2 (or the one channel), each standardised
-    over the batch, mapped to [-1, 1]. Not a decoded image."""
+    """A viewable picture of latents (images (B, H, W, C) or videos (B, F, H, W, C)):
+    channels 0-2 (or the one channel), each standardised over all samples, frames and
+    positions, mapped to [-1, 1]. Not a decoded image."""
     x = np.asarray(latents, np.float32)
     x = x[..., :3] if x.shape[-1] >= 3 else x[..., :1]
-    mean = x.mean(axis=(0, 1, 2), keepdims=True)
-    std = x.std(axis=(0, 1, 2), keepdims=True) + 1e-6
+    axes = tuple(range(x.ndim - 1))
+    mean = x.mean(axis=axes, keepdims=True)
+    std = x.std(axis=axes, keepdims=True) + 1e-6
     return np.clip((x - mean) / (3 * std), -1, 1)
 
 
@@ -35,6 +37,12 @@ def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.n
         r, q = divmod(i, cols)
         grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + q * (w + pad) : pad + q * (w + pad) + w] = img
     return grid
+
+
+def make_video_grid(videos: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """(B, F, H, W, C) uint8 -> (F, rows*H, cols*W, C) uint8: frame f of every video in
+    one grid, for every f (an animation of grids)."""
+    return np.stack([make_grid(videos[:, f], nrow, pad) for f in range(videos.shape[1])])
 
 
 def save_grid(images: np.ndarray, path: paths.PathLike, nrow: int | None = None, upscale: int = 1) -> None:

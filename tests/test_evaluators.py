@@ -279,3 +279,30 @@ def test_fid_end_to_end_with_a_random_inception_and_a_tiny_reference(tmp_path, m
     p /= p.sum(1, keepdims=True)
     kl = np.sum(p * (np.log(p) - np.log(p.mean(0, keepdims=True))), 1)
     np.testing.assert_allclose(row["fid/inception_score"], np.exp(kl.mean()), rtol=1e-4)
+
+
+def test_grid_of_a_video_model_is_an_animated_gif_of_per_frame_grids(tmp_path):
+    """A video family's preview is one grid per frame, as a GIF with one frame per video frame."""
+    from PIL import Image
+
+    from skipdit_jax import sharding
+    from skipdit_jax.training import config as train_config
+    from skipdit_jax.training import evaluators
+
+    c = train_config.default_config()
+    c.model.update(family="latte", depth=4, hidden_size=16, num_heads=2, patch_size=2, long_skip=True, skip_init="xavier")
+    c.data.update(name="moving_digits", image_size=8, num_frames=3)
+    c.sample.update(sampler="ddim", num_steps=2, batch_size=8, num_per_class=1)
+    c.evals.grid = dict(type="grid", every=1)
+    config = train_config.finalize(c)
+    (grid,) = _build(config)
+    family = grid.family
+    params = family.init_params(0)
+    ctx = evaluators.EvalContext(workdir=tmp_path, mesh=sharding.make_mesh(-1, 1))
+    grid.run(params, 5, ctx)
+    path = tmp_path / "samples" / "step_0000005.gif"
+    with Image.open(path) as gif:
+        assert gif.n_frames == 3  # one grid per frame (random weights: no two frames alike)
+        size = gif.size
+    # 10 classes in one row of 8x8 frames with 2-pixel padding, upscaled 8x for viewing.
+    assert size == ((10 * 10 + 2) * 8, (10 + 2) * 8)

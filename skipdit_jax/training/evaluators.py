@@ -304,7 +304,8 @@ class GridEvaluator(Evaluator):
     """A preview grid from the EMA weights with the (cached) sampler: at most
     MAX_GRID_SAMPLES samples, `num_per_class` per class with the family's example
     conditions (every class in turn), drawn in sharded batches of `batch_size`. Writes
-    WORKDIR/<dir>/step_NNNNNNN.png and a TensorBoard image; its row has only seconds."""
+    WORKDIR/<dir>/step_NNNNNNN.png (for a video model an animated .gif of one grid per
+    frame, 8 fps) and a TensorBoard image (a video's first frame); its row has only seconds."""
 
     type_name = "grid"
     defaults = {"dir": "samples"}
@@ -323,14 +324,29 @@ class GridEvaluator(Evaluator):
         if x.shape[-1] not in (1, 3):
             x = images.latents_for_display(x)
         if jax.process_index() == 0:
-            path = paths.as_path(ctx.workdir) / s["dir"] / f"step_{step:07d}.png"
             # One column per class when every class fits in the grid, else a square grid.
             nrow = classes if cond is not None and 1 < classes * s["num_per_class"] <= MAX_GRID_SAMPLES else None
-            images.save_grid(x, path, nrow=nrow, upscale=max(1, 64 // x.shape[1]))
+            path = paths.as_path(ctx.workdir) / s["dir"] / f"step_{step:07d}.png"
+            if x.ndim == 5:  # videos: an animated GIF of grids, one grid per frame
+                path = path.with_suffix(".gif")
+                self._save_video_grid(x, path, nrow)
+                first = images.make_grid(images.to_uint8(x[:, 0]), nrow)
+            else:
+                images.save_grid(x, path, nrow=nrow, upscale=max(1, 64 // x.shape[1]))
+                first = images.make_grid(images.to_uint8(x), nrow)
             if ctx.writer is not None:
-                ctx.writer.write_image(step, self.name, images.make_grid(images.to_uint8(x), nrow))
+                ctx.writer.write_image(step, self.name, first)  # a video's first frame
             print(f"step {step}: sample grid of {len(x)} written to {path}")
         return {}
+
+    @staticmethod
+    def _save_video_grid(x: np.ndarray, path, nrow) -> None:
+        from skipdit_jax import videos
+
+        frames = images.make_video_grid(images.to_uint8(x), nrow)
+        up = max(1, 64 // x.shape[2])
+        frames = frames.repeat(up, axis=1).repeat(up, axis=2)  # nearest-neighbour, for small frames
+        videos.write_gif(path, frames, fps=8)
 
 
 # ---- "classifier_fid" -------------------------------------------------------------------------
