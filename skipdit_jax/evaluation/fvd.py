@@ -155,38 +155,38 @@ def _check_video_array(arr, shown: str) -> None:
 
 def npz_array_shape(path) -> tuple[int, ...] | None:
     """The shape of arr_0 in the .npz `path` (memory-mapped, not read), or None without arr_0."""
-    p = im._require_file(path, "file")
-    local = im._local_file(p)
-    if "arr_0" not in im._npz_keys(local, str(path)):
+    p = im.require_file(path, "file")
+    local = im.local_file(p)
+    if "arr_0" not in im.npz_keys(local, str(path)):
         return None
-    return tuple(im._npz_member(local, "arr_0", str(path)).shape)
+    return tuple(im.npz_member(local, "arr_0", str(path)).shape)
 
 
 def open_videos(path, *, allow_stats: bool = False, what: str = "samples") -> VideoSet:
     """A VideoSet from a folder (video files and/or frame folders), an .npz with arr_0 uint8
     (N, F, H, W, 3), or (with `allow_stats`) an .npz of FVD statistics (mu, sigma). Checked;
     one UserError line otherwise."""
-    p = im._require_file(path, what)
+    p = im.require_file(path, what)
     if p.is_dir():
         entries = _folder_entries(p)
         if not entries:
             raise UserError(f"{what} {path} holds no videos (files {', '.join(videos.VIDEO_EXTENSIONS)} or frame folders)")
         lengths = [videos.video_num_frames(e) for e in entries]
-        return VideoSet(str(path), "folder", sources=entries, lengths=lengths, identity=im._identity(p, "folder"))
-    local = im._local_file(p)
-    keys = im._npz_keys(local, str(path))
+        return VideoSet(str(path), "folder", sources=entries, lengths=lengths, identity=im.file_identity(p, "folder"))
+    local = im.local_file(p)
+    keys = im.npz_keys(local, str(path))
     if allow_stats and "mu" in keys:
         if "sigma" not in keys:
             raise UserError(f"{what} {path} has mu but no sigma")
-        stats = im._as_stats(im._npz_member(local, "mu", str(path)), im._npz_member(local, "sigma", str(path)), f"{what} {path}")
+        stats = im.as_stats(im.npz_member(local, "mu", str(path)), im.npz_member(local, "sigma", str(path)), f"{what} {path}")
         if stats.dim != FEATURE_DIM:
             raise UserError(f"{what} {path}: mu is {stats.dim}-d, FVD statistics are {FEATURE_DIM}-d (I3D logits)")
-        return VideoSet(str(path), "stats", stats=stats, identity=im._identity(p, "npz"))
+        return VideoSet(str(path), "stats", stats=stats, identity=im.file_identity(p, "npz"))
     if "arr_0" not in keys:
         raise UserError(f"{what} {path} has no arr_0 (videos){' nor mu/sigma (FVD statistics)' if allow_stats else ''}")
-    arr = im._npz_member(local, "arr_0", str(path))
+    arr = im.npz_member(local, "arr_0", str(path))
     _check_video_array(arr, f"{what} {path}")
-    return VideoSet(str(path), "npz", array=arr, identity=im._identity(p, "npz"))
+    return VideoSet(str(path), "npz", array=arr, identity=im.file_identity(p, "npz"))
 
 
 # ---- clips -------------------------------------------------------------------------------------
@@ -301,7 +301,7 @@ def reference_features(
 
     path = _cache_path(video_set, selection, fingerprint)
     cached = _read_cache(path, len(clip_array))
-    if im._all_processes_agree(cached is not None):
+    if im.all_processes_agree(cached is not None):
         return cached, True
     feats = i3d.extract_features(params, clip_array, batch_size=batch_size, mesh=mesh, progress=progress)
     if cached is None:  # every process keeps its own (local) cache, as the Inception features

@@ -40,7 +40,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from skipdit_jax.errors import UserError
-from skipdit_jax.evaluation.inception import _resize_matrix, default_mesh
+from skipdit_jax.evaluation.inception import default_mesh, resize_matrix
 
 I3D_TORCHSCRIPT_URL = "https://www.dropbox.com/s/ge9e5ujwgetktms/i3d_torchscript.pt?dl=1"
 ENV_VAR = "SKIPDIT_I3D"
@@ -248,9 +248,9 @@ def preprocess(videos) -> jax.Array:
     x = jnp.asarray(videos).astype(jnp.float32) / 255.0 * 2.0 - 1.0
     h, w = x.shape[2], x.shape[3]
     if h != INPUT_SIZE:
-        x = jnp.einsum("oh,bfhwc->bfowc", _resize_matrix(h, INPUT_SIZE), x, precision=_PRECISION)
+        x = jnp.einsum("oh,bfhwc->bfowc", resize_matrix(h, INPUT_SIZE), x, precision=_PRECISION)
     if w != INPUT_SIZE:
-        x = jnp.einsum("pw,bfowc->bfopc", _resize_matrix(w, INPUT_SIZE), x, precision=_PRECISION)
+        x = jnp.einsum("pw,bfowc->bfopc", resize_matrix(w, INPUT_SIZE), x, precision=_PRECISION)
     return x
 
 
@@ -337,7 +337,7 @@ def extract_features(params, videos, *, batch_size: int = 32, mesh: Mesh | None 
     `batch_size` rounded up to a multiple of the mesh size; each process reads only the
     rows its devices hold; the last batch is zero-padded and trimmed. Every process gets
     all N rows. One compiled program per (batch, F, H, W)."""
-    from skipdit_jax.evaluation.inception import _gather
+    from skipdit_jax.evaluation.inception import gather_features
 
     check_videos(videos)
     if batch_size < 1:
@@ -367,7 +367,7 @@ def extract_features(params, videos, *, batch_size: int = 32, mesh: Mesh | None 
 
             feats = feature_fn(jax.make_array_from_callback(shape, sharding, rows))
             valid = min(batch, n - start)
-            out.append(_gather({"logits": feats["logits"]})["logits"][:valid])
+            out.append(gather_features({"logits": feats["logits"]})["logits"][:valid])
             if bar is not None:
                 bar.update(valid)
     finally:

@@ -43,13 +43,14 @@ import os
 import re
 import urllib.error
 import urllib.request
-from typing import Iterable
+from collections.abc import Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from skipdit_jax import paths
 from skipdit_jax.errors import CheckpointError, UserError
@@ -303,7 +304,7 @@ def init_inception(rng) -> dict:
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _param_shapes_cached():
     x = jax.ShapeDtypeStruct((1, INPUT_SIZE, INPUT_SIZE, 3), jnp.float32)
     return jax.eval_shape(InceptionV3().init, jax.random.key(0), x)["params"]
@@ -339,7 +340,7 @@ def fold_batchnorm(params) -> dict:
     return fold(params)
 
 
-def _resize_matrix(in_size: int, out_size: int) -> np.ndarray:
+def resize_matrix(in_size: int, out_size: int) -> np.ndarray:
     """(out, in) weights of torch's bilinear `F.interpolate(size=out, align_corners=False)`
     along one axis: half-pixel centres, source index clamped at 0, no antialiasing."""
     # In float32, step by step, as torch computes it for float input (its rounding of the
@@ -362,9 +363,9 @@ def preprocess(images) -> jax.Array:
     x = jnp.asarray(images).astype(jnp.float32) / 255.0
     h, w = x.shape[1], x.shape[2]
     if (h, w) != (INPUT_SIZE, INPUT_SIZE):
-        # Separable resize as two small matmuls; exact torch weights (see _resize_matrix).
-        x = jnp.einsum("oh,bhwc->bowc", _resize_matrix(h, INPUT_SIZE), x, precision=_PRECISION)
-        x = jnp.einsum("pw,bowc->bopc", _resize_matrix(w, INPUT_SIZE), x, precision=_PRECISION)
+        # Separable resize as two small matmuls; exact torch weights (see resize_matrix).
+        x = jnp.einsum("oh,bhwc->bowc", resize_matrix(h, INPUT_SIZE), x, precision=_PRECISION)
+        x = jnp.einsum("pw,bowc->bopc", resize_matrix(w, INPUT_SIZE), x, precision=_PRECISION)
     return 2.0 * x - 1.0
 
 
@@ -491,7 +492,7 @@ def extract_features(
 
             feats = feature_fn(jax.make_array_from_callback(shape, sharding, rows))
             valid = min(batch, n - start)
-            for key, value in _gather(feats).items():
+            for key, value in gather_features(feats).items():
                 outputs.setdefault(key, []).append(value[:valid])
             if bar is not None:
                 bar.update(valid)
@@ -504,7 +505,7 @@ def extract_features(
     return {k: np.concatenate(v) for k, v in outputs.items()}
 
 
-def _gather(tree) -> dict[str, np.ndarray]:
+def gather_features(tree) -> dict[str, np.ndarray]:
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
@@ -519,7 +520,7 @@ def _gather(tree) -> dict[str, np.ndarray]:
 _BN_NAMES = {"scale": "weight", "bias": "bias", "mean": "running_mean", "var": "running_var"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _torch_layout() -> dict[tuple[str, ...], tuple[str, tuple[int, ...]]]:
     """params path -> (torch key, torch shape) for every parameter."""
     out = {}

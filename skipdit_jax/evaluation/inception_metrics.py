@@ -30,7 +30,8 @@ import os
 import struct
 import tempfile
 import zipfile
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -85,7 +86,7 @@ def feature_stats(features, chunk: int = 4096) -> FeatureStats:
     return FeatureStats(mu, sigma / (n - 1))
 
 
-def _as_stats(mu, sigma, what: str) -> FeatureStats:
+def as_stats(mu, sigma, what: str) -> FeatureStats:
     mu = np.asarray(mu, np.float64)
     sigma = np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (mu.size, mu.size):
@@ -302,7 +303,7 @@ def _remove_quietly(name: str) -> None:
         os.unlink(name)
 
 
-def _local_file(path: PathLike) -> str:
+def local_file(path: PathLike) -> str:
     """A local file name for `path`: itself, or for a URI a temporary copy that lives until
     the process exits (the images are memory-mapped from it)."""
     path = paths.as_path(path)
@@ -315,7 +316,7 @@ def _local_file(path: PathLike) -> str:
     return name
 
 
-def _npz_keys(local: str, shown: str) -> list[str]:
+def npz_keys(local: str, shown: str) -> list[str]:
     try:
         with zipfile.ZipFile(local) as zf:
             return [n[: -len(".npy")] for n in zf.namelist() if n.endswith(".npy")]
@@ -332,7 +333,7 @@ def _npy_header(f) -> tuple[tuple[int, ...], bool, np.dtype] | None:
     return None
 
 
-def _npz_member(local: str, key: str, shown: str):
+def npz_member(local: str, key: str, shown: str):
     """The array `key` of the .npz `local` without reading it into memory when the member is
     stored uncompressed (np.savez's default, and ADM's reference batches): a read-only
     memmap at the member's data offset. Compressed members are read once into memory.
@@ -376,7 +377,7 @@ def _check_images(images, shown: str) -> None:
         raise UserError(f"{shown}: no images (shape {shape})")
 
 
-def _require_file(path: PathLike, what: str) -> paths.epath.Path:
+def require_file(path: PathLike, what: str) -> paths.epath.Path:
     p = paths.as_path(path)
     if not p.exists():
         raise UserError(f"{what} {path} does not exist")
@@ -388,18 +389,18 @@ def read_image_npz(path: PathLike) -> tuple[np.ndarray, np.ndarray | None]:
     labels (arr_1 (N,) integers, or None) of an ADM-style .npz, validated: one UserError
     line for a missing file, a file that is not an .npz, no arr_0, or images that are not
     uint8 RGB."""
-    p = _require_file(path, "sample file")
+    p = require_file(path, "sample file")
     if p.is_dir():
         raise UserError(f"{path} is a directory, not an .npz of images")
-    local = _local_file(p)
-    keys = _npz_keys(local, str(path))
+    local = local_file(p)
+    keys = npz_keys(local, str(path))
     if "arr_0" not in keys:
         raise UserError(f"{path} has no arr_0 (the images array of an ADM .npz); it holds {sorted(keys) or 'nothing'}")
-    images = _npz_member(local, "arr_0", str(path))
+    images = npz_member(local, "arr_0", str(path))
     _check_images(images, str(path))
     labels = None
     if "arr_1" in keys:
-        labels = np.asarray(_npz_member(local, "arr_1", str(path)))
+        labels = np.asarray(npz_member(local, "arr_1", str(path)))
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer):
             raise UserError(f"{path}: arr_1 must be {images.shape[0]} integer labels, got {labels.dtype} {labels.shape}")
     return images, labels
@@ -489,7 +490,7 @@ class Reference:
         return 0 if self.images is None else int(self.images.shape[0])
 
 
-def _identity(p: paths.epath.Path, kind: str) -> dict:
+def file_identity(p: paths.epath.Path, kind: str) -> dict:
     def stat(q):
         try:
             s = q.stat()
@@ -511,26 +512,26 @@ def load_reference(path: PathLike) -> Reference:
     """Open a reference without extracting features: an ADM reference batch .npz (arr_0
     uint8 images and/or mu, sigma, mu_s, sigma_s), any .npz with arr_0 images, or a folder
     of PNG/JPEG images all of one size. Validated; one UserError line otherwise."""
-    p = _require_file(path, "reference")
+    p = require_file(path, "reference")
     if p.is_dir():
-        return Reference(str(path), "folder", _read_image_folder(p), None, None, _identity(p, "folder"))
-    local = _local_file(p)
-    keys = _npz_keys(local, str(path))
+        return Reference(str(path), "folder", _read_image_folder(p), None, None, file_identity(p, "folder"))
+    local = local_file(p)
+    keys = npz_keys(local, str(path))
     images = stats = spatial = None
     if "arr_0" in keys:
-        images = _npz_member(local, "arr_0", str(path))
+        images = npz_member(local, "arr_0", str(path))
         _check_images(images, str(path))
     if "mu" in keys:  # ADM's read_statistics: precomputed statistics win over the images
         if "sigma" not in keys:
             raise UserError(f"reference {path} has mu but no sigma")
-        stats = _as_stats(_npz_member(local, "mu", str(path)), _npz_member(local, "sigma", str(path)), f"reference {path}")
+        stats = as_stats(npz_member(local, "mu", str(path)), npz_member(local, "sigma", str(path)), f"reference {path}")
         if "mu_s" in keys and "sigma_s" in keys:
-            mu_s, sigma_s = _npz_member(local, "mu_s", str(path)), _npz_member(local, "sigma_s", str(path))
-            spatial = _as_stats(mu_s, sigma_s, f"reference {path} (spatial)")
+            mu_s, sigma_s = npz_member(local, "mu_s", str(path)), npz_member(local, "sigma_s", str(path))
+            spatial = as_stats(mu_s, sigma_s, f"reference {path} (spatial)")
     if images is None and stats is None:
         held = sorted(keys) or "nothing"
         raise UserError(f"reference {path} has neither arr_0 (images) nor mu/sigma (statistics); it holds {held}")
-    return Reference(str(path), "npz", images, stats, spatial, _identity(p, "npz"))
+    return Reference(str(path), "npz", images, stats, spatial, file_identity(p, "npz"))
 
 
 # ---- features and their cache -------------------------------------------------------------
@@ -578,7 +579,7 @@ def _write_cache(path: paths.epath.Path, features: Mapping[str, np.ndarray]) -> 
             os.unlink(tmp)
 
 
-def _all_processes_agree(flag: bool) -> bool:
+def all_processes_agree(flag: bool) -> bool:
     if jax.process_count() == 1:
         return flag
     from jax.experimental import multihost_utils
@@ -600,7 +601,7 @@ def reference_features(
     fingerprint = fingerprint or weights_fingerprint(params)
     path = _cache_path(reference, fingerprint)
     cached = _read_cache(path, reference.num_images)
-    if _all_processes_agree(cached is not None):
+    if all_processes_agree(cached is not None):
         return cached, True
     feats = inception.extract_features(params, reference.images, batch_size=batch_size, mesh=mesh, progress=progress)
     feats = {"pool": np.asarray(feats["pool"], np.float32), "spatial": np.asarray(feats["spatial"], np.float32)}
