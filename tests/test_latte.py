@@ -132,6 +132,19 @@ def test_joint_images_config_batch_spec_and_too_few_frames():
     family = family_of(config)
     assert family.sample_shape == (3, 4, 4, 4)  # sampling and the caches see the video only
     assert family.batch_spec(6)["image"].shape == (6, 5, 4, 4, 4)
+    spec = family.batch_spec(6)
+    assert spec["image_labels"].shape == (6, 2)  # a class-conditional model: each image its own label
+    assert "image_labels" not in family_of(_cfg(joint_images=2, num_classes=0)).batch_spec(6)
+    batch = {"image": np.zeros((2, 5, 4, 4, 4), np.float32), "label": np.array([1, 2]), "image_labels": np.array([[0, 3], [4, 5]])}
+    cond = family.condition_from_batch(batch)
+    dropped = family.drop_condition(cond, jnp.array([True, False]))
+    np.testing.assert_array_equal(dropped["label"], [config.null_label, 2])
+    np.testing.assert_array_equal(dropped["image_labels"], [[config.null_label] * 2, [4, 5]])
+    params = family.init_params(0)
+    x = jax.random.normal(jax.random.key(0), (2, 5, 4, 4, 4))
+    t = jnp.array([3, 700])
+    want = Latte(config).apply({"params": params}, x, t, jnp.array([1, 2]), jnp.array([[0, 3], [4, 5]]))
+    np.testing.assert_array_equal(family.apply(params, x, t, cond), want)
     with pytest.raises(UserError, match="joint_images"):
         _cfg(joint_images=-1)
     with pytest.raises(UserError, match=r"frames >= 3") as e:  # checked before any computation

@@ -434,25 +434,47 @@ class LatteFamily(ModelFamily):
         DiTFamily.check_condition(self, condition, batch)
 
     def null_condition(self, condition):
-        return None if condition is None else jnp.full_like(condition, self.config.null_label)
+        return jax.tree.map(lambda c: jnp.full_like(c, self.config.null_label), condition)
+
+    @property
+    def _images_have_labels(self) -> bool:
+        # Joint training of a class-conditional model: every image is conditioned on its
+        # own class, as the official `y_image` (images come from videos of any class).
+        return self.is_conditional and self.config.joint_images > 0
 
     def condition_from_batch(self, batch: dict):
-        return batch["label"].astype(jnp.int32) if self.is_conditional else None
+        """Class ids (B,); with joint images of a class-conditional model, {"label": (B,),
+        "image_labels": (B, joint_images)}. Condition dropout (`drop_condition`) drops a
+        video's label and its images' labels together (the official code drops each
+        image label independently)."""
+        if not self.is_conditional:
+            return None
+        label = batch["label"].astype(jnp.int32)
+        if self._images_have_labels:
+            return {"label": label, "image_labels": batch["image_labels"].astype(jnp.int32)}
+        return label
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """"image": (B, num_frames + joint_images, H, W, C), the video then its joint images."""
+        """"image": (B, num_frames + joint_images, H, W, C), the video then its joint images;
+        "label" (B,); "image_labels" (B, joint_images) for a class-conditional model with
+        joint images."""
         c = self.config
         frames = c.num_frames + c.joint_images
-        return {
+        spec = {
             "image": jax.ShapeDtypeStruct((batch_size, frames, *self.sample_shape[1:]), jnp.float32),
             "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
         }
+        if self._images_have_labels:
+            spec["image_labels"] = jax.ShapeDtypeStruct((batch_size, c.joint_images), jnp.int32)
+        return spec
 
     def example_condition(self, num: int):
         return np.arange(num, dtype=np.int32) % max(self.config.num_classes, 1) if self.is_conditional else None
 
     # ---- passes -------------------------------------------------------------------------
     def apply(self, params, x, t, condition):
+        if isinstance(condition, dict):  # a joint image-video training batch
+            return self.module.apply({"params": params}, x, t, condition["label"], condition["image_labels"])
         return self.module.apply({"params": params}, x, t, condition)
 
     @property
