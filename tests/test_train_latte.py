@@ -1,8 +1,8 @@
 """Training Latte (class-to-video): the c2v recipe configs (model sizes, diffusers' linear
 schedule, clipping only after start_clip_iter, the skip-only stage), and a tiny Latte-skip
-trained end to end from a folder of videos (joint images, flips) through the trainer in
-two processes of four devices (FSDP over all 8): a run stopped and resumed gives exactly the
-losses of the uninterrupted one."""
+trained end to end from a folder of videos (joint images, flips) with FSDP over 8 devices:
+a run stopped and resumed gives exactly the losses of the uninterrupted one, and so does
+the run in two processes of four devices."""
 
 import importlib.util
 import json
@@ -107,16 +107,14 @@ def get_config(arg=None):
 '''
 
 
-# One process of a two-process job (argv: config file, videos, tmp dir, coordinator port,
-# process id): the uninterrupted 6-step run in TMP/full, then the same run stopped after 3
-# steps and resumed to 6 in TMP/resumed (a second train_and_evaluate restores the step-3
-# checkpoint exactly as a restarted job would, without paying a second start-up).
+# argv: config file, videos, tmp dir. On 8 devices: the uninterrupted 6-step run in
+# TMP/full, then the same run stopped after 3 steps and resumed to 6 in TMP/resumed (a
+# second train_and_evaluate restores the step-3 checkpoint exactly as a restarted job
+# would, without paying a second start-up).
 RUNS_SCRIPT = """
 import importlib.util, sys
-from skipdit_jax import distributed
 from skipdit_jax.training.train import train_and_evaluate
-config_file, videos, tmp, port, pid = sys.argv[1:]
-distributed.initialize(f"127.0.0.1:{port}", 2, int(pid))
+config_file, videos, tmp = sys.argv[1:]
 spec = importlib.util.spec_from_file_location("tiny", config_file)
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
@@ -133,16 +131,24 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _env(devices, tmp_path):
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
+    # Runs after the first in a process read their compiled programs from the cache.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    return env
+
+
 def _losses(workdir):
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
-def test_tiny_latte_fsdp_two_processes_resume_exactly(tmp_path):
+def test_tiny_latte_fsdp_resume_and_two_processes(tmp_path):
     """A tiny Latte-skip (2 pairs, width 32, 4 frames of 8x8 RGB + 1 joint image, flips,
-    clipping from update 2) from a folder of videos, in two processes of 4 devices: FSDP
-    over a 4 x 2 (data x fsdp) mesh of all 8. The run stopped after 3 steps and resumed
-    has exactly the losses of the uninterrupted one."""
+    clipping from update 2) from a folder of videos, FSDP over a 4 x 2 (data x fsdp) mesh
+    of 8 devices: the run stopped after 3 steps and resumed has exactly the losses of the
+    uninterrupted one, and so do 3 steps in two processes of 4 devices (`skipdit train`)."""
     rng = np.random.default_rng(0)
     for c in ("a", "b"):
         for v in range(3):  # 6 frame folders of 5 frames, 10x12: centre-cropped to 8x8
@@ -152,25 +158,30 @@ def test_tiny_latte_fsdp_two_processes_resume_exactly(tmp_path):
                 Image.fromarray(rng.integers(0, 256, (10, 12, 3), dtype=np.uint8)).save(folder / f"{f}.png")
     config = tmp_path / "tiny_latte.py"
     config.write_text(TINY_CONFIG)
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4").strip()
-    # The runs after the first read their compiled programs from the cache.
-    env.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-    port = str(_free_port())
-    args = [sys.executable, "-c", RUNS_SCRIPT, str(config), str(tmp_path / "videos"), str(tmp_path), port]
-    pipes = dict(stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-    procs = [subprocess.Popen([*args, str(i)], **pipes) for i in range(2)]
-    outs = []
-    for p in procs:
-        out, err = p.communicate(timeout=600)
-        assert p.returncode == 0, err[-3000:]
-        outs.append(out)
-    assert "Latte-skip 2 pairs width 32, 4 frames" in outs[0] and "resuming at step 3 of 6" in outs[0]
-    assert "resuming at step 3 of 6" not in outs[1]  # process 0 reports
+    videos = str(tmp_path / "videos")
 
-    full, resumed = _losses(tmp_path / "full"), _losses(tmp_path / "resumed")
-    assert sorted(full) == sorted(resumed) == list(range(1, 7))
+    def start(args, devices):
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(devices, tmp_path))
+
+    def finish(proc):
+        out, err = proc.communicate(timeout=600)
+        assert proc.returncode == 0, err[-3000:]
+        return out
+
+    port = _free_port()
+    train = [sys.executable, "-m", "skipdit_jax.cli", "train", "--config", str(config), f"--config.data.path={videos}"]
+    job = ["--workdir", str(tmp_path / "two"), "--config.train.steps=3", f"--coordinator_address=127.0.0.1:{port}"]
+    job.append("--num_processes=2")
+    two = [start([*train, *job, f"--process_id={i}"], 4) for i in range(2)]
+    out = finish(start([sys.executable, "-c", RUNS_SCRIPT, str(config), videos, str(tmp_path)], 8))
+    assert "Latte-skip 2 pairs width 32, 4 frames" in out and "resuming at step 3 of 6" in out
+    outs = [finish(p) for p in two]
+    assert "starting at step 0 of 3" in outs[0]
+
+    full, resumed, two = (_losses(tmp_path / w) for w in ("full", "resumed", "two"))
+    assert sorted(full) == sorted(resumed) == list(range(1, 7)) and sorted(two) == [1, 2, 3]
     assert all(np.isfinite(v) for v in full.values())
     np.testing.assert_allclose([resumed[s] for s in range(1, 7)], [full[s] for s in range(1, 7)], rtol=1e-6)
+    np.testing.assert_allclose([two[s] for s in range(1, 4)], [full[s] for s in range(1, 4)], rtol=1e-5)
     model = json.loads((tmp_path / "full" / "model_config.json").read_text())
     assert (model["family"], model["num_frames"], model["input_size"], model["in_channels"]) == ("latte", 4, 8, 3)

@@ -73,6 +73,8 @@ def test_resize_matches_torch_interpolate():
         want = (F.interpolate(x[..., i : i + s, j : j + s], size=(8, 8), mode="bilinear", align_corners=False) - 0.5) / 0.5
         got = data.resize_frames(frames, 8, "center_crop_resize")
         np.testing.assert_allclose(got, want.permute(0, 2, 3, 1).numpy(), atol=2e-6)
+    # A short side whose scaled size PyTorch floors to 255 (322 * 256 / 322) still gives 256.
+    assert data.resize_frames(np.zeros((1, 322, 330, 3), np.uint8), 256, "center_crop").shape == (1, 256, 256, 3)
     with pytest.raises(ConfigError, match="video resize"):
         data.resize_frames(frames, 8, "stretch")
 

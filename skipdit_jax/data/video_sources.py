@@ -89,10 +89,10 @@ def resize_frames(frames_uint8: np.ndarray, image_size: int, mode: str) -> np.nd
     h, w = x.shape[1:3]
     if mode == "center_crop":
         scale = image_size / min(h, w)
-        oh, ow = math.floor(h * scale), math.floor(w * scale)
+        # PyTorch's output sides floor(side * s); for some short sides (e.g. 322 -> 256) that
+        # rounds to image_size - 1, where the official crop fails: take image_size there.
+        oh, ow = max(math.floor(h * scale), image_size), max(math.floor(w * scale), image_size)
         x = _bilinear_axis(_bilinear_axis(x, 1, oh, 1.0 / scale), 2, ow, 1.0 / scale)
-        if oh < image_size or ow < image_size:
-            raise UserError(f"a {h}x{w} video scales to {oh}x{ow}, smaller than the {image_size} crop")
         i, j = int(round((oh - image_size) / 2.0)), int(round((ow - image_size) / 2.0))
         x = x[:, i : i + image_size, j : j + image_size]
     elif mode == "center_crop_resize":
