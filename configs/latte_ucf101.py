@@ -15,8 +15,8 @@ on all 13,320 videos (no split).
 AdamW lr 1e-4 (the official code hard-codes it), weight decay 0, linear warm-up over 300 steps, then
 linear decay to 0 at step 100,000 (max_train_steps); gradient-norm clipping at 0.1 from update
 10,000 on (start_clip_iter); global batch 32 (4 x 8 GPUs), EMA 0.9999, hybrid loss, t ~ U{0..999};
-16 frames 3 apart plus 8 joint images per video (frames of videos of the same class unless the model
-takes the images' own labels); random horizontal flips (pre-extracted latents of the mirrored
+16 frames 3 apart plus 8 joint images per video (frames of random videos, each conditioned on its own
+label as the official y_image); random horizontal flips (pre-extracted latents of the mirrored
 clips); UCFCenterCropVideo. Latents: sd-vae-ft-mse, posterior sample x 0.18215, one record per
 extracted clip (--clips_per_video random clips per video; the official loader draws a new crop every
 epoch). See skipdit_jax/training/video_recipes.py for the whole recipe.

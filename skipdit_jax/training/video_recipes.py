@@ -69,5 +69,5 @@ def latte_c2v(dataset: str, arg: str | None = None, *, lock: bool = True):
         num_per_class=1, sampler="ddpm", num_steps=250, cfg_scale=7.0 if classes else 1.0, cache_interval=2, shallow_blocks=1,
         clip_denoised=False, vae=SD_VAE_MSE,
     )
-    c.evals.grid.every = 0  # the preview grid draws images, not videos
+    c.evals.grid.every = 0  # previews (animated GIFs) are opt-in: DDPM-250 on the XL model is slow
     return finalize(c) if lock else c
