@@ -25,7 +25,8 @@ Weights: `LatteFamily(config).init_params` plus small Gaussian noise on every pa
 no adaLN gate, skip module or final layer is zero. JAX is compiled ahead of time; every
 setting of both implementations then runs --warmup untimed rounds and --repeats timed
 rounds, interleaved (each round runs every setting once, in a rotated order, so load changes
-hit all of them); the table gives medians. The markdown section is printed and, with --out,
+hit all of them); the table gives medians of wall time and of CPU time (every thread of the
+process: the work done, which other programs sharing the cores change far less). The markdown section is printed and, with --out,
 written atomically.
 """
 
@@ -159,19 +160,23 @@ def _s(seconds: float) -> str:
     return f"{seconds:.2f}" if seconds >= 10 else f"{seconds:.3g}"
 
 
-def rounds(runs: dict, warmup: int, repeats: int) -> dict:
-    """{name: [seconds per timed round]}: every round runs each setting once, in an order
-    rotated by one per round; `warmup` untimed rounds first."""
+def rounds(runs: dict, warmup: int, repeats: int) -> tuple[dict, dict]:
+    """({name: [wall seconds per timed round]}, {name: [CPU seconds per timed round]}):
+    every round runs each setting once, in an order rotated by one per round; `warmup`
+    untimed rounds first. CPU time (all threads of this process: XLA's and torch's) is
+    the work done, which other programs sharing the cores change far less than wall time."""
     names = list(runs)
     times = {name: [] for name in names}
+    cpu = {name: [] for name in names}
     for r in range(warmup + repeats):
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             runs[name]()
             if r >= warmup:
                 times[name].append(time.perf_counter() - start)
-    return times
+                cpu[name].append(time.process_time() - start_cpu)
+    return times, cpu
 
 
 def main(_):
@@ -248,7 +253,7 @@ def main(_):
 
             runs[("torch", name)] = t_run
 
-    times = rounds(runs, FLAGS.warmup, FLAGS.repeats)
+    times, cpu_times = rounds(runs, FLAGS.warmup, FLAGS.repeats)
 
     # What ran is what was planned: the realised JAX schedule and the reference's counters.
     for (impl, name), (x, n_full, n_cached) in results.items():
@@ -256,6 +261,7 @@ def main(_):
         assert np.isfinite(x).all(), f"{impl} {name}: non-finite samples"
 
     med = {key: float(np.median(ts)) for key, ts in times.items()}
+    med_cpu = {key: float(np.median(ts)) for key, ts in cpu_times.items()}
     m = machine()
     cores = m["cpu_cores"]
     versions = f"jax {jax.__version__}" + (f", torch {torch_version}" if FLAGS.torch else "")
@@ -281,6 +287,7 @@ def main(_):
     header = "| method | full/cached steps | predicted | JAX s | JAX speedup |"
     if FLAGS.torch:
         header += " PyTorch s | PyTorch speedup | JAX s / PyTorch s | max abs diff / max abs |"
+    header += " JAX CPU s | JAX CPU speedup |" + (" PyTorch CPU s | PyTorch CPU speedup |" if FLAGS.torch else "")
     lines += [header, "|" + "---|" * (header.count("|") - 1)]
     for name in caches:
         j = med[("jax", name)]
@@ -291,6 +298,9 @@ def main(_):
             xj, xt = results[("jax", name)][0], results[("torch", name)][0]
             rel = float(np.abs(xj - xt).max() / max(np.abs(xt).max(), 1e-12))
             row += f" {_s(t)} | {med[('torch', 'full')] / t:.2f}x | {j / t:.2f} | {rel:.1e} |"
+        for impl in ("jax", "torch") if FLAGS.torch else ("jax",):
+            c = med_cpu[(impl, name)]
+            row += f" {_s(c)} | {med_cpu[(impl, 'full')] / c:.2f}x |"
         lines.append(row)
     text = "\n".join(lines) + "\n"
     print(text)
