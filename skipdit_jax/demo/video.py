@@ -9,7 +9,8 @@ sample every class with and without Skip-Cache and measure the result honestly.
 2. The Latte-skip of `skipdit_jax/demo/video_config.py` trains through the project's
    trainer (checkpoints in OUT/train, so an interrupted demo resumes) within the budget.
 3. Every class is sampled from the EMA weights with DDIM from the same noise: uncached,
-   then with Skip-Cache N=2 and N=3. Each run is compiled ahead of time, then timed.
+   then with Skip-Cache N=2 and N=3. Each run is compiled ahead of time, then timed
+   (`demo.timing_repeats` times; the fastest counts).
 4. Per setting: `class_accuracy` (fraction of frames the classifier assigns to the
    conditioning class), temporal consistency (`frame_agreement`: per clip, the fraction of
    frames whose predicted class is the clip's majority class; `clip_accuracy`: majority
@@ -165,11 +166,14 @@ def run_video_demo(
     respacing = resolve_respacing(s.sampler, s.num_steps, None)
     scale, rng = jnp.float32(s.cfg_scale), jax.random.key(0)
     timesteps = sampling_timesteps(s.sampler, s.num_steps)
+    repeats = config.demo.get("timing_repeats", 1)
 
     def run(cache):
         fn = build_sampler(mc, s.sampler, respacing, s.cfg_scale != 1, None, cache, 0.0, s.clip_denoised)
         compiled = fn.lower(params, noise, labels, scale, rng).compile()  # compile time is not timed
-        return _time(compiled, params, noise, labels, scale, rng)
+        # The fastest of `timing_repeats` runs: on a shared machine one run can catch a busy spell.
+        runs = [_time(compiled, params, noise, labels, scale, rng) for _ in range(max(1, repeats))]
+        return runs[0][0], min(secs for _, secs in runs)
 
     def measure(x) -> dict:
         return {**judge(clf, x, labels), **motion(centres_of_mass(x))}
