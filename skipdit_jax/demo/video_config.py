@@ -32,7 +32,9 @@ final loss 0.021): the accuracy target is NOT reached. Per-frame class accuracy 
 uncached (0.133 with N=2, 0.142 with N=3; chance is 0.1), frame agreement 0.40; the samples
 are digit-sized speckled blobs with some class structure (thin "1"s), moving 1.75 px per
 frame (real clips: 2.0; centre-of-mass acceleration 2.7 px vs 1.5). Skip-Cache: N=2 1.36x
-measured (1.47x predicted), PSNR 34.6 dB vs uncached; N=3 1.40x (1.74x), 28.7 dB. Earlier
+measured (1.47x predicted), PSNR 34.6 dB vs uncached; N=3 1.40x (1.74x), 28.7 dB. Resumed
+to 3,544 steps (train.steps 4,000, a new cosine): 0.152 uncached, 0.147 with N=2 (1.64x, 34.9 dB),
+0.142 with N=3: more steps alone improve it slowly. Earlier
 runs, two in parallel: width 96 after 450 steps and width 64 after 750 were at chance
 (0.09, 0.10). Candidates, unmeasured: width 128 (what learned digits in the image demo,
 at fewer steps per second), 12 px digits, 4 frames, or a longer budget.
