@@ -56,7 +56,7 @@ def _time(fn, *args) -> tuple[np.ndarray, float]:
     return np.asarray(out), time.perf_counter() - start
 
 
-def plot_loss(workdir, path) -> None:
+def plot_loss(workdir, path, title: str = "Skip-DiT on MNIST") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +65,7 @@ def plot_loss(workdir, path) -> None:
     rows = [r for r in read_metrics(workdir) if "loss" in r]  # evaluation rows have no loss
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=120)
     ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
-    ax.set(xlabel="step", ylabel="training loss (per log interval)", title="Skip-DiT on MNIST", yscale="log")
+    ax.set(xlabel="step", ylabel="training loss (per log interval)", title=title, yscale="log")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     import io

@@ -219,7 +219,7 @@ def run_video_demo(
             f"PSNR vs full {row['psnr_db']:.1f} dB, class accuracy {row['class_accuracy']:.3f}, "
             f"frame agreement {row['frame_agreement']:.3f}"
         )
-    plot_loss(out_dir / "train", out_dir / "loss.png")
+    plot_loss(out_dir / "train", out_dir / "loss.png", title="Latte-skip on moving MNIST digits")
     report["settings"] = {
         "frames": mc.num_frames,
         "image_size": mc.input_size,
