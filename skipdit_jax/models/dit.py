@@ -27,9 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from skipdit_jax.errors import UserError
 from skipdit_jax.models.config import ModelConfig
-from skipdit_jax.models.family import ModelFamily
+from skipdit_jax.models.family import ClassConditionalFamily
 from skipdit_jax.models.layers import (
     Attention,
     Mlp,
@@ -263,7 +262,7 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
 
 
 @dataclasses.dataclass(frozen=True)
-class DiTFamily(ModelFamily):
+class DiTFamily(ClassConditionalFamily):
     """DiT / Skip-DiT (class-to-image): condition = class ids (B,), int32; `num_classes`
     is the null label; an unconditional model (num_classes == 0) takes None."""
 
@@ -272,64 +271,12 @@ class DiTFamily(ModelFamily):
     name: ClassVar[str] = "dit"
     config_cls: ClassVar[type] = ModelConfig
 
-    @property
-    def module(self) -> DiT:
-        return DiT(self.config)
+    module_cls: ClassVar[type] = DiT
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
         c = self.config
         return (c.input_size, c.input_size, c.in_channels)
-
-    # ---- the condition ------------------------------------------------------------------
-    @property
-    def is_conditional(self) -> bool:
-        return self.config.num_classes > 0
-
-    def check_condition(self, condition, batch: int) -> None:
-        if not self.is_conditional:
-            if condition is not None:
-                raise UserError("this model is unconditional (num_classes == 0): pass labels=None")
-            return
-        if condition is None:
-            raise UserError(f"this model is class-conditional: pass labels, class ids in 0..{self.config.num_classes - 1}")
-        shape = tuple(np.shape(condition))
-        dtype = np.dtype(condition.dtype) if hasattr(condition, "dtype") else np.asarray(condition).dtype
-        if len(shape) != 1 or shape[0] != batch:
-            raise UserError(f"labels must have shape ({batch},) to match the noise batch, got {shape}")
-        if not np.issubdtype(dtype, np.integer):
-            raise UserError(f"labels must be integer class ids, got dtype {dtype}")
-        if isinstance(condition, jax.Array) and not condition.is_fully_addressable:
-            return  # split over processes: its values cannot be read here without a collective
-        labels = np.asarray(condition)
-        n = self.config.num_classes
-        if labels.size and (labels.min() < 0 or labels.max() > n):
-            raise UserError(
-                f"labels must be class ids in 0..{n - 1} (or {n}, the null label), got values in {labels.min()}..{labels.max()}"
-            )
-
-    def null_condition(self, condition):
-        return None if condition is None else jnp.full_like(condition, self.config.null_label)
-
-    def condition_from_batch(self, batch: dict):
-        return batch["label"].astype(jnp.int32) if self.is_conditional else None
-
-    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        return {
-            "image": jax.ShapeDtypeStruct((batch_size, *self.sample_shape), jnp.float32),
-            "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32),
-        }
-
-    def example_condition(self, num: int):
-        return np.arange(num, dtype=np.int32) % max(self.config.num_classes, 1) if self.is_conditional else None
-
-    # ---- passes -------------------------------------------------------------------------
-    def apply(self, params, x, t, condition):
-        return self.module.apply({"params": params}, x, t, condition)
-
-    @property
-    def has_long_skips(self) -> bool:
-        return self.config.long_skip
 
     @property
     def cache_units(self) -> int:
@@ -338,14 +285,6 @@ class DiTFamily(ModelFamily):
     @property
     def depth_units(self) -> int:
         return self.config.depth
-
-    def forward_full(self, params, x, t, condition, shallow_units: int):
-        return self.module.apply({"params": params}, x, t, condition, shallow_units, method=DiT.forward_full)
-
-    def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
-        return self.module.apply(
-            {"params": params}, x, t, condition, deep_feature, shallow_units, method=DiT.forward_shallow
-        )
 
     def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
         return (batch, self.config.num_patches, self.config.hidden_size)

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import jax
 import numpy as np
 
-from skipdit_jax.errors import ConfigError
+from skipdit_jax.errors import ConfigError, UserError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -227,4 +227,77 @@ class ModelFamily(abc.ABC):
 
     def probe_shape(self, batch: int) -> tuple[int, ...]:
         self._no_pieces("probe_shape")
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassConditionalFamily(ModelFamily):
+    """What the class-conditional families (DiT, Latte) share: the condition is class ids
+    (B,) int32 with `config.num_classes` the null label used by guidance, or None for an
+    unconditional model (num_classes == 0); the model is the linen module `module_cls(config)`
+    with `forward_full` / `forward_shallow` methods for the deep-feature cache."""
+
+    module_cls: ClassVar[type] = object
+
+    @property
+    def module(self):
+        return self.module_cls(self.config)
+
+    # ---- the condition ------------------------------------------------------------------
+    @property
+    def is_conditional(self) -> bool:
+        return self.config.num_classes > 0
+
+    def check_condition(self, condition, batch: int) -> None:
+        if not self.is_conditional:
+            if condition is not None:
+                raise UserError("this model is unconditional (num_classes == 0): pass labels=None")
+            return
+        if condition is None:
+            raise UserError(f"this model is class-conditional: pass labels, class ids in 0..{self.config.num_classes - 1}")
+        shape = tuple(np.shape(condition))
+        dtype = np.dtype(condition.dtype) if hasattr(condition, "dtype") else np.asarray(condition).dtype
+        if len(shape) != 1 or shape[0] != batch:
+            raise UserError(f"labels must have shape ({batch},) to match the noise batch, got {shape}")
+        if not np.issubdtype(dtype, np.integer):
+            raise UserError(f"labels must be integer class ids, got dtype {dtype}")
+        if isinstance(condition, jax.Array) and not condition.is_fully_addressable:
+            return  # split over processes: its values cannot be read here without a collective
+        labels = np.asarray(condition)
+        n = self.config.num_classes
+        if labels.size and (labels.min() < 0 or labels.max() > n):
+            raise UserError(
+                f"labels must be class ids in 0..{n - 1} (or {n}, the null label), got values in {labels.min()}..{labels.max()}"
+            )
+
+    def null_condition(self, condition):
+        # Every leaf is class ids (a dict of them for Latte's joint training batches).
+        return jax.tree.map(lambda c: jax.numpy.full_like(c, self.config.null_label), condition)
+
+    def condition_from_batch(self, batch: dict):
+        return batch["label"].astype(np.int32) if self.is_conditional else None
+
+    def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+        return {
+            "image": jax.ShapeDtypeStruct((batch_size, *self.sample_shape), np.float32),
+            "label": jax.ShapeDtypeStruct((batch_size,), np.int32),
+        }
+
+    def example_condition(self, num: int):
+        return np.arange(num, dtype=np.int32) % max(self.config.num_classes, 1) if self.is_conditional else None
+
+    # ---- passes -------------------------------------------------------------------------
+    def apply(self, params, x, t, condition):
+        return self.module.apply({"params": params}, x, t, condition)
+
+    @property
+    def has_long_skips(self) -> bool:
+        return self.config.long_skip
+
+    def forward_full(self, params, x, t, condition, shallow_units: int):
+        return self.module.apply({"params": params}, x, t, condition, shallow_units, method=self.module_cls.forward_full)
+
+    def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
+        return self.module.apply(
+            {"params": params}, x, t, condition, deep_feature, shallow_units, method=self.module_cls.forward_shallow
+        )
 

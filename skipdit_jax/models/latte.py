@@ -43,7 +43,7 @@ import numpy as np
 from skipdit_jax.errors import ConfigError, UserError
 from skipdit_jax.models.config import ArchitectureConfig
 from skipdit_jax.models.dit import DiTBlock, FinalLayer
-from skipdit_jax.models.family import ModelFamily
+from skipdit_jax.models.family import ClassConditionalFamily
 from skipdit_jax.models.layers import get_2d_sincos_pos_embed, layer_norm, modulate, normal002, timestep_features
 from skipdit_jax.models.skip import SkipFusion, remat, scan_blocks, stacked_init
 
@@ -403,7 +403,7 @@ PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
 
 
 @dataclasses.dataclass(frozen=True)
-class LatteFamily(ModelFamily):
+class LatteFamily(ClassConditionalFamily):
     """Latte / Latte-skip (class-to-video): samples (F, H, W, C); condition = class ids (B,)
     int32 with `num_classes` the null label, or None for an unconditional model. Cache
     units are (spatial, temporal) pairs. Training batches hold num_frames + joint_images
@@ -414,9 +414,7 @@ class LatteFamily(ModelFamily):
     name: ClassVar[str] = "latte"
     config_cls: ClassVar[type] = LatteConfig
 
-    @property
-    def module(self) -> Latte:
-        return Latte(self.config)
+    module_cls: ClassVar[type] = Latte
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -424,18 +422,6 @@ class LatteFamily(ModelFamily):
         return (c.num_frames, c.input_size, c.input_size, c.in_channels)
 
     # ---- the condition (as DiT's) -------------------------------------------------------
-    @property
-    def is_conditional(self) -> bool:
-        return self.config.num_classes > 0
-
-    def check_condition(self, condition, batch: int) -> None:
-        from skipdit_jax.models.dit import DiTFamily
-
-        DiTFamily.check_condition(self, condition, batch)
-
-    def null_condition(self, condition):
-        return jax.tree.map(lambda c: jnp.full_like(c, self.config.null_label), condition)
-
     @property
     def _images_have_labels(self) -> bool:
         # Joint training of a class-conditional model: every image is conditioned on its
@@ -468,18 +454,11 @@ class LatteFamily(ModelFamily):
             spec["image_labels"] = jax.ShapeDtypeStruct((batch_size, c.joint_images), jnp.int32)
         return spec
 
-    def example_condition(self, num: int):
-        return np.arange(num, dtype=np.int32) % max(self.config.num_classes, 1) if self.is_conditional else None
-
     # ---- passes -------------------------------------------------------------------------
     def apply(self, params, x, t, condition):
         if isinstance(condition, dict):  # a joint image-video training batch
             return self.module.apply({"params": params}, x, t, condition["label"], condition["image_labels"])
         return self.module.apply({"params": params}, x, t, condition)
-
-    @property
-    def has_long_skips(self) -> bool:
-        return self.config.long_skip
 
     @property
     def cache_units(self) -> int:
@@ -488,14 +467,6 @@ class LatteFamily(ModelFamily):
     @property
     def depth_units(self) -> int:
         return self.config.num_pairs
-
-    def forward_full(self, params, x, t, condition, shallow_units: int):
-        return self.module.apply({"params": params}, x, t, condition, shallow_units, method=Latte.forward_full)
-
-    def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
-        return self.module.apply(
-            {"params": params}, x, t, condition, deep_feature, shallow_units, method=Latte.forward_shallow
-        )
 
     def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
         c = self.config
