@@ -337,43 +337,14 @@ def extract_features(params, videos, *, batch_size: int = 32, mesh: Mesh | None 
     `batch_size` rounded up to a multiple of the mesh size; each process reads only the
     rows its devices hold; the last batch is zero-padded and trimmed. Every process gets
     all N rows. One compiled program per (batch, F, H, W)."""
-    from skipdit_jax.evaluation.inception import gather_features
+    from skipdit_jax.evaluation.inception import extract_sharded
 
     check_videos(videos)
-    if batch_size < 1:
-        raise UserError(f"batch_size must be positive, got {batch_size}")
     mesh = default_mesh() if mesh is None else mesh
-    n = int(videos.shape[0])
-    batch = max(1, math.ceil(min(batch_size, max(n, 1)) / mesh.size)) * mesh.size
     feature_fn = make_feature_fn(params, mesh)
-    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
-    shape = (batch, *videos.shape[1:])
-    out: list[np.ndarray] = []
-    bar = None
-    if progress and jax.process_index() == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=n, unit="video", desc="i3d", smoothing=0.1)
-    try:
-        for start in range(0, n, batch):
-
-            def rows(index, start=start):  # this process's slice of the global batch
-                lo, hi, _ = index[0].indices(batch)
-                lo_g, hi_g = start + lo, min(start + hi, n)
-                block = np.zeros((hi - lo, *videos.shape[1:]), np.uint8)
-                if hi_g > lo_g:
-                    block[: hi_g - lo_g] = np.asarray(videos[lo_g:hi_g])
-                return block
-
-            feats = feature_fn(jax.make_array_from_callback(shape, sharding, rows))
-            valid = min(batch, n - start)
-            out.append(gather_features({"logits": feats["logits"]})["logits"][:valid])
-            if bar is not None:
-                bar.update(valid)
-    finally:
-        if bar is not None:
-            bar.close()
-    return np.concatenate(out).astype(np.float32) if out else np.zeros((0, FEATURE_DIM), np.float32)
+    out = extract_sharded(lambda v: {"logits": feature_fn(v)["logits"]}, videos, batch_size=batch_size, mesh=mesh,
+                          progress=progress, unit="video", desc="i3d")
+    return out["logits"].astype(np.float32) if out else np.zeros((0, FEATURE_DIM), np.float32)
 
 
 # The weight layouts and loaders live in video_i3d_weights (imported last: it uses this module).

@@ -464,30 +464,45 @@ def extract_features(
     program per (batch, H, W). `progress` shows a tqdm bar (images/s) on process 0.
     """
     _check_images(images)
+    mesh = default_mesh() if mesh is None else mesh
+    outputs = extract_sharded(make_feature_fn(params, mesh), images, batch_size=batch_size, mesh=mesh,
+                              progress=progress, unit="img", desc="inception")
+    if not outputs:
+        widths = {"pool": 2048, "logits": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
+        return {k: np.zeros((0, w), np.float32) for k, w in widths.items()}
+    return outputs
+
+
+def extract_sharded(feature_fn, data, *, batch_size: int, mesh: Mesh, progress: bool = False, unit: str = "item",
+                    desc: str = "features") -> dict[str, np.ndarray]:
+    """`feature_fn` (a jitted function of a uint8 batch sharded over `mesh` returning a dict of
+    batch-sharded arrays) over every row of `data`, an array-like uint8 (N, ...) that every
+    process can index. Global batches of `batch_size` rounded up to a multiple of the mesh
+    size; each process reads only the rows its own devices hold; the last batch is padded
+    with zeros and trimmed. Every process gets all N rows of every output, as numpy ({} when
+    N == 0). One compiled program per batch shape. `progress`: a tqdm bar on process 0.
+    Shared by the Inception (images) and the I3D (videos)."""
     if batch_size < 1:
         raise UserError(f"batch_size must be positive, got {batch_size}")
-    mesh = default_mesh() if mesh is None else mesh
-    n = int(images.shape[0])
-    n_dev = mesh.size
-    batch = max(1, math.ceil(min(batch_size, max(n, 1)) / n_dev)) * n_dev
-    feature_fn = make_feature_fn(params, mesh)
+    n = int(data.shape[0])
+    batch = max(1, math.ceil(min(batch_size, max(n, 1)) / mesh.size)) * mesh.size
     sharding = NamedSharding(mesh, _batch_spec(mesh))
-    shape = (batch, *images.shape[1:])
+    shape = (batch, *data.shape[1:])
     outputs: dict[str, list[np.ndarray]] = {}
     bar = None
     if progress and jax.process_index() == 0:
         from tqdm import tqdm
 
-        bar = tqdm(total=n, unit="img", desc="inception", smoothing=0.1)
+        bar = tqdm(total=n, unit=unit, desc=desc, smoothing=0.1)
     try:
         for start in range(0, n, batch):
 
             def rows(index, start=start):  # this process's slice of the global batch
                 lo, hi, _ = index[0].indices(batch)
                 lo_g, hi_g = start + lo, min(start + hi, n)
-                out = np.zeros((hi - lo, *images.shape[1:]), np.uint8)
+                out = np.zeros((hi - lo, *data.shape[1:]), np.uint8)
                 if hi_g > lo_g:
-                    out[: hi_g - lo_g] = np.asarray(images[lo_g:hi_g])
+                    out[: hi_g - lo_g] = np.asarray(data[lo_g:hi_g])
                 return out
 
             feats = feature_fn(jax.make_array_from_callback(shape, sharding, rows))
@@ -499,9 +514,6 @@ def extract_features(
     finally:
         if bar is not None:
             bar.close()
-    if not outputs:
-        widths = {"pool": 2048, "logits": 1008, "spatial": 17 * 17 * SPATIAL_CHANNELS}
-        return {k: np.zeros((0, w), np.float32) for k, w in widths.items()}
     return {k: np.concatenate(v) for k, v in outputs.items()}
 
 
