@@ -87,8 +87,10 @@ def infer_config(state: dict[str, np.ndarray], num_heads: int | None = None, pre
     return ModelConfig(num_heads=int(heads), **kw)
 
 
-def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every key of the official state dict of `config`, with its PyTorch shape."""
+def expected_shapes(config: ModelConfig, num_skips: int | None = None) -> dict[str, tuple[int, ...]]:
+    """Every key of the official state dict of `config`, with its PyTorch shape. Latte's
+    layout is this one plus `temp_embed`, with one skip module per encoder *pair*
+    (`num_skips`; default one per encoder block)."""
     d, p = config.hidden_size, config.patch_size
     h = int(d * config.mlp_ratio)
     shapes = {
@@ -112,7 +114,7 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
             shapes[f"blocks.{i}.{name}.weight"] = (o, n_in)
             shapes[f"blocks.{i}.{name}.bias"] = (o,)
     if config.long_skip:
-        for j in range(config.num_encoder_blocks):
+        for j in range(config.num_encoder_blocks if num_skips is None else num_skips):
             shapes[f"skip_norms.{j}.weight"] = (2 * d,)
             shapes[f"skip_norms.{j}.bias"] = (2 * d,)
             shapes[f"skip_linears.{j}.linear.weight"] = (d, 2 * d)

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from skipdit_jax.convert.dit import _BLOCK_LINEARS, _TOP_LINEARS, _count, _dense, _stack
+from skipdit_jax.convert.dit import _BLOCK_LINEARS, _TOP_LINEARS, _count, _dense, _stack, expected_shapes
 from skipdit_jax.convert.torch_io import check_keys_and_shapes
 from skipdit_jax.errors import CheckpointError
 from skipdit_jax.models.latte import LatteConfig, get_1d_sincos_temp_embed, latte_preset
@@ -87,36 +87,9 @@ def infer_latte_config(state: dict[str, np.ndarray], num_heads: int | None = Non
 
 def latte_expected_shapes(config: LatteConfig) -> dict[str, tuple[int, ...]]:
     """Every key of the official state dict of `config`, with its PyTorch shape."""
-    d, p = config.hidden_size, config.patch_size
-    h = int(d * config.mlp_ratio)
-    shapes = {
-        "x_embedder.proj.weight": (d, config.in_channels, p, p),
-        "x_embedder.proj.bias": (d,),
-        "pos_embed": (1, config.num_patches, d),
-        "temp_embed": (1, config.num_frames, d),
-        "t_embedder.mlp.0.weight": (d, 256),
-        "t_embedder.mlp.0.bias": (d,),
-        "t_embedder.mlp.2.weight": (d, d),
-        "t_embedder.mlp.2.bias": (d,),
-        "final_layer.linear.weight": (p * p * config.out_channels, d),
-        "final_layer.linear.bias": (p * p * config.out_channels,),
-        "final_layer.adaLN_modulation.1.weight": (2 * d, d),
-        "final_layer.adaLN_modulation.1.bias": (2 * d,),
-    }
-    if config.num_classes:
-        shapes["y_embedder.embedding_table.weight"] = (config.num_classes + 1, d)
-    block = {"attn.qkv": (3 * d, d), "attn.proj": (d, d), "mlp.fc1": (h, d), "mlp.fc2": (d, h), "adaLN_modulation.1": (6 * d, d)}
-    for i in range(config.depth):
-        for name, (o, n_in) in block.items():
-            shapes[f"blocks.{i}.{name}.weight"] = (o, n_in)
-            shapes[f"blocks.{i}.{name}.bias"] = (o,)
-    if config.long_skip:
-        for j in range(config.num_encoder_pairs):
-            shapes[f"skip_norms.{j}.weight"] = (2 * d,)
-            shapes[f"skip_norms.{j}.bias"] = (2 * d,)
-            shapes[f"skip_linears.{j}.linear.weight"] = (d, 2 * d)
-            shapes[f"skip_linears.{j}.linear.bias"] = (d,)
-    return shapes
+    # The DiT layout (same embedders, blocks, final layer and skip modules) + the frame table.
+    shapes = expected_shapes(config, num_skips=config.num_encoder_pairs)
+    return {**shapes, "temp_embed": (1, config.num_frames, config.hidden_size)}
 
 
 def validate_latte_state_dict(state: dict[str, np.ndarray], config: LatteConfig) -> None:
