@@ -17,6 +17,12 @@ leaves the canvas, the centre of mass of the frames moves exactly as the traject
 
 Records: {"image": float32 (num_frames, image_size, image_size, 1) in [-1, 1],
 "label": int32 digit class}.
+
+Captions (text-to-video): `caption(i)` describes clip i by its digit and the direction of
+its starting velocity (`motion_caption`), one of 8, e.g. "a 3 moving left", "a 7 moving up
+and right" (image rows grow downwards, so a negative y velocity is "up"). The caption
+names the start: bounces reverse the motion later in a clip. `CAPTION_WORDS` is the grammar's
+whole vocabulary.
 """
 
 from __future__ import annotations
@@ -30,6 +36,27 @@ from skipdit_jax.errors import ConfigError
 
 MAX_SPEED = 2  # pixels per frame along each axis
 _SPLIT_IDS = {"train": 0, "heldout": 1, "all": 2}
+# Every word a caption can use, in a fixed order (a word-level vocabulary for tiny text encoders).
+CAPTION_WORDS = ("a", *(str(d) for d in range(10)), "moving", "up", "down", "left", "right", "and")
+
+
+def motion_caption(digit: int, velocity) -> str:
+    """"a {digit} moving {direction}" for a velocity (vy, vx): an axis direction ("up",
+    "down", "left", "right") when that component is at least twice the other, else the
+    diagonal ("up and left", ...). With speeds 1..2 per axis: (1, 2) reads "right",
+    (2, 2) "down and right"."""
+    vy, vx = (int(v) for v in velocity)
+    if vy == 0 and vx == 0:
+        raise ValueError("a caption needs a non-zero velocity")
+    vertical = "up" if vy < 0 else "down"
+    horizontal = "left" if vx < 0 else "right"
+    if abs(vx) >= 2 * abs(vy):
+        direction = horizontal
+    elif abs(vy) >= 2 * abs(vx):
+        direction = vertical
+    else:
+        direction = f"{vertical} and {horizontal}"
+    return f"a {int(digit)} moving {direction}"
 
 
 def default_digit_size(image_size: int) -> int:
@@ -94,6 +121,15 @@ class MovingDigitsSource:
         start, velocity = self.motion(index)
         f = np.arange(self.num_frames)[:, None]
         return reflect(start[None] + velocity[None] * f, self.span).astype(np.int64)
+
+    def caption(self, index) -> str:
+        """The caption of clip `index` (module docstring): its digit and starting direction."""
+        i = self._index(index)
+        return motion_caption(self.labels[i], self.motion(i)[1])
+
+    def captions(self) -> list[str]:
+        """Every clip's caption, in clip order."""
+        return [self.caption(i) for i in range(len(self))]
 
     def __getitem__(self, index) -> dict[str, np.ndarray]:
         i = self._index(index)
