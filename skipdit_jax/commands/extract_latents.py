@@ -22,6 +22,13 @@ frames (a batch holds batch_size // num_frames clips, at least one). latents.jso
 clip settings and "labels" (the label of every record), which joint image-video training
 uses to draw images of a video's own class. The temporal crop of a record is fixed at
 extraction: extract more clips per video for more variety.
+
+Text-to-video: --captions FILE (JSON or CSV, video name -> caption; see
+`skipdit_jax.data.text_video.read_captions`) with --t5 SPEC --tokenizer DIR adds each clip's
+caption encoded by T5 (--text_len tokens, padded) to its record: "text_emb" (cut after the
+last real token) and "text_mask"; the empty prompt's encoding goes to null_text.npz and
+latents.json adds text_len, text_dim and the captions. `skipdit_jax.data.text_video.
+TextLatentSource` reads them back.
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ USAGE = (
     "IMAGE_FOLDER OUT_PATH --vae SPEC [--image_size 256] [--batch_size 32] [--flip=true] [--seed 0] [--num_shards N]\n"
     "       [--overwrite]\n"
     "       VIDEO_FOLDER OUT_PATH --video --vae SPEC [--num_frames 16] [--frame_interval 3] [--video_resize center_crop]\n"
-    "       [--frame_sampling linspace] [--clips_per_video 1] [--classes=true] [--image_size 256] [--batch_size 32] [--flip=true]"
+    "       [--frame_sampling linspace] [--clips_per_video 1] [--classes=true] [--image_size 256] [--batch_size 32] [--flip=true]\n"
+    "       [--captions FILE --t5 SPEC --tokenizer DIR [--text_len 120]]"
 )
 
 _SHARD_TARGET_BYTES = 1 << 30  # about 1 GiB per shard: few files, each still easy to copy
@@ -74,6 +82,10 @@ def define_flags(fv: flags.FlagValues) -> None:
     )
     flags.DEFINE_integer("clips_per_video", 1, "--video: random clips (records) per video", flag_values=fv)
     flags.DEFINE_bool("classes", True, "--video: class folders ROOT/CLASS/VIDEO (false: unconditional)", flag_values=fv)
+    flags.DEFINE_string("captions", None, "--video: JSON/CSV file of video name -> caption (text-to-video)", flag_values=fv)
+    flags.DEFINE_string("t5", None, "--captions: the T5 encoder (folder or hf:// spec)", flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "--captions: the T5 tokenizer folder", flag_values=fv)
+    flags.DEFINE_integer("text_len", 120, "--captions: tokens per caption (padded / truncated)", flag_values=fv)
 
 
 def _build_encoder(vae_params, config, flip: bool, mesh):
@@ -113,9 +125,16 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     for name in ("num_frames", "frame_interval", "clips_per_video"):
         if fv[name].value < 1:
             raise UserError(f"--{name} must be >= 1, got {fv[name].value}")
+    if fv.captions and not fv.video:
+        raise UserError("--captions needs --video (captions belong to videos)")
+    if fv.captions and (not fv.t5 or not fv.tokenizer):
+        raise UserError("--captions needs --t5 SPEC and --tokenizer DIR to encode them")
+    if fv.captions and fv.text_len < 1:
+        raise UserError(f"--text_len must be >= 1, got {fv.text_len}")
     start = time.perf_counter()
 
     # Check the input and output first: a wrong path should fail before a VAE download.
+    captions = None
     if fv.video:
         videos = data.VideoFolderSource(
             folder, image_size=fv.image_size, num_frames=fv.num_frames, frame_interval=fv.frame_interval,
@@ -124,6 +143,8 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         _check_video_lengths(videos)
         source = _ClipRecords(videos, fv.clips_per_video, fv.seed)
         per_record, unit = fv.num_frames, "clip"
+        if fv.captions:
+            captions = _record_captions(videos, fv.captions, fv.clips_per_video)
     else:
         source = data.ImageFolderSource(folder, fv.image_size)
         per_record, unit = 1, "img"
@@ -135,6 +156,15 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     if fv.image_size % f:
         raise UserError(f"--image_size {fv.image_size} is not a multiple of the VAE's downsampling factor {f}")
     latent_shape = (fv.num_frames,) * bool(fv.video) + (fv.image_size // f, fv.image_size // f, config.latent_channels)
+    encode_text, extra_files, text_meta = None, None, {}
+    if captions is not None:
+        from skipdit_jax.data import text_video
+
+        encode_text = text_video.t5_encode_fn(fv.t5, fv.tokenizer, fv.text_len)
+        null = encode_text([""])
+        null_emb, null_mask = null["text_emb"][0], null["text_mask"][0]
+        extra_files = {text_video.NULL_TEXT_FILE: text_video.encode_null_text(null_emb, null_mask)}
+        text_meta = dict(text_len=int(null_emb.shape[0]), text_dim=int(null_emb.shape[1]), t5=fv.t5, captions=captions)
 
     devices = jax.local_devices()
     mesh = jax.make_mesh((len(devices),), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=devices)
@@ -157,14 +187,24 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
 
     def records():
         def emit(pending):
-            (latents, flipped), labels, valid = pending
+            (latents, flipped), labels, valid, first = pending
             latents = np.asarray(latents)[:valid]
             flipped = None if flipped is None else np.asarray(flipped)[:valid]
+            texts = None
+            if encode_text is not None:
+                from skipdit_jax.data.text_video import trim_text
+
+                texts = encode_text(captions[first : first + valid])
             for j in range(valid):
+                extras = {}
+                if texts is not None:
+                    emb, mask = trim_text(texts["text_emb"][j], texts["text_mask"][j])
+                    extras = {"extras": {"text_emb": emb, "text_mask": mask}}
                 yield {
                     "latent": latents[j],
                     "label": int(labels[j]),
                     **({"latent_flipped": flipped[j]} if flipped is not None else {}),
+                    **extras,
                 }
             bar.update(valid)
 
@@ -175,7 +215,7 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
                 images = jax.device_put(batch["image"], batch_sharding)
                 # Dispatch batch i before fetching batch i-1, so the devices never wait on
                 # the host's copy-out and writing.
-                current = (encode(params, images, jax.random.fold_in(key, i)), batch["label"], valid)
+                current = (encode(params, images, jax.random.fold_in(key, i)), batch["label"], valid, i * batch_size)
                 if pending is not None:
                     yield from emit(pending)
                 pending = current
@@ -197,7 +237,8 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
             video=True, num_frames=fv.num_frames, frame_interval=fv.frame_interval, video_resize=fv.video_resize,
             frame_sampling=fv.frame_sampling, clips_per_video=fv.clips_per_video, labels=source.labels.tolist(),
         )
-    meta = data.write_latents(out_path, records(), num_shards, overwrite=fv.overwrite, metadata=metadata)
+    metadata.update(text_meta)
+    meta = data.write_latents(out_path, records(), num_shards, overwrite=fv.overwrite, metadata=metadata, extra_files=extra_files)
     shape = "x".join(str(d) for d in latent_shape)
     flipped = " (+ flipped)" if fv.flip else ""
     print(
@@ -217,6 +258,19 @@ def _check_video_lengths(videos) -> None:
         path, n = short[0]
         need = videos.num_frames
         raise UserError(f"{len(short)} video(s) have fewer than the {need} frames of a clip (--num_frames), e.g. {path} ({n})")
+
+
+def _record_captions(videos, captions_file: str, clips: int) -> list[str]:
+    """The caption of every record (record k is a clip of video k // clips), or UserError
+    naming the first video the file has no caption for."""
+    from skipdit_jax.data.text_video import caption_for, read_captions
+
+    table = read_captions(captions_file)
+    per_video = [caption_for(p, videos.root, table) for p, _ in videos.videos]
+    missing = [str(p) for (p, _), c in zip(videos.videos, per_video) if c is None]
+    if missing:
+        raise UserError(f"{captions_file} has no caption for {len(missing)} video(s), e.g. {missing[0]}")
+    return [c for c in per_video for _ in range(clips)]
 
 
 class _ClipRecords:

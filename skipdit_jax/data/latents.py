@@ -37,11 +37,19 @@ _SHARD_GLOB = "latents-*-of-*.array_record"
 _WRITER_OPTIONS = "group_size:1"
 
 
-def _encode_record(latent: np.ndarray, label: int, latent_flipped: np.ndarray | None) -> bytes:
+# Arrays a record may carry beside its latent (text-to-video: the caption's text-encoder
+# output and mask, see `skipdit_jax.data.text_video`), stored with their own dtype.
+RECORD_EXTRAS = ("text_emb", "text_mask")
+# Files beside the shards that belong to the latents (written by `write_latents(extra_files=)`).
+LATENTS_EXTRA_FILES = ("null_text.npz",)
+
+
+def _encode_record(latent: np.ndarray, label: int, latent_flipped: np.ndarray | None, extras=None) -> bytes:
     """One record as an uncompressed .npz: plain arrays, readable without pickle."""
     arrays = {"latent": np.asarray(latent, np.float32), "label": np.int32(label)}
     if latent_flipped is not None:
         arrays["latent_flipped"] = np.asarray(latent_flipped, np.float32)
+    arrays.update({k: np.asarray(v) for k, v in (extras or {}).items()})
     buf = io.BytesIO()
     np.savez(buf, **arrays)
     return buf.getvalue()
@@ -54,7 +62,8 @@ def _decode_record(data: bytes) -> dict[str, np.ndarray]:
 
 def _existing_latent_files(out: epath.Path) -> list[epath.Path]:
     meta = out / LATENTS_METADATA
-    return sorted(out.glob(_SHARD_GLOB), key=lambda p: p.name) + ([meta] if meta.exists() else [])
+    extra = [out / name for name in LATENTS_EXTRA_FILES if (out / name).exists()]
+    return sorted(out.glob(_SHARD_GLOB), key=lambda p: p.name) + extra + ([meta] if meta.exists() else [])
 
 
 def latents_exist(out_path: paths.PathLike) -> bool:
@@ -89,6 +98,7 @@ def write_latents(
     *,
     metadata: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    extra_files: Mapping[str, bytes] | None = None,
 ) -> dict[str, Any]:
     """Writes latents to ArrayRecord shards in the directory `out_path` (local or remote).
 
@@ -97,6 +107,9 @@ def write_latents(
     Record i goes to shard i % num_shards (files `latents-00000-of-0000N.array_record`), each
     record an uncompressed .npz (no pickle). `latents.json` holds
     {"count", "latent_shape", "has_flipped", "shards", "write_id", **metadata}.
+    A record may also carry the arrays named in RECORD_EXTRAS under "extras" (a dict,
+    the same keys in every record), stored beside the latent; `extra_files` ({name: bytes},
+    names from LATENTS_EXTRA_FILES) are written into the directory with the shards.
 
     Everything is written into a temporary directory beside `out_path` (for a remote
     output: first locally, then uploaded there), and only when it is complete is it
@@ -113,6 +126,9 @@ def write_latents(
 
     if num_shards < 1:
         raise ConfigError(f"num_shards must be >= 1, got {num_shards}")
+    unknown = sorted(set(extra_files or {}) - set(LATENTS_EXTRA_FILES))
+    if unknown:
+        raise ConfigError(f"unknown extra latent file(s) {', '.join(unknown)}; known: {', '.join(LATENTS_EXTRA_FILES)}")
     out = check_latents_output(out_path, overwrite)
 
     names = [_SHARD_PATTERN.format(index=i, count=num_shards) for i in range(num_shards)]
@@ -128,6 +144,8 @@ def write_latents(
             if shard_dir == scratch:
                 for n in names:
                     paths.copy_file(os.path.join(scratch, n), tmp / n)
+            for name, blob in (extra_files or {}).items():
+                paths.atomic_write_bytes(tmp / name, blob)
             meta = dict(metadata or {})
             meta.update(count=count, latent_shape=list(shape), has_flipped=has_flipped, shards=names, write_id=uuid.uuid4().hex)
             paths.atomic_write_text(tmp / LATENTS_METADATA, json.dumps(meta, indent=2) + "\n")
@@ -139,11 +157,19 @@ def write_latents(
 
 def _write_shards(writer_cls, files: list[str], latents_iter) -> tuple[int, tuple | None, bool | None]:
     writers = [writer_cls(f, _WRITER_OPTIONS) for f in files]
-    count, shape, has_flipped = 0, None, None
+    count, shape, has_flipped, extra_keys = 0, None, None, None
     try:
         for rec in latents_iter:
             latent = np.asarray(rec["latent"], np.float32)
             flipped = rec.get("latent_flipped")
+            extras = dict(rec.get("extras") or {})
+            if extra_keys is None:
+                extra_keys = sorted(extras)
+                unknown = sorted(set(extra_keys) - set(RECORD_EXTRAS))
+                if unknown:
+                    raise UserError(f"unknown record extras {', '.join(unknown)}; known: {', '.join(RECORD_EXTRAS)}")
+            if sorted(extras) != extra_keys:
+                raise UserError(f"latent {count} carries extras {sorted(extras)}, the first carried {extra_keys}")
             if shape is None:
                 shape, has_flipped = latent.shape, flipped is not None
             if latent.shape != shape:
@@ -152,7 +178,7 @@ def _write_shards(writer_cls, files: list[str], latents_iter) -> tuple[int, tupl
                 raise UserError(f"latent {count}: 'latent_flipped' must be given for all records or none")
             if flipped is not None and np.shape(flipped) != shape:
                 raise UserError(f"flipped latent {count} has shape {np.shape(flipped)}, expected {shape}")
-            writers[count % len(writers)].write(_encode_record(latent, int(rec["label"]), flipped))
+            writers[count % len(writers)].write(_encode_record(latent, int(rec["label"]), flipped, extras))
             count += 1
     finally:
         for w in writers:
@@ -195,7 +221,9 @@ class LatentSource:
     not the flip of the latent, so flip augmentation needs files written with flipped
     latents.
 
-    Video latents (`extract-latents --video`) are records of (F, h, w, c) clips.
+    Video latents (`extract-latents --video`) are records of (F, h, w, c) clips; with
+    `--captions`, records also hold "text_emb" / "text_mask" (RECORD_EXTRAS, passed through
+    as stored; `skipdit_jax.data.text_video.TextLatentSource` pads them to full length).
 
     Attributes: paths (the shards as given), local_paths (the files read), latent_shape,
     has_flipped, metadata (latents.json or None), labels (every record's label when
@@ -259,6 +287,7 @@ class LatentSource:
         out = {"image": rec["latent"], "label": rec["label"].astype(np.int32)}
         if "latent_flipped" in rec:
             out["image_flipped"] = rec["latent_flipped"]
+        out.update({k: rec[k] for k in RECORD_EXTRAS if k in rec})
         return out
 
     def __repr__(self) -> str:
