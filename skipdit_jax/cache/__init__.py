@@ -3,8 +3,8 @@ caching methods (`baselines/`), plans (`plan`) and the by-name registry (`regist
 
 from skipdit_jax.cache.baselines import FORA, PAB, DeltaDiT, PABVideo, TeaCache, calibrate_teacache
 from skipdit_jax.cache.plan import CachePlan, plan_from_schedule
-from skipdit_jax.cache.registry import METHODS, make_cache
-from skipdit_jax.cache.skip_cache import ShallowCache, SkipCache, parse_cache_spec
+from skipdit_jax.cache.registry import METHODS, make_cache, parse_cache_spec
+from skipdit_jax.cache.skip_cache import ShallowCache, SkipCache
 
 __all__ = [
     "CachePlan",

@@ -3,6 +3,7 @@ large deterministic, resumable sample sets for FID (`many`)."""
 
 from skipdit_jax.sampling.sampler import (
     build_sampler,
+    check_scheduler,
     check_settings,
     guide,
     is_key_batch,
@@ -17,6 +18,7 @@ __all__ = [
     "FID_PRESET",
     "PRESETS",
     "build_sampler",
+    "check_scheduler",
     "check_settings",
     "guide",
     "is_key_batch",

@@ -8,6 +8,10 @@ is a boolean array computed on the host from the timestep list and fed to the sc
 data; `lax.cond` then runs exactly one of the two passes. Nothing syncs with the host
 inside the loop.
 
+With a diffusers `scheduler` (`skipdit_jax.diffusion.diffusers_schedulers`: DiffusersDDIM /
+DiffusersDDPM) the scan walks that scheduler's timesteps and applies its step rule instead
+of ADM's respaced diffusion; the rest (guidance, caches, noise keys) is shared.
+
 A cache strategy (`skipdit_jax.cache`) implements `check_model(family)`,
 `full_steps(timesteps)`, `init_carry(family, batch)`, `full_pass(family, params, x, t,
 cond, carry)` and `cached_pass(...)`; an adaptive one (`adaptive = True`) also
@@ -50,6 +54,31 @@ def resolve_respacing(sampler: str, num_steps: int | None, respacing: str | None
     return respacing_for(sampler, int(num_steps))
 
 
+def check_scheduler(scheduler, sampler: str, config=None, *, eta: float = 0.0, clip_denoised: bool = False,
+                    respacing: str | None = None) -> None:
+    """One `ConfigError` for a diffusers scheduler that does not fit the other settings."""
+    kind = getattr(scheduler, "kind", None)
+    if kind not in ("ddim", "ddpm") or not hasattr(scheduler, "step_tables"):
+        raise ConfigError(f"scheduler must be a DiffusersDDIM or DiffusersDDPM, got {type(scheduler).__name__}")
+    if sampler != kind:
+        raise ConfigError(f"{type(scheduler).__name__} is a {kind.upper()} scheduler; pass sampler={kind!r} (got {sampler!r})")
+    if respacing is not None:
+        raise ConfigError("respacing is an ADM setting; a diffusers scheduler sets its own timesteps (use num_steps)")
+    if clip_denoised:
+        raise ConfigError("clip_denoised is an ADM setting; with a diffusers scheduler use its clip_sample")
+    if kind == "ddpm" and eta != 0:
+        raise ConfigError("eta is a DDIM setting; DDPM's noise is fixed by its variance_type")
+    if config is not None and getattr(scheduler, "uses_model_variance", False) and not family_of(config).learn_sigma:
+        raise ConfigError("variance_type 'learned_range' needs a learned-sigma model (out channels = 2 x in channels)")
+
+
+def _scheduler_steps(respacing) -> int:
+    try:
+        return int(respacing)
+    except (TypeError, ValueError):
+        raise ConfigError(f"with a diffusers scheduler, respacing must be the number of steps, got {respacing!r}") from None
+
+
 def _tree_concat(a, b):
     return jax.tree.map(lambda u, v: jnp.concatenate([u, v]), a, b)
 
@@ -66,8 +95,15 @@ def build_sampler(
     clip_denoised: bool = False,
     return_schedule: bool = False,
     return_carry: bool = False,
+    scheduler=None,
 ):
     """A jitted `fn(params, noise, condition, cfg_scale, rng) -> x_0`, one per setting.
+
+    With a diffusers `scheduler` (DiffusersDDIM / DiffusersDDPM, matching `sampler`),
+    `respacing` is its number of steps (int or decimal string): the scan walks
+    `scheduler.timesteps(n)` and steps with its rule; `clip_denoised` must be False (the
+    scheduler's clip_sample decides). The model's learned-sigma channels are dropped before
+    the step (except DDPM's learned_range, which reads them).
 
     `rng` is one PRNG key (the step noise of the whole batch is split from it step by
     step) or a batch of per-sample keys, shape (B,) (raw uint32 keys: (B, 2)): then sample
@@ -81,12 +117,21 @@ def build_sampler(
     Cached so repeated calls with the same setting reuse the compiled program.
     """
     family = family_of(config)
-    diffusion = Diffusion(respacing, learn_sigma=family.learn_sigma)
-    indices = np.arange(diffusion.num_steps, dtype=np.int32)[::-1]
-    timesteps = diffusion.timestep_map[indices]
+    if scheduler is None:
+        diffusion = Diffusion(respacing, learn_sigma=family.learn_sigma)
+        indices = np.arange(diffusion.num_steps, dtype=np.int32)[::-1]
+        timesteps = diffusion.timestep_map[indices]
+        needs_noise = sampler == "ddpm" or eta > 0
+    else:
+        check_scheduler(scheduler, sampler, config, eta=eta, clip_denoised=clip_denoised)
+        num = _scheduler_steps(respacing)
+        timesteps = scheduler.timesteps(num)
+        tables = scheduler.step_tables(num, eta)
+        # Step indices count down to 0 as ADM's do: they only key the per-sample step noise.
+        indices = np.arange(num, dtype=np.int32)[::-1]
+        needs_noise = scheduler.needs_noise(eta)
     full = cache.full_steps(timesteps) if cache is not None else np.ones(len(indices), bool)
     adaptive = getattr(cache, "adaptive", False)
-    needs_noise = sampler == "ddpm" or eta > 0
 
     def denoise(params, x, cond, cfg_scale, t_orig, is_full, carry):
         x_in = jnp.concatenate([x, x]) if guided else x
@@ -103,6 +148,9 @@ def build_sampler(
                 carry,
             )
         if guided:
+            # The batch is [cond; uncond] (diffusers' pipelines stack [uncond; text]); the
+            # family's null_condition built the uncond half. Guiding only the eps channels
+            # equals the Latte pipeline, which guides all channels and then keeps the first C.
             out = guide(out, cfg_scale, family.eps_channels, cfg_channels)
         return out, carry, is_full
 
@@ -114,7 +162,7 @@ def build_sampler(
 
         def step(state, xs):
             x, carry, key = state
-            i, t_orig, is_full = xs
+            i, t_orig, is_full, *coef = xs
             out, carry, is_full = denoise(params, x, cond, cfg_scale, t_orig, is_full, carry)
             t = jnp.full((x.shape[0],), i, jnp.int32)
             if needs_noise and per_sample:
@@ -126,13 +174,21 @@ def build_sampler(
                 z = jax.random.normal(sub, x.shape, x.dtype)
             else:
                 z = None
-            if sampler == "ddpm":
+            if scheduler is not None:
+                c = x.shape[-1]
+                if getattr(scheduler, "uses_model_variance", False):
+                    x = scheduler.step(out[..., :c], x, coef[0], z, model_var=out[..., c : 2 * c])
+                else:
+                    x = scheduler.step(out[..., :c], x, coef[0], z)
+            elif sampler == "ddpm":
                 x = diffusion.ddpm_step(out, x, t, z, clip_denoised)
             else:
                 x = diffusion.ddim_step(out, x, t, z, eta, clip_denoised)
             return (x, carry, key), is_full
 
         xs = (jnp.asarray(indices), jnp.asarray(timesteps, jnp.int32), jnp.asarray(full))
+        if scheduler is not None:
+            xs += ({k: jnp.asarray(v) for k, v in tables.items()},)
         (x, carry, _), realised = jax.lax.scan(step, (noise.astype(jnp.float32), carry, rng), xs)
         out = (x,)
         if return_schedule or return_carry:
@@ -192,6 +248,7 @@ def sample(
     respacing: str | None = None,
     eta: float = 0.0,
     clip_denoised: bool = False,
+    scheduler=None,
 ) -> jax.Array:
     """Draw samples x_0 (B, *sample_shape) from `noise` of that shape.
 
@@ -205,6 +262,12 @@ def sample(
     per-step noise: one key for the batch, or one key per sample (shape (B,)), which makes
     each sample's noise independent of the rest of the batch (`build_sampler`). Inputs may be sharded over a mesh's batch axis; the computation
     follows their sharding.
+
+    `scheduler` (a `DiffusersDDIM` with sampler="ddim", or a `DiffusersDDPM` with
+    sampler="ddpm") replaces ADM's respaced diffusion by diffusers' timesteps and step rule
+    for `num_steps` steps (e.g. Latte text-to-video: `sampler="ddim", num_steps=50,
+    scheduler=DiffusersDDIM.latte()`); `eta` is DDIM's, `respacing` and `clip_denoised` must
+    stay unset. Caches see the scheduler's timesteps.
     """
     if labels is not None and condition is not None:
         raise UserError("pass either labels or condition, not both")
@@ -212,17 +275,29 @@ def sample(
     if cond is not None:
         cond = jax.tree.map(lambda a: a if isinstance(a, jax.Array) else jnp.asarray(a), cond)
     validate_inputs(model_config, noise, cond)
-    respacing = resolve_respacing(sampler, num_steps, respacing)
+    if scheduler is not None:
+        check_scheduler(scheduler, sampler, model_config, eta=eta, clip_denoised=clip_denoised, respacing=respacing)
+        scheduler.timesteps(num_steps)  # a ConfigError for a bad step count
+    else:
+        respacing = resolve_respacing(sampler, num_steps, respacing)
     guided = check_settings(model_config, cache=cache, cfg_scale=cfg_scale, cfg_channels=cfg_channels)
     if rng is None:
         rng = jax.random.key(0)
     if is_key_batch(rng) and rng.shape[0] != np.shape(noise)[0]:
         raise UserError(f"rng holds {rng.shape[0]} per-sample keys for a batch of {np.shape(noise)[0]}")
-    fn = build_sampler(model_config, sampler, respacing, guided, cfg_channels, cache, float(eta), bool(clip_denoised))
+    if scheduler is not None:
+        fn = build_sampler(model_config, sampler, str(int(num_steps)), guided, cfg_channels, cache, float(eta), False,
+                           scheduler=scheduler)
+    else:
+        fn = build_sampler(model_config, sampler, respacing, guided, cfg_channels, cache, float(eta), bool(clip_denoised))
     return fn(params, noise, cond, jnp.float32(cfg_scale), rng)
 
 
-def sampling_timesteps(sampler: str, num_steps: int | None, respacing: str | None = None) -> np.ndarray:
-    """Original-scale timesteps of the sampling steps, in sampling order."""
+def sampling_timesteps(sampler: str, num_steps: int | None, respacing: str | None = None, scheduler=None) -> np.ndarray:
+    """Original-scale timesteps of the sampling steps, in sampling order (ADM's respacing, or
+    the diffusers `scheduler`'s timesteps for `num_steps`)."""
+    if scheduler is not None:
+        check_scheduler(scheduler, sampler, respacing=respacing)
+        return np.asarray(scheduler.timesteps(num_steps))
     d = create_diffusion(resolve_respacing(sampler, num_steps, respacing))
     return d.timestep_map[::-1].copy()
