@@ -165,15 +165,17 @@ def _conv(features: int, kernel: int, dtype, name: str | None = None, stride: in
     )
 
 
-def _group_norm(x: jax.Array, groups: int, name: str) -> jax.Array:
-    """GroupNorm (eps 1e-6, affine) computed in float32, returned in x's dtype.
+def _group_norm(x: jax.Array, groups: int, name: str, eps: float = _NORM_EPS) -> jax.Array:
+    """GroupNorm (eps 1e-6 unless given, affine) computed in float32, returned in x's dtype.
+    Statistics span every non-batch axis of x (per group of channels), so a (B, F, H, W, C)
+    input is normalised over frames and pixels together, like torch's GroupNorm on NCFHW.
 
     The two-pass variance (use_fast_variance=False) matches torch and avoids the
     cancellation E[x^2] - E[x]^2 suffers on the large activations of the decoder.
     """
     y = nn.GroupNorm(
         num_groups=groups,
-        epsilon=_NORM_EPS,
+        epsilon=eps,
         dtype=jnp.float32,
         param_dtype=jnp.float32,
         use_fast_variance=False,
