@@ -1,0 +1,108 @@
+"""`skipdit encode-text --t5 SPEC --tokenizer DIR (--prompt TEXT ... | --prompts FILE) --out FILE`:
+prompts -> T5 v1.1 embeddings in a cache file that text-to-video sampling and training read.
+
+SPEC is a transformers T5 encoder folder, Latte-1's repo root or its `text_encoder/` folder,
+one weight file, or hf://maxin-cn/Latte-1/text_encoder. DIR holds the tokenizer (Latte-1's
+`tokenizer/`: spiece.model). FILE lists one prompt per line (blank lines skipped). The
+negative prompt (default "", the unconditional row for guidance) is always encoded too.
+OUT (.safetensors or .npz) is written atomically; an existing OUT is refused unless
+--overwrite (which replaces it) or --append (which keeps its prompts and adds new ones).
+"""
+
+from __future__ import annotations
+
+import time
+
+from absl import flags
+
+from skipdit_jax import paths
+from skipdit_jax.errors import UserError
+
+USAGE = "--t5 SPEC --tokenizer DIR (--prompt TEXT [--prompt ...] | --prompts FILE) --out FILE(.safetensors|.npz)"
+
+
+def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_string("t5", None, "T5 v1.1 encoder: folder, weight file or hf://org/repo[/subfolder]", flag_values=fv)
+    flags.DEFINE_string("tokenizer", None, "folder with the T5 tokenizer (spiece.model or tokenizer.json)", flag_values=fv)
+    flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)", flag_values=fv)
+    flags.DEFINE_string("prompts", None, "a text file with one prompt per line", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", "", "the unconditional prompt stored beside them", flag_values=fv)
+    flags.DEFINE_string("out", None, "output file (.safetensors or .npz)", flag_values=fv)
+    flags.DEFINE_integer("max_length", 120, "tokens per prompt (Latte: 120)", flag_values=fv)
+    flags.DEFINE_integer("batch_size", 8, "prompts per encoder call", flag_values=fv)
+    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "compute dtype of the encoder", flag_values=fv)
+    flags.DEFINE_enum("preprocess", "lower", ["lower", "none"], "lower-case and strip prompts (as Latte) or keep them", flag_values=fv)
+    flags.DEFINE_bool("overwrite", False, "replace OUT if it exists", flag_values=fv)
+    flags.DEFINE_bool("append", False, "keep OUT's prompts and add the new ones", flag_values=fv)
+
+
+def _read_prompts(fv: flags.FlagValues) -> list[str]:
+    if bool(fv.prompt) == bool(fv.prompts):
+        raise UserError("give prompts with --prompt TEXT (repeatable) or --prompts FILE, not both or neither")
+    if fv.prompt:
+        return list(fv.prompt)
+    path = paths.as_path(fv.prompts)
+    if not path.is_file():
+        raise UserError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    if not prompts:
+        raise UserError(f"prompt file {path} has no prompts")
+    return prompts
+
+
+def main(args: list[str], fv: flags.FlagValues) -> int:
+    from skipdit_jax.encoders.t5 import load_t5
+    from skipdit_jax.encoders.text import encode_prompts, load_text_embeddings, load_tokenizer, save_text_embeddings
+
+    if args:
+        raise UserError(f"unexpected arguments {' '.join(args)}; usage: skipdit encode-text {USAGE}")
+    for name in ("t5", "tokenizer", "out"):
+        if not getattr(fv, name):
+            raise UserError(f"--{name} is required; usage: skipdit encode-text {USAGE}")
+    if not fv.out.endswith((".safetensors", ".npz")):
+        raise UserError(f"--out must end in .safetensors or .npz, got {fv.out}")
+    if fv.max_length < 1 or fv.batch_size < 1:
+        raise UserError("--max_length and --batch_size must be positive")
+    if fv.overwrite and fv.append:
+        raise UserError("--overwrite and --append exclude each other")
+    requested = _read_prompts(fv)
+    out = paths.as_path(fv.out)
+    old = None
+    if out.exists():
+        if not (fv.overwrite or fv.append):
+            raise UserError(f"{out} already exists (pass --overwrite to replace it or --append to add prompts)")
+        if fv.append:
+            old = load_text_embeddings(out)
+            if old.text_emb.shape[1] != fv.max_length:
+                raise UserError(f"{out} holds {old.text_emb.shape[1]}-token embeddings, not --max_length {fv.max_length}")
+    prompts = list(dict.fromkeys(requested + [fv.negative_prompt]))
+    if old is not None:
+        prompts = [p for p in prompts if p not in old]
+    tokenizer = load_tokenizer(fv.tokenizer)  # cheap checks before the (large) encoder loads
+    start = time.perf_counter()
+    cfg, params = load_t5(fv.t5, dtype=fv.dtype)
+    loaded = time.perf_counter() - start
+    if prompts:
+        start = time.perf_counter()
+        enc = encode_prompts(prompts, tokenizer, cfg, params, fv.max_length, batch_size=fv.batch_size, preprocess=fv.preprocess)
+        took = time.perf_counter() - start
+        emb, mask = enc["text_emb"], enc["text_mask"]
+    else:
+        emb = mask = None
+        took = 0.0
+    if old is not None:
+        import numpy as np
+
+        all_prompts = old.prompts + prompts
+        emb = old.text_emb if emb is None else np.concatenate([old.text_emb, emb])
+        mask = old.text_mask if mask is None else np.concatenate([old.text_mask, mask])
+    else:
+        all_prompts = prompts
+    info = {"t5": fv.t5, "max_length": fv.max_length, "d_model": cfg.d_model, "dtype": fv.dtype, "preprocess": fv.preprocess}
+    save_text_embeddings(out, all_prompts, emb, mask, metadata=info)
+    print(
+        f"encoded {len(prompts)} prompt(s) (negative prompt {fv.negative_prompt!r} included) with T5 "
+        f"d_model {cfg.d_model} x {cfg.num_layers} layers in {took:.1f} s (loading {loaded:.1f} s); "
+        f"{len(all_prompts)} in {out}"
+    )
+    return 0
