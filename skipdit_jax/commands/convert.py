@@ -1,4 +1,9 @@
-"""`skipdit convert SRC OUT_DIR`: an official checkpoint -> an Orbax model directory."""
+"""`skipdit convert SRC OUT_DIR`: an official checkpoint -> an Orbax model directory.
+
+SRC is a checkpoint file (.pt, .safetensors; local, gs:// or hf://org/repo/file) of any
+family, or a diffusers model folder (local or hf://org/repo[/subfolder]), which holds a
+Latte-T2V `transformer/` (e.g. hf://maxin-cn/Latte-0).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +11,11 @@ import time
 
 from absl import flags
 
-from skipdit_jax import convert, model_store
+from skipdit_jax import convert, model_store, paths
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import family_names, family_of
 
-USAGE = "SRC OUT_DIR [--num_heads H | --preset DiT-XL/2] [--overwrite]"
+USAGE = "SRC OUT_DIR [--num_heads H | --preset DiT-XL/2] [--overwrite]  (SRC: a checkpoint file or a diffusers folder)"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -25,9 +30,28 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         raise UserError(f"expected SRC and OUT_DIR, got {len(args)} positional argument(s); usage: skipdit convert {USAGE}")
     src, out_dir = args
     start = time.perf_counter()
-    state = convert.load_torch_checkpoint(src)
     kwargs = {k: v for k, v in (("num_heads", fv.num_heads), ("preset", fv.preset)) if v is not None}
-    config, params = convert.from_torch(state, family=fv.family, **kwargs)
+    if _is_folder(src):  # a diffusers folder: only the text-to-video Latte comes in that layout
+        if fv.family not in (None, "latte_t2v"):
+            raise UserError(f"{src} is a diffusers model folder, which holds a latte_t2v model, not a {fv.family} one")
+        config, params = convert.load_latte_t2v(src, **kwargs)
+    else:
+        state = convert.load_torch_checkpoint(src)
+        config, params = convert.from_torch(state, family=fv.family, **kwargs)
     model_store.save_model(out_dir, config, params, overwrite=fv.overwrite, extra={"converted_from": str(src)})
     print(f"converted {src} -> {out_dir}: {family_of(config).describe()} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _is_folder(src: str) -> bool:
+    """Whether SRC names a diffusers model folder (config.json, a transformer/ subfolder or
+    diffusers weights inside); any other directory keeps the checkpoint-file error."""
+    if src.startswith("hf://"):
+        return not src.rstrip("/").endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    try:
+        p = paths.as_path(src)
+        return p.is_dir() and (
+            (p / "config.json").exists() or (p / "transformer").is_dir() or any(p.glob("diffusion_pytorch_model*"))
+        )
+    except OSError:
+        return False

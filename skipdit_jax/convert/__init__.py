@@ -13,6 +13,7 @@ from skipdit_jax.convert.dit import (
     validate_state_dict,
 )
 from skipdit_jax.convert.latte import latte_from_torch, latte_to_torch
+from skipdit_jax.convert.latte_t2v import latte_t2v_from_torch, latte_t2v_to_torch, load_latte_t2v, save_latte_t2v_diffusers
 from skipdit_jax.convert.torch_io import load_torch_checkpoint, resolve_path
 
 
@@ -54,8 +55,12 @@ __all__ = [
     "infer_config",
     "latte_from_torch",
     "latte_to_torch",
+    "latte_t2v_from_torch",
+    "latte_t2v_to_torch",
+    "load_latte_t2v",
     "load_torch_checkpoint",
     "resolve_path",
+    "save_latte_t2v_diffusers",
     "save_torch_safetensors",
     "to_torch",
     "validate_state_dict",

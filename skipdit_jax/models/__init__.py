@@ -6,6 +6,8 @@ from skipdit_jax.models.dit import DiT, DiTBlock, DiTFamily, count_params, init_
 from skipdit_jax.models.families import as_family, config_from_dict, family_of, get_family
 from skipdit_jax.models.family import ModelFamily
 from skipdit_jax.models.latte import Latte, LatteConfig, LatteFamily, latte_preset, latte_preset_names
+from skipdit_jax.models.latte_t2v import LatteT2V, LatteT2VConfig, latte_t2v_preset, latte_t2v_preset_names
+from skipdit_jax.models.latte_t2v_family import LatteT2VFamily
 from skipdit_jax.models.layers import get_2d_sincos_pos_embed
 from skipdit_jax.models.skip import SkipFusion
 
@@ -19,6 +21,11 @@ __all__ = [
     "LatteFamily",
     "latte_preset",
     "latte_preset_names",
+    "LatteT2V",
+    "LatteT2VConfig",
+    "LatteT2VFamily",
+    "latte_t2v_preset",
+    "latte_t2v_preset_names",
     "ModelConfig",
     "ModelFamily",
     "SkipFusion",

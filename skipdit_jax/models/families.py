@@ -19,6 +19,7 @@ from skipdit_jax.models.family import ModelFamily
 _FAMILIES: dict[str, str] = {
     "dit": "skipdit_jax.models.dit:DiTFamily",
     "latte": "skipdit_jax.models.latte:LatteFamily",
+    "latte_t2v": "skipdit_jax.models.latte_t2v_family:LatteT2VFamily",
 }
 DEFAULT_FAMILY = "dit"  # model_config.json files written before families were named
 
