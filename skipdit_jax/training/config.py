@@ -6,17 +6,24 @@ Configs are `ml_collections.ConfigDict`s, locked after construction so a mistype
 
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
 from skipdit_jax import paths
 from skipdit_jax.errors import ConfigError
-from skipdit_jax.models.families import config_from_dict, family_of
+from skipdit_jax.models.families import config_from_dict, family_of, get_family
 
 VAE_FACTOR = 8  # SD-VAE downsampling: 256x256 images -> 32x32x4 latents
 # Channels of the pixel sources (others: RGB).
-DATA_CHANNELS = {"mnist": 1, "moving_digits": 1}
-DATA_NAMES = ("mnist", "folder", "latents", "video_folder", "moving_digits")
-VIDEO_DATA = ("video_folder", "moving_digits")
+DATA_CHANNELS = {"mnist": 1, "moving_digits": 1, "text_moving_digits": 1}
+DATA_NAMES = ("mnist", "folder", "latents", "video_folder", "moving_digits", "text_moving_digits")
+VIDEO_DATA = ("video_folder", "moving_digits", "text_moving_digits")
+# Families whose samples are videos, and those conditioned on text (which train on captioned
+# data: text_moving_digits, or latents extracted with --captions).
+VIDEO_FAMILIES = ("latte", "latte_t2v", "latte_t2v_joint")
+TEXT_FAMILIES = ("latte_t2v", "latte_t2v_joint")
+TEXT_DATA = ("text_moving_digits", "latents")
 VIDEO_RESIZE = ("center_crop", "center_crop_resize")
 FRAME_SAMPLING = ("linspace", "stride")
 
@@ -67,6 +74,12 @@ def default_config() -> ml_collections.ConfigDict:
             # "stride": every frame_interval-th frame from the crop's start (the frame-folder
             # datasets Sky / Taichi).
             frame_sampling="linspace",
+            # Text-to-video data: tokens per caption (model.text_len follows it), and for
+            # text_moving_digits feeding a model that takes embeddings, the T5 encoder
+            # (folder or hf:// spec) and its tokenizer folder that encode the captions once.
+            text_len=120,
+            t5="",
+            tokenizer="",
         )
     )
 
@@ -87,6 +100,9 @@ def default_config() -> ml_collections.ConfigDict:
             trainable="all",  # all | skip_only (stage 1 of the two-stage fine-tune)
             init_from="",  # model dir / official checkpoint to start from (fresh skip modules if absent)
             init_num_heads=ml_collections.FieldReference(None, field_type=int),
+            # init_from a training workdir: start from its EMA weights instead of its raw ones
+            # (the t2v script's `pretrained` loads a checkpoint's "ema" when it has one).
+            init_use_ema=False,
             max_seconds=ml_collections.FieldReference(None, field_type=float),  # wall-clock budget
             # jax.profiler trace of `profile_steps` steps (0 = off) into WORKDIR/profile (for
             # TensorBoard's profile plugin), starting after `profile_after` steps of each
@@ -144,11 +160,18 @@ def model_config(config: ml_collections.ConfigDict):
     else:
         input_size, channels = d.image_size, DATA_CHANNELS.get(d.name, 3)
     fields = dict(config.model.to_dict(), input_size=input_size, in_channels=channels, num_classes=d.num_classes)
-    if fields.get("family") == "latte":
+    family = fields.get("family")
+    if family in VIDEO_FAMILIES:
         # A video model: its frame count and joint images come from the data.
         fields["num_frames"] = d.num_frames
         if d.images_per_video:
             fields["joint_images"] = d.images_per_video
+    if family in TEXT_FAMILIES:
+        # A text model: no classes; its caption length comes from the data.
+        del fields["num_classes"]
+        fields["text_len"] = d.text_len
+        known = {f.name for f in dataclasses.fields(get_family(family).config_cls)} | {"family"}
+        fields = {k: v for k, v in fields.items() if k in known or k in config.model}
     return config_from_dict(fields)  # "family" selects the config class
 
 
@@ -198,11 +221,20 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"data.path is required for data.name={dn!r}")
     if dn in ("folder", "video_folder") and not paths.as_path(dd.path).is_dir():  # local or gs://
         raise ConfigError(f"data folder not found: {dd.path}")
-    is_video = type(mc).family == "latte"
+    family = type(mc).family
+    is_video, is_text = family in VIDEO_FAMILIES, family in TEXT_FAMILIES
     if dn in VIDEO_DATA and not is_video:
         raise ConfigError(f"data.name={dn!r} is video data: it needs a video model (model.family='latte')")
+    if is_text and dn not in TEXT_DATA:
+        raise ConfigError(f"model.family={family!r} is text-conditioned: it trains on text_moving_digits or latents with captions, got data.name={dn!r}")
     if is_video and dn not in VIDEO_DATA + ("latents",):
-        raise ConfigError(f"model.family='latte' trains on video_folder, moving_digits or latents data, got data.name={dn!r}")
+        raise ConfigError(f"model.family={family!r} trains on video_folder, moving_digits or latents data, got data.name={dn!r}")
+    if dn == "text_moving_digits" and not is_text:
+        raise ConfigError(f"data.name='text_moving_digits' (captions) needs a text model (model.family latte_t2v or latte_t2v_joint), got {family!r}")
+    if dn == "text_moving_digits" and dd.flip:
+        raise ConfigError("data.flip must be off for text_moving_digits: a mirrored clip would contradict its caption (left/right)")
+    if dd.text_len < 1:
+        raise ConfigError(f"data.text_len must be >= 1, got {dd.text_len}")
     for name in ("num_frames", "frame_interval"):
         if dd[name] < 1:
             raise ConfigError(f"data.{name} must be >= 1, got {dd[name]}")
@@ -210,6 +242,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
         raise ConfigError(f"data.images_per_video must be >= 0, got {dd.images_per_video}")
     if dd.images_per_video and not is_video:
         raise ConfigError("data.images_per_video (joint image-video training) needs a video model (model.family='latte')")
+    if dd.images_per_video and is_text:
+        raise ConfigError(f"data.images_per_video (joint images with their own captions) is not supported for model.family={family!r}; set it to 0")
     if dd.video_resize not in VIDEO_RESIZE:
         raise ConfigError(f"data.video_resize must be one of {', '.join(VIDEO_RESIZE)}, got {dd.video_resize!r}")
     if dd.frame_sampling not in FRAME_SAMPLING:

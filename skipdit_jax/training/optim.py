@@ -39,7 +39,9 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict) -> optax.Schedule:
 
 
 def is_skip_param(path: str) -> bool:
-    return path.startswith("skip_fusions/")
+    """A long-skip fusion parameter: under a top-level "skip_fusions" module, or one nested
+    in a composite model's part (e.g. "model/skip_fusions/..." of latte_t2v_joint)."""
+    return path.startswith("skip_fusions/") or "/skip_fusions/" in path
 
 
 def trainable_mask(params, trainable: str):

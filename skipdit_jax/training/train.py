@@ -56,9 +56,21 @@ class TrainResult:
 
 
 # ---- data -------------------------------------------------------------------------------------
-def make_source(config: ml_collections.ConfigDict, split: str = "train"):
-    """The random-access source `config.data` names (records: see `skipdit_jax.data`)."""
+def make_source(config: ml_collections.ConfigDict, split: str = "train", family=None):
+    """The random-access source `config.data` names (records: see `skipdit_jax.data`).
+    `family` (the model's) picks what text data holds: embeddings for a model whose
+    batch has "text_emb", else word tokens (`skipdit_jax.data.text_video`)."""
     d = config.data
+    wants_embeddings = family is not None and "text_emb" in family.batch_spec(1)
+    if d.name == "text_moving_digits":
+        from skipdit_jax.data.text_video import TextMovingDigitsSource, t5_encode_fn
+
+        encode = t5_encode_fn(d.t5, d.tokenizer, d.text_len) if wants_embeddings else None
+        return TextMovingDigitsSource(split=split, num_frames=d.num_frames, image_size=d.image_size, text_len=d.text_len, encode=encode)
+    if d.name == "latents" and wants_embeddings:
+        from skipdit_jax.data.text_video import TextLatentSource
+
+        return TextLatentSource(d.path)
     if d.name == "mnist":
         return data_lib.mnist_source(image_size=d.image_size, split=split, resize=d.mnist_resize)
     if d.name == "folder":
@@ -92,20 +104,46 @@ def load_init_from(family, config: ml_collections.ConfigDict, param_shardings):
     from skipdit_jax.model_store import load_model
 
     mc = family.config
-    src_cfg, src_params = load_model(src, num_heads=config.train.init_num_heads or mc.num_heads, use_ema=False)
+    src_cfg, src_params = load_model(src, num_heads=config.train.init_num_heads or mc.num_heads, use_ema=config.train.init_use_ema)
     if type(src_cfg).family != type(mc).family:
         raise ConfigError(f"train.init_from is a {type(src_cfg).family} model but the run trains a {type(mc).family} model")
     for name in _INIT_FROM_FIELDS:
         if getattr(src_cfg, name, None) != getattr(mc, name, None):
             raise ConfigError(f"train.init_from has {name}={getattr(src_cfg, name)} but the model has {getattr(mc, name)}")
-    unknown = sorted(set(src_params) - set(param_shardings))
+    unknown = _module_diff(src_params, param_shardings)
     if unknown:
         raise ConfigError(f"train.init_from has modules the model lacks: {', '.join(unknown)}")
     put = lambda a, s: jax.device_put(np.asarray(a), s)  # noqa: E731
-    placed = {k: jax.tree.map(put, v, param_shardings[k]) for k, v in src_params.items()}
-    fresh = sorted(set(param_shardings) - set(src_params))
+    placed = jax.tree.map(put, src_params, _like(param_shardings, src_params))
+    fresh = _module_diff(param_shardings, src_params)
     logging.info("initialised from %s; fresh modules: %s", src, ", ".join(fresh) or "none")
     return placed
+
+
+def _module_diff(tree, other, prefix: str = "") -> list[str]:
+    """The modules ("/"-joined dict paths) of `tree` that `other` lacks, at any nesting
+    (a composite model, e.g. {"text_encoder", "model"}, may lack a nested module)."""
+    out = []
+    for k in sorted(tree):
+        if k not in other:
+            out.append(prefix + k)
+        elif isinstance(tree[k], dict) and isinstance(other[k], dict):
+            out += _module_diff(tree[k], other[k], f"{prefix}{k}/")
+    return out
+
+
+def _like(tree, part):
+    """The sub-tree of `tree` with the dict keys of `part` (a subset, at any nesting)."""
+    if isinstance(part, dict):
+        return {k: _like(tree[k], v) for k, v in part.items()}
+    return tree
+
+
+def _merge(params, loaded):
+    """`params` with every module `loaded` holds replaced by it, at any nesting."""
+    if not isinstance(loaded, dict) or not isinstance(params, dict):
+        return loaded
+    return {**params, **{k: _merge(params[k], v) if k in params else v for k, v in loaded.items()}}
 
 
 def train_state_shardings(abstract_state: TrainState, mesh, min_shard_size: int, param_axes) -> TrainState:
@@ -136,10 +174,10 @@ def sharded_initializer(family, tx, state_shardings: TrainState, loaded=None):
     def init(rng, loaded):
         params = family.init_params(rng)
         if loaded is not None:
-            params = {**params, **loaded}
+            params = _merge(params, loaded)
         return init_train_state(params, tx)
 
-    loaded_shardings = None if loaded is None else {k: state_shardings.params[k] for k in loaded}
+    loaded_shardings = None if loaded is None else _like(state_shardings.params, loaded)
     return jax.jit(init, in_shardings=(None, loaded_shardings), out_shardings=state_shardings)
 
 
@@ -221,7 +259,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
 
     # -- data: each process reads its slice of every global batch --------------------------------
     it = data_lib.make_train_iterator(
-        make_source(config),
+        make_source(config, family=family),
         global_batch_size=t.global_batch_size,
         seed=config.seed,
         process_index=jax.process_index(),
@@ -260,6 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
     step_fn = make_train_step(
         mc, tx, ema_decay=t.ema_decay, ema_warmup=t.ema_warmup, label_dropout=t.label_dropout,
         grad_skip_threshold=t.grad_skip_threshold, min_snr_gamma=t.min_snr_gamma, grad_accum_steps=t.grad_accum_steps,
+        trainable=t.trainable,
     )
     batch_sharding = sharding.batch_sharding(mesh)
     jitted = jax.jit(

@@ -24,7 +24,7 @@ import optax
 
 from skipdit_jax.diffusion import NUM_TRAIN_TIMESTEPS, Diffusion
 from skipdit_jax.models.families import family_of
-from skipdit_jax.training.optim import ema_update, global_norm
+from skipdit_jax.training.optim import ema_update, global_norm, trainable_mask
 
 
 @flax.struct.dataclass
@@ -62,14 +62,22 @@ def make_train_step(
     grad_skip_threshold: float | None = None,
     min_snr_gamma: float | None = None,
     grad_accum_steps: int = 1,
+    trainable: str = "all",
 ):
     """`train_step(state, batch, rng) -> (state, metrics)`, pure; jit it with shardings.
     The batch size must be divisible by `grad_accum_steps` (times the devices, for even
-    sharding of every micro-batch)."""
+    sharding of every micro-batch). With `trainable="skip_only"` the frozen parameters
+    are held constant (no gradient is computed for them), and the gradient norm (metric
+    and update guard) is over the trainable ones only, as the official t2v script's
+    norm over the parameters that have gradients."""
     family = family_of(config)
     diffusion = Diffusion(None, learn_sigma=family.learn_sigma)
 
     def loss_fn(params, x0, t, noise, cond):
+        if trainable != "all":
+            # Frozen parameters are constants: XLA drops their weight gradients.
+            mask = trainable_mask(params, trainable)
+            params = jax.tree.map(lambda p, m: p if m else jax.lax.stop_gradient(p), params, mask)
         terms = diffusion.training_losses(lambda xt, tt: family.apply(params, xt, tt, cond), x0, t, noise)
         loss = terms["loss"]
         if min_snr_gamma is not None:
@@ -114,7 +122,11 @@ def make_train_step(
             (loss, terms), grads = grad_fn(state.params, *inputs)
         else:
             (loss, terms), grads = accumulated_grad(state.params, inputs)
-        grad_norm = global_norm(grads)
+        if trainable == "all":
+            grad_norm = global_norm(grads)
+        else:
+            mask = trainable_mask(grads, trainable)
+            grad_norm = global_norm([g for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)) if m])
         ok = jnp.isfinite(grad_norm) & jnp.isfinite(loss)
         if grad_skip_threshold is not None:
             ok &= grad_norm <= grad_skip_threshold
