@@ -303,9 +303,11 @@ def decode_video_latents_temporal(
     return y.reshape(b, f, *y.shape[2:])
 
 
+@functools.partial(jax.jit, static_argnums=1)
 def encode_video_to_latents(params, config: TemporalVAEConfig, video: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """Video (B, F, H, W, C) in [-1, 1] -> scaled latents (B, F, h, w, latent), frame by frame (the
-    encoder is the image encoder): z * scaling_factor, z the posterior sample with `rng`, else its mean."""
+    encoder is the image encoder): z * scaling_factor, z the posterior sample with `rng`, else its mean.
+    Jitted (one compile per input shape)."""
     model = AutoencoderKLTemporalDecoder(config)
     mean, logvar = model.apply(
         {"params": params}, video.reshape(-1, *video.shape[2:]), method=AutoencoderKLTemporalDecoder.encode
@@ -422,7 +424,12 @@ def load_temporal_vae(
         parts = spec[len("hf://") :].strip("/").split("/")
         if len(parts) < 2 or not all(parts):
             raise ConfigError(f"bad Hub spec {spec!r}: expected hf://org/repo/subfolder, e.g. hf://maxin-cn/Latte-1/{_SUBFOLDER}")
-        path = sd_vae._snapshot("/".join(parts[:2]), "/".join(parts[2:]), revision, cache_dir)
+        try:
+            path = sd_vae._snapshot("/".join(parts[:2]), "/".join(parts[2:]), revision, cache_dir)
+        except CheckpointError as e:
+            if len(parts) > 2 or isinstance(e, RuntimeError):  # RuntimeError: HubUnavailableError
+                raise
+            raise CheckpointError(f"{e} (in a pipeline repo, name the VAE's subfolder: {spec.rstrip('/')}/{_SUBFOLDER})") from None
     else:
         path = paths.as_path(spec)
         if not path.exists():
