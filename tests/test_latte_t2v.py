@@ -71,9 +71,19 @@ def test_vanilla_parity_with_diffusers_through_a_sharded_folder(tmp_path):
         want = ref(_to_torch_video(x), torch.from_numpy(t), torch.from_numpy(text), encoder_attention_mask=bias).sample
         unmasked = ref(_to_torch_video(x), torch.from_numpy(t), torch.from_numpy(text)).sample
     assert float((want - unmasked).abs().max()) > 1e-2  # the mask matters here
-    got = jax.jit(lambda x, t, e, m: LatteT2V(config).apply({"params": params}, x, t, e, m))(x, t, text, mask)
+    family = family_of(config)
+    cond = {"text_emb": text, "text_mask": mask, "null_emb": text, "null_mask": mask}
+
+    def passes(x, t, cond):  # the plain forward, and the unit pieces the cache baselines compose
+        h, c = family.embed(params, x, t, cond)
+        by_units = family.head(params, family.run_units(params, family.run_units(params, h, c, 0, 1), c, 1, 2), c)
+        return LatteT2V(config).apply({"params": params}, x, t, text, mask), by_units, family.probe(params, h, c)
+
+    got, by_units, probe = jax.jit(passes)(x, t, cond)
     assert got.shape == (B, 3, 4, 4, 8) and got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), _from_torch_video(want), atol=5e-5, rtol=1e-4)
+    np.testing.assert_allclose(by_units, got, atol=1e-5)
+    assert probe.shape == family.probe_shape(B) == family.hidden_shape(B) == (B, 3, 4, 32)
 
     # ...and back: a diffusers folder that diffusers loads, key for key and value for value.
     save_latte_t2v_diffusers(config, params, tmp_path / "export")
@@ -235,10 +245,14 @@ def test_presets_and_config_errors():
         28, 1152, 16, 2, 64, 16, 4096
     )
     assert not c.long_skip and latte_t2v_preset("Latte-T2V-skip").long_skip
-    # The model's parameters are exactly the checkpoint's tensors (the converter's list).
+    # The model's parameters are exactly the checkpoint's tensors (the converter's list); the
+    # skip model's 1.094B float32 parameters twice ({"model", "ema"}) are Latte-skip.pt's 8.76 GB.
+    counts = {}
     for name in ("Latte-T2V", "Latte-T2V-skip"):
         cfg = latte_t2v_preset(name)
-        assert family_of(cfg).count_params() == sum(int(np.prod(s)) for s in latte_t2v_expected_shapes(cfg).values())
+        counts[name] = family_of(cfg).count_params()
+        assert counts[name] == sum(int(np.prod(s)) for s in latte_t2v_expected_shapes(cfg).values())
+    assert counts == {"Latte-T2V": 1_057_246_880, "Latte-T2V-skip": 1_094_486_432}
     with pytest.raises(ConfigError, match="depth must be even"):
         _cfg(depth=3)
     with pytest.raises(ConfigError, match="unknown Latte-T2V preset"):
