@@ -131,8 +131,9 @@ def test_converter_round_trip_and_bad_keys(tiny):
     assert "\n" not in msg
     for part in ("missing keys: decoder.time_conv_out.weight", "unexpected keys: decoder.bogus.weight", "mix_factor: got (2,)"):
         assert part in msg
-    plain = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
-                                    up_block_types=("UpDecoderBlock2D",) * 2)
+    plain = diffusers.AutoencoderKL(
+        block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2
+    )
     with pytest.raises(CheckpointError, match="plain AutoencoderKL"):
         temporal_vae_params_from_diffusers(_state(plain), config)
 

@@ -290,9 +290,7 @@ def decode_video_latents_temporal(
     jitted once; the chunks are dispatched without waiting for one another.
     """
     if latents.ndim != 5 or latents.shape[-1] != config.latent_channels:
-        raise UserError(
-            f"video latents must be (B, F, h, w, {config.latent_channels}), got shape {tuple(latents.shape)}"
-        )
+        raise UserError(f"video latents must be (B, F, h, w, {config.latent_channels}), got shape {tuple(latents.shape)}")
     if int(chunk_frames) < 1:
         raise UserError(f"chunk_frames must be >= 1, got {chunk_frames}")
     b, f = latents.shape[:2]
@@ -378,7 +376,9 @@ def temporal_vae_params_from_diffusers(state_dict: dict[str, Any], config: Tempo
         hint = ""
         if "post_quant_conv.weight" in unexpected or any(".resnets.0.conv1." in k for k in unexpected):
             hint = " (these look like plain AutoencoderKL weights: load them with skipdit_jax.encoders.vae.load_vae)"
-        raise CheckpointError(f"weights do not fit the diffusers AutoencoderKLTemporalDecoder of {config}{hint}: " + "; ".join(problems))
+        raise CheckpointError(
+            f"weights do not fit the diffusers AutoencoderKLTemporalDecoder of {config}{hint}: " + "; ".join(problems)
+        )
     return jax.tree.map(jnp.asarray, traverse_util.unflatten_dict(params))
 
 
@@ -429,7 +429,9 @@ def load_temporal_vae(
         except CheckpointError as e:
             if len(parts) > 2 or isinstance(e, RuntimeError):  # RuntimeError: HubUnavailableError
                 raise
-            raise CheckpointError(f"{e} (in a pipeline repo, name the VAE's subfolder: {spec.rstrip('/')}/{_SUBFOLDER})") from None
+            raise CheckpointError(
+                f"{e} (in a pipeline repo, name the VAE's subfolder: {spec.rstrip('/')}/{_SUBFOLDER})"
+            ) from None
     else:
         path = paths.as_path(spec)
         if not path.exists():
