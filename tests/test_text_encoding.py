@@ -24,7 +24,8 @@ from skipdit_jax.encoders.text import (
 )
 from skipdit_jax.errors import UserError
 
-WORDS = "a red blue green cat dog bird runs jumps flies over under the city forest river at night in morning slowly camera pans".split()
+WORDS = "a red blue green cat dog bird runs jumps flies over under the city forest river".split()
+WORDS += "at night in morning slowly camera pans".split()
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,15 @@ def tokenizer_dir(tmp_path_factory):
     folder = root / "tokenizer"
     folder.mkdir()
     spm.SentencePieceTrainer.train(
-        input=str(root / "captions.txt"), model_prefix=str(folder / "spiece"), vocab_size=48, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+        input=str(root / "captions.txt"),
+        model_prefix=str(folder / "spiece"),
+        vocab_size=48,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
     )
     (folder / "spiece.vocab").unlink()
     return root
@@ -51,8 +59,19 @@ def tokenizer_dir(tmp_path_factory):
 def t5_folder(tmp_path_factory):
     """A tiny random T5 v1.1 encoder saved with save_pretrained (vocab 160 > the tokenizer's 148)."""
     torch.manual_seed(1)
-    hf = HFT5Config(vocab_size=160, d_model=32, d_kv=8, d_ff=48, num_layers=2, num_heads=4, relative_attention_num_buckets=8,
-                    relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dropout_rate=0.0, attn_implementation="eager")
+    hf = HFT5Config(
+        vocab_size=160,
+        d_model=32,
+        d_kv=8,
+        d_ff=48,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        attn_implementation="eager",
+    )
     model = T5EncoderModel(hf).eval()
     with torch.no_grad():
         for p in model.parameters():
@@ -80,10 +99,12 @@ def test_tokenizer_and_encode_prompts_match_transformers(tokenizer_dir, t5_folde
     np.testing.assert_array_equal(mask, enc["text_mask"])
     assert ids[3, -1] == 1  # truncated, still EOS-terminated
     with torch.no_grad():
-        ref = model(input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64))).last_hidden_state
+        ref = model(
+            input_ids=torch.from_numpy(ids.astype(np.int64)), attention_mask=torch.from_numpy(mask.astype(np.int64))
+        ).last_hidden_state
     np.testing.assert_allclose(enc["text_emb"], ref.numpy(), atol=3e-5)
-    with pytest.raises(UserError, match="vocabulary has 40"):
-        encode_prompts(["cat"], tok, cfg.replace(vocab_size=40), params)
+    with pytest.raises(UserError, match="has 148 tokens but the T5 encoder.s vocabulary has 100"):
+        encode_prompts(["cat"], tok, cfg.replace(vocab_size=100), params)
 
 
 def test_tokenizer_errors(tmp_path):
@@ -100,12 +121,12 @@ def test_embedding_file(tmp_path, suffix):
     rng = np.random.default_rng(0)
     emb = rng.normal(size=(4, 6, 8)).astype(np.float32)
     mask = np.array([[1] * k + [0] * (6 - k) for k in (3, 1, 6, 2)], np.int32)
-    prompts = ["a cat", "", "über den Fluss \"quoted\"", "a cat"]  # a repeat: stored once (the first)
+    prompts = ["a cat", "", 'über den Fluss "quoted"', "a cat"]  # a repeat: stored once (the first)
     path = tmp_path / f"emb{suffix}"
     save_text_embeddings(path, prompts, emb, mask, metadata={"max_length": 6})
     cache = load_text_embeddings(path)
     assert cache.prompts == prompts[:3] and cache.metadata == {"max_length": 6} and "" in cache and "dog" not in cache
-    got = cache.lookup(["über den Fluss \"quoted\"", "a cat"])
+    got = cache.lookup(['über den Fluss "quoted"', "a cat"])
     np.testing.assert_array_equal(got["text_emb"], emb[[2, 0]])
     np.testing.assert_array_equal(got["text_mask"], mask[[2, 0]])
     cond = text_condition(cache, ["a cat", "a cat"])
@@ -124,8 +145,15 @@ def test_encode_text_command(tokenizer_dir, t5_folder, tmp_path, capsys):
     folder, model = t5_folder
     (tmp_path / "prompts.txt").write_text("a red cat runs\n\nthe dog flies at night\n")
     out = tmp_path / "emb.safetensors"
-    argv = ["skipdit", "encode-text", f"--t5={folder.parent}", f"--tokenizer={tokenizer_dir / 'tokenizer'}",
-            f"--prompts={tmp_path / 'prompts.txt'}", f"--out={out}", "--max-length=16"]
+    argv = [
+        "skipdit",
+        "encode-text",
+        f"--t5={folder.parent}",
+        f"--tokenizer={tokenizer_dir / 'tokenizer'}",
+        f"--prompts={tmp_path / 'prompts.txt'}",
+        f"--out={out}",
+        "--max-length=16",
+    ]
     assert cli.main(argv) == 0
     assert "encoded 3 prompt(s)" in capsys.readouterr().out
     cache = load_text_embeddings(out)
@@ -141,9 +169,15 @@ def test_encode_text_command(tokenizer_dir, t5_folder, tmp_path, capsys):
     for bad, message in [
         (argv[:4] + [f"--out={out}"], "give prompts with --prompt TEXT"),
         (argv, "already exists"),
-        (argv[:3] + [f"--tokenizer={tmp_path}", f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'x.npz'}"], "no T5 tokenizer"),
+        (
+            argv[:3] + [f"--tokenizer={tmp_path}", f"--prompts={tmp_path / 'prompts.txt'}", f"--out={tmp_path / 'x.npz'}"],
+            "no T5 tokenizer",
+        ),
         (argv[:4] + ["--prompt=x", f"--out={tmp_path / 'x.txt'}"], "must end in .safetensors or .npz"),
-        (argv[:2] + [f"--t5={tmp_path / 'nowhere'}"] + argv[3:4] + ["--prompt=x", f"--out={tmp_path / 'y.npz'}"], "does not exist"),
+        (
+            argv[:2] + [f"--t5={tmp_path / 'nowhere'}"] + argv[3:4] + ["--prompt=x", f"--out={tmp_path / 'y.npz'}"],
+            "does not exist",
+        ),
     ]:
         with pytest.raises(SystemExit) as e:
             cli.main(bad)

@@ -30,9 +30,17 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("out", None, "output file (.safetensors or .npz)", flag_values=fv)
     flags.DEFINE_integer("max_length", 120, "tokens per prompt (Latte: 120)", flag_values=fv)
     flags.DEFINE_integer("batch_size", 8, "prompts per encoder call", flag_values=fv)
-    flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "dtype of the encoder's weights and matmuls (bfloat16: "
-                      "XXL in 9.5 GB instead of 19; the norms, residuals and softmax stay float32)", flag_values=fv)
-    flags.DEFINE_enum("preprocess", "lower", ["lower", "none"], "lower-case and strip prompts (as Latte) or keep them", flag_values=fv)
+    flags.DEFINE_enum(
+        "dtype",
+        "float32",
+        ["float32", "bfloat16"],
+        "dtype of the encoder's weights and matmuls (bfloat16: "
+        "XXL in 9.5 GB instead of 19; the norms, residuals and softmax stay float32)",
+        flag_values=fv,
+    )
+    flags.DEFINE_enum(
+        "preprocess", "lower", ["lower", "none"], "lower-case and strip prompts (as Latte) or keep them", flag_values=fv
+    )
     flags.DEFINE_bool("overwrite", False, "replace OUT if it exists", flag_values=fv)
     flags.DEFINE_bool("append", False, "keep OUT's prompts and add the new ones", flag_values=fv)
 

@@ -15,7 +15,8 @@ Parameters are a plain pytree with the layers stacked on a leading axis (run by 
   blocks/wo (layers, d_ff, d_model).
 `dtype` is the compute dtype of the matmuls (the residual stream, norms and softmax stay in
 float32); `param_dtype` is the storage dtype (bfloat16 halves XXL's 4.7B parameters to 9.5 GB).
-The PyTorch (Hugging Face) layout lives in `skipdit_jax.encoders.t5_convert`.
+The Hugging Face PyTorch layout and loading live in `skipdit_jax.encoders.t5_io` (re-exported here:
+`t5_from_torch`, `t5_to_torch`, `load_t5`).
 """
 
 from __future__ import annotations
@@ -57,7 +58,10 @@ class T5Config:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"T5 {name} must be a positive integer, got {value!r}")
-        if self.relative_attention_num_buckets < 4 or self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4:
+        if (
+            self.relative_attention_num_buckets < 4
+            or self.relative_attention_max_distance <= self.relative_attention_num_buckets // 4
+        ):
             raise ConfigError(
                 f"T5 relative_attention_num_buckets={self.relative_attention_num_buckets} / max_distance="
                 f"{self.relative_attention_max_distance}: need at least 4 buckets and max_distance > buckets/4"
@@ -200,20 +204,32 @@ class T5Encoder(nn.Module):
         # T5's own initialisation (transformers' _init_weights with factor 1): the attention
         # scale lives in q's std, which is why the scores are not scaled.
         shared = self.param("shared", _stacked_normal(1.0), (cfg.vocab_size, d), pdt)
-        table = self.param("relative_attention_bias", _stacked_normal(d**-0.5), (cfg.relative_attention_num_buckets, cfg.num_heads), pdt)
+        table = self.param(
+            "relative_attention_bias", _stacked_normal(d**-0.5), (cfg.relative_attention_num_buckets, cfg.num_heads), pdt
+        )
         ones = lambda key, shape, dtype: jnp.ones(shape, dtype)  # noqa: E731
-        stds = {"q": (d * cfg.d_kv) ** -0.5, "k": d**-0.5, "v": d**-0.5, "o": inner**-0.5, "wi_0": d**-0.5, "wi_1": d**-0.5, "wo": ff**-0.5}
+        stds = {
+            "q": (d * cfg.d_kv) ** -0.5,
+            "k": d**-0.5,
+            "v": d**-0.5,
+            "o": inner**-0.5,
+            "wi_0": d**-0.5,
+            "wi_1": d**-0.5,
+            "wo": ff**-0.5,
+        }
 
         def init_blocks(key):
             shapes = block_shapes(cfg)
             out = {name: jnp.ones(shapes[name], pdt) for name in ("attn_norm", "ff_norm")}
-            for k, name in zip(jax.random.split(key, len(stds)), stds):
+            for k, name in zip(jax.random.split(key, len(stds)), stds, strict=True):
                 out[name] = _stacked_normal(stds[name])(k, shapes[name], pdt)
             return out
 
         blocks = self.param("blocks", init_blocks)
         final_norm = self.param("final_norm", ones, (d,), pdt)
-        return encode(cfg, {"shared": shared, "relative_attention_bias": table, "blocks": blocks, "final_norm": final_norm}, ids, mask)
+        return encode(
+            cfg, {"shared": shared, "relative_attention_bias": table, "blocks": blocks, "final_norm": final_norm}, ids, mask
+        )
 
 
 def encode(cfg: T5Config, params: dict, ids: jax.Array, mask: jax.Array | None = None) -> jax.Array:

@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -63,7 +64,9 @@ def _infer_config(state: dict[str, Any], overrides: dict) -> T5Config:
     if embed is None:
         raise CheckpointError("not a T5 checkpoint: no shared.weight or encoder.embed_tokens.weight")
     if any(k.endswith("DenseReluDense.wi.weight") for k in state):
-        raise CheckpointError("an original-T5 checkpoint (ReLU feed-forward 'DenseReluDense.wi'): only T5 v1.1 (gated-GELU wi_0/wi_1) is supported")
+        raise CheckpointError(
+            "an original-T5 checkpoint (ReLU feed-forward 'DenseReluDense.wi'): only T5 v1.1 (gated-GELU wi_0/wi_1) is supported"
+        )
     for key in (_BIAS, _ATTN.format(i=0, name="q"), _FF.format(i=0, name="wi_0")):
         if key not in state:
             raise CheckpointError(f"not a T5 v1.1 encoder checkpoint: {key} is missing")
@@ -73,7 +76,9 @@ def _infer_config(state: dict[str, Any], overrides: dict) -> T5Config:
     buckets, heads = state[_BIAS].shape
     inner = state[_ATTN.format(i=0, name="q")].shape[0]
     if inner % heads:
-        raise CheckpointError(f"T5 checkpoint: q has {inner} outputs, not a multiple of the {heads} heads of relative_attention_bias")
+        raise CheckpointError(
+            f"T5 checkpoint: q has {inner} outputs, not a multiple of the {heads} heads of relative_attention_bias"
+        )
     inferred = dict(
         vocab_size=int(embed.shape[0]),
         d_model=int(embed.shape[1]),
@@ -110,7 +115,9 @@ def _convert(state: dict[str, Any], cfg: T5Config, put: Callable[[tuple[str, ...
     return params
 
 
-def t5_from_torch(state_dict: dict[str, Any], *, param_dtype: str = "float32", mesh=None, **config_fields) -> tuple[T5Config, dict]:
+def t5_from_torch(
+    state_dict: dict[str, Any], *, param_dtype: str = "float32", mesh=None, **config_fields
+) -> tuple[T5Config, dict]:
     """A transformers T5 v1.1 state dict (numpy or torch tensors) -> (T5Config, params).
 
     Sizes come from the shapes; `config_fields` (e.g. from config.json: layer_norm_epsilon,
@@ -118,7 +125,11 @@ def t5_from_torch(state_dict: dict[str, Any], *, param_dtype: str = "float32", m
     Decoder and lm_head keys are ignored; any other missing, unexpected or misshapen key is
     one CheckpointError. With `mesh`, each parameter is placed straight onto its sharding.
     """
-    state = {k: (v.detach().cpu().float().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items() if not _IGNORED.match(k)}
+    state = {
+        k: (v.detach().cpu().float().numpy() if hasattr(v, "detach") else v)
+        for k, v in state_dict.items()
+        if not _IGNORED.match(k)
+    }
     cfg = _infer_config(state, {**config_fields, "param_dtype": param_dtype})
     got = {k: tuple(v.shape) for k, v in state.items() if k != "encoder.embed_tokens.weight" or "shared.weight" not in state}
     if "shared.weight" not in got:
@@ -187,7 +198,9 @@ def read_safetensors_lazily(path: paths.PathLike) -> dict[str, np.ndarray]:
             out[name] = raw.view(dtypes[info["dtype"]]).reshape(info["shape"])
         return out
     except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
-        raise CheckpointError(f"{path} is not a readable safetensors file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
 
 
 def _read_weights(files: list[epath.Path]) -> dict[str, Any]:
@@ -212,7 +225,9 @@ def _weight_files(folder: epath.Path) -> list[epath.Path]:
     for name in ("model.safetensors", "pytorch_model.bin"):
         if (folder / name).exists():
             return [folder / name]
-    raise CheckpointError(f"no T5 weights in {folder}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin")
+    raise CheckpointError(
+        f"no T5 weights in {folder}: expected model.safetensors, model.safetensors.index.json or pytorch_model.bin"
+    )
 
 
 def _read_hf_config(path: epath.Path) -> dict:
@@ -223,7 +238,19 @@ def _read_hf_config(path: epath.Path) -> dict:
     if not isinstance(config, dict):
         raise ConfigError(f"{path} does not hold a JSON object")
     fields = T5Config.from_hf_config(config)  # validates feed_forward_proj and the values
-    return {k: getattr(fields, k) for k in ("relative_attention_max_distance", "layer_norm_epsilon", "vocab_size", "d_model", "d_kv", "d_ff", "num_layers", "num_heads")}
+    return {
+        k: getattr(fields, k)
+        for k in (
+            "relative_attention_max_distance",
+            "layer_norm_epsilon",
+            "vocab_size",
+            "d_model",
+            "d_kv",
+            "d_ff",
+            "num_layers",
+            "num_heads",
+        )
+    }
 
 
 def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str | None) -> epath.Path:
@@ -237,7 +264,10 @@ def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str
         for patterns in (["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], ["pytorch_model*.bin*"]):
             folder = paths.as_path(
                 snapshot_download(
-                    repo_id, revision=revision, cache_dir=cache_dir, allow_patterns=[f"{prefix}config.json"] + [prefix + p for p in patterns]
+                    repo_id,
+                    revision=revision,
+                    cache_dir=cache_dir,
+                    allow_patterns=[f"{prefix}config.json"] + [prefix + p for p in patterns],
                 )
             )
             folder = folder / subfolder if subfolder else folder

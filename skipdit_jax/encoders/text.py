@@ -24,7 +24,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 from absl import logging
@@ -58,7 +59,9 @@ def load_tokenizer(folder: paths.PathLike):
         try:
             return cls.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError, ImportError, TypeError) as e:
-            raise UserError(f"cannot load the T5 tokenizer in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            raise UserError(
+                f"cannot load the T5 tokenizer in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+            ) from None
 
 
 class _as_local_dir:
@@ -92,19 +95,25 @@ def preprocess_prompt(prompt: str, mode: str = "lower") -> str:
     raise UserError(f"unknown prompt preprocessing {mode!r}: use 'lower' (as Latte's pipeline) or 'none'")
 
 
-def tokenize(prompts: Sequence[str], tokenizer, max_length: int = MAX_LENGTH, preprocess: str = "lower") -> tuple[np.ndarray, np.ndarray]:
+def tokenize(
+    prompts: Sequence[str], tokenizer, max_length: int = MAX_LENGTH, preprocess: str = "lower"
+) -> tuple[np.ndarray, np.ndarray]:
     """(ids, mask), both (N, max_length) int32: EOS-terminated, padded, truncated to
     max_length with a warning naming each prompt that lost tokens and how many."""
     if max_length < 1:
         raise UserError(f"max_length must be positive, got {max_length}")
     texts = [preprocess_prompt(p, preprocess) for p in prompts]
-    enc = tokenizer(texts, padding="max_length", max_length=max_length, truncation=True, return_attention_mask=True, add_special_tokens=True)
+    enc = tokenizer(
+        texts, padding="max_length", max_length=max_length, truncation=True, return_attention_mask=True, add_special_tokens=True
+    )
     full = tokenizer(texts, add_special_tokens=True)["input_ids"]
-    for prompt, ids in zip(prompts, full):
+    for prompt, ids in zip(prompts, full, strict=True):
         if len(ids) > max_length:
             cut = len(ids) - max_length
             removed = tokenizer.decode(ids[max_length - 1 : -1])
-            logging.warning(f"prompt {prompt!r} is {len(ids)} tokens, longer than {max_length}: its last {cut} tokens were cut ({removed!r})")
+            logging.warning(
+                f"prompt {prompt!r} is {len(ids)} tokens, longer than {max_length}: its last {cut} tokens were cut ({removed!r})"
+            )
     return np.asarray(enc["input_ids"], np.int32), np.asarray(enc["attention_mask"], np.int32)
 
 
@@ -130,14 +139,19 @@ def encode_prompts(
     if not prompts:
         raise UserError("no prompts to encode")
     if len(tokenizer) > t5_config.vocab_size:
-        raise UserError(f"the tokenizer has {len(tokenizer)} tokens but the T5 encoder's vocabulary has {t5_config.vocab_size}: mismatched tokenizer")
+        raise UserError(
+            f"the tokenizer has {len(tokenizer)} tokens but the T5 encoder's vocabulary has {t5_config.vocab_size}: "
+            "mismatched tokenizer"
+        )
     ids, mask = tokenize(prompts, tokenizer, max_length, preprocess)
     n, bs = len(prompts), max(1, min(batch_size, len(prompts)))
     apply = jax.jit(lambda p, i, m: T5Encoder(t5_config).apply({"params": p}, i, m))
     pad = (-n) % bs
     ids_p = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)]) if pad else ids
     mask_p = np.concatenate([mask, np.repeat(mask[-1:], pad, 0)]) if pad else mask
-    out = [np.asarray(apply(params, jnp.asarray(ids_p[i : i + bs]), jnp.asarray(mask_p[i : i + bs]))) for i in range(0, n + pad, bs)]
+    out = [
+        np.asarray(apply(params, jnp.asarray(ids_p[i : i + bs]), jnp.asarray(mask_p[i : i + bs]))) for i in range(0, n + pad, bs)
+    ]
     return {"text_emb": np.concatenate(out)[:n].astype(np.float32), "text_mask": mask}
 
 
@@ -163,7 +177,9 @@ class TextEmbeddings:
         index = self._index
         missing = [p for p in prompts if p not in index]
         if missing:
-            raise UserError(f"prompt {missing[0]!r} is not in the embedding file ({len(missing)} missing): run skipdit encode-text for it")
+            raise UserError(
+                f"prompt {missing[0]!r} is not in the embedding file ({len(missing)} missing): run skipdit encode-text for it"
+            )
         rows = [index[p] for p in prompts]
         return {"text_emb": self.text_emb[rows], "text_mask": self.text_mask[rows]}
 
@@ -216,15 +232,21 @@ def load_text_embeddings(path: paths.PathLike) -> TextEmbeddings:
         emb, mask = arrays["text_emb"], arrays["text_mask"]
         info = json.loads(meta.get("info", "{}"))
     except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path} is not a text embedding file: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise UserError(
+            f"{path} is not a text embedding file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
+        ) from None
     except Exception as e:  # safetensors' own error type
-        raise UserError(f"{path} is not a text embedding file: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        raise UserError(
+            f"{path} is not a text embedding file: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        ) from None
     if emb.ndim != 3 or mask.shape != emb.shape[:2] or len(prompts) != emb.shape[0]:
         raise UserError(f"{path}: text_emb {emb.shape}, text_mask {mask.shape} and {len(prompts)} prompts do not match")
     return TextEmbeddings(list(prompts), emb.astype(np.float32), mask.astype(np.int32), info)
 
 
-def text_condition(cache: TextEmbeddings, prompts: Sequence[str], negative_prompt: str = "", null_mask: str = "official") -> dict[str, np.ndarray]:
+def text_condition(
+    cache: TextEmbeddings, prompts: Sequence[str], negative_prompt: str = "", null_mask: str = "official"
+) -> dict[str, np.ndarray]:
     """The text-to-video condition {"text_emb", "text_mask", "null_emb", "null_mask"} for
     `prompts`, the unconditional row being `negative_prompt`'s embedding. null_mask="official"
     reproduces LattePipeline's mask_feature slicing (null_mask = each prompt's text_mask, see
