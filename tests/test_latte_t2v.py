@@ -53,9 +53,21 @@ def test_vanilla_parity_with_diffusers_through_a_sharded_folder(tmp_path):
 
     torch.manual_seed(0)
     ref = LatteTransformer3DModel(
-        num_attention_heads=2, attention_head_dim=16, in_channels=4, out_channels=8, num_layers=2, cross_attention_dim=32,
-        attention_bias=True, sample_size=4, patch_size=2, activation_fn="gelu-approximate", norm_type="ada_norm_single",
-        norm_elementwise_affine=False, norm_eps=1e-6, caption_channels=16, video_length=3,
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=32,
+        attention_bias=True,
+        sample_size=4,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=16,
+        video_length=3,
     )
     randomize_(ref, seed=1, scale=0.15).eval()
     ref.save_pretrained(tmp_path / "transformer", max_shard_size="40KB", safe_serialization=True)
@@ -223,11 +235,18 @@ def test_family_condition_pieces_and_example():
     assert ex["text_mask"].tolist() == [[1] + [0] * 119] * 3
     spec = family.batch_spec(4)
     assert {k: v.shape for k, v in spec.items()} == {
-        "image": (4, 3, 4, 4, 4), "text_emb": (4, 120, 16), "text_mask": (4, 120), "null_emb": (4, 120, 16), "null_mask": (4, 120),
+        "image": (4, 3, 4, 4, 4),
+        "text_emb": (4, 120, 16),
+        "text_mask": (4, 120),
+        "null_emb": (4, 120, 16),
+        "null_mask": (4, 120),
     }
     batch = {k: np.zeros(v.shape, v.dtype) for k, v in spec.items()}
     assert {k: v.dtype for k, v in family.condition_from_batch(batch).items()} == {
-        "text_emb": jnp.float32, "text_mask": jnp.int32, "null_emb": jnp.float32, "null_mask": jnp.int32
+        "text_emb": jnp.float32,
+        "text_mask": jnp.int32,
+        "null_emb": jnp.float32,
+        "null_mask": jnp.int32,
     }
     # Every rule names one axis per dimension, and every weight matrix of the preset has a rule.
     from skipdit_jax.sharding import _path_str, logical_axes
@@ -242,7 +261,13 @@ def test_family_condition_pieces_and_example():
 def test_presets_and_config_errors():
     c = latte_t2v_preset("Latte-T2V")
     assert (c.depth, c.hidden_size, c.num_heads, c.patch_size, c.input_size, c.num_frames, c.caption_channels) == (
-        28, 1152, 16, 2, 64, 16, 4096
+        28,
+        1152,
+        16,
+        2,
+        64,
+        16,
+        4096,
     )
     assert not c.long_skip and latte_t2v_preset("Latte-T2V-skip").long_skip
     # The model's parameters are exactly the checkpoint's tensors (the converter's list); the
@@ -263,11 +288,17 @@ def test_bad_conditions_and_inputs_give_one_clear_user_error():
     family = family_of(_cfg())
     cond = _condition()
     cases = [
-        ({**cond, "text_emb": jnp.zeros((B, L, 8))}, "width D=8 .text_emb. does not match the model's caption projection .caption_channels 16."),
+        (
+            {**cond, "text_emb": jnp.zeros((B, L, 8))},
+            "width D=8 .text_emb. does not match the model's caption projection .caption_channels 16.",
+        ),
         ({k: v for k, v in cond.items() if k != "null_mask"}, "lacks null_mask"),
         (cond["text_emb"], "condition dict with keys text_emb, text_mask, null_emb, null_mask"),
         ({**cond, "text_mask": cond["text_mask"][:, :3]}, "text_mask must have shape .2, 5."),
-        ({**cond, "null_emb": jnp.zeros((B, 7, 16)), "null_mask": jnp.zeros((B, 7), jnp.int32)}, "null_emb must have the shape of text_emb"),
+        (
+            {**cond, "null_emb": jnp.zeros((B, 7, 16)), "null_mask": jnp.zeros((B, 7), jnp.int32)},
+            "null_emb must have the shape of text_emb",
+        ),
         ({**cond, "text_emb": jnp.zeros((3, L, 16))}, "to match the noise batch"),
     ]
     for bad, needle in cases:
@@ -323,7 +354,9 @@ def test_skipdit_convert_takes_a_diffusers_folder(tmp_path):
     from skipdit_jax import model_store
     from skipdit_jax.commands import convert as convert_cmd
 
-    config, params = latte_t2v_from_torch(numpy_state_dict(_reference(long_skip=False, layers=2)), num_heads=2, input_size=4, num_frames=3)
+    config, params = latte_t2v_from_torch(
+        numpy_state_dict(_reference(long_skip=False, layers=2)), num_heads=2, input_size=4, num_frames=3
+    )
     save_latte_t2v_diffusers(config, params, tmp_path / "Latte" / "transformer")
     fv = flags.FlagValues()
     convert_cmd.define_flags(fv)

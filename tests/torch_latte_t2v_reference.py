@@ -50,19 +50,45 @@ class TorchLatteT2V(nn.Module):
     """`forward(x (B, C, F, H, W), t (B,), text (B, L, caption), mask (B, L) or None)
     -> (B, out, F, H, W)`."""
 
-    def __init__(self, num_heads, head_dim, in_channels, num_layers, sample_size, patch_size, caption_channels,
-                 video_length, learn_sigma=True, long_skip=True, norm_eps=1e-6):
+    def __init__(
+        self,
+        num_heads,
+        head_dim,
+        in_channels,
+        num_layers,
+        sample_size,
+        patch_size,
+        caption_channels,
+        video_length,
+        learn_sigma=True,
+        long_skip=True,
+        norm_eps=1e-6,
+    ):
         super().__init__()
         d = num_heads * head_dim
         self.patch_size, self.long_skip, self.num_layers = patch_size, long_skip, num_layers
         self.out_channels = 2 * in_channels if learn_sigma else in_channels
-        self.pos_embed = PatchEmbed(height=sample_size, width=sample_size, patch_size=patch_size, in_channels=in_channels,
-                                    embed_dim=d, interpolation_scale=max(sample_size // 64, 1))
+        self.pos_embed = PatchEmbed(
+            height=sample_size,
+            width=sample_size,
+            patch_size=patch_size,
+            in_channels=in_channels,
+            embed_dim=d,
+            interpolation_scale=max(sample_size // 64, 1),
+        )
 
         def block(cross):
-            return BasicTransformerBlock(d, num_heads, head_dim, cross_attention_dim=d if cross else None,
-                                         activation_fn="gelu-approximate", attention_bias=True, norm_type="ada_norm_single",
-                                         norm_elementwise_affine=False, norm_eps=norm_eps)
+            return BasicTransformerBlock(
+                d,
+                num_heads,
+                head_dim,
+                cross_attention_dim=d if cross else None,
+                activation_fn="gelu-approximate",
+                attention_bias=True,
+                norm_type="ada_norm_single",
+                norm_elementwise_affine=False,
+                norm_eps=norm_eps,
+            )
 
         self.transformer_blocks = nn.ModuleList([block(True) for _ in range(num_layers)])
         self.temporal_transformer_blocks = nn.ModuleList([block(False) for _ in range(num_layers)])

@@ -40,8 +40,16 @@ DEFAULT_HEAD_DIM = 72  # Latte-0: 16 heads x 72 = 1152
 _POS_TABLE, _TEMP_TABLE = "pos_embed.pos_embed", "temp_pos_embed"
 _IGNORED = ("caption_projection.y_embedding",)  # the old CaptionProjection's unused null caption
 _MODULE_PREFIXES = (
-    "pos_embed.", "adaln_single.", "caption_projection.", "transformer_blocks.", "temporal_transformer_blocks.",
-    "skip_norms.", "skip_linears.", "proj_out.", "scale_shift_table", "norm_out.",
+    "pos_embed.",
+    "adaln_single.",
+    "caption_projection.",
+    "transformer_blocks.",
+    "temporal_transformer_blocks.",
+    "skip_norms.",
+    "skip_linears.",
+    "proj_out.",
+    "scale_shift_table",
+    "norm_out.",
 )
 _TOP = {  # torch Linear -> our path
     "pos_embed.proj": None,  # the conv, handled apart
@@ -73,13 +81,22 @@ def infer_latte_t2v_config(
 ) -> LatteT2VConfig:
     """Architecture from key names and shapes; what the weights do not hold (heads, latent
     size, frames, norm epsilon) from the arguments, a preset, stored tables, or Latte-0."""
-    for key in ("pos_embed.proj.weight", "caption_projection.linear_1.weight", "temporal_transformer_blocks.0.attn1.to_q.weight",
-                "transformer_blocks.0.ff.net.0.proj.weight", "proj_out.weight"):
+    for key in (
+        "pos_embed.proj.weight",
+        "caption_projection.linear_1.weight",
+        "temporal_transformer_blocks.0.attn1.to_q.weight",
+        "transformer_blocks.0.ff.net.0.proj.weight",
+        "proj_out.weight",
+    ):
         if key not in state:
             other = _not_this_family(state)
-            raise CheckpointError(f"not a Latte-T2V checkpoint: {other}" if other else f"not a Latte-T2V checkpoint: missing key {key!r}")
+            raise CheckpointError(
+                f"not a Latte-T2V checkpoint: {other}" if other else f"not a Latte-T2V checkpoint: missing key {key!r}"
+            )
     if "adaln_single.emb.resolution_embedder.linear_1.weight" in state:
-        raise CheckpointError("this Latte-T2V checkpoint has resolution/aspect-ratio conditions (sample_size 128), which are not supported")
+        raise CheckpointError(
+            "this Latte-T2V checkpoint has resolution/aspect-ratio conditions (sample_size 128), which are not supported"
+        )
     d, in_ch, p, _ = state["pos_embed.proj.weight"].shape
     depth = _count(state, "transformer_blocks.", ".attn1.to_q.weight")
     temporal = _count(state, "temporal_transformer_blocks.", ".attn1.to_q.weight")
@@ -92,7 +109,9 @@ def infer_latte_t2v_config(
     if ref is not None:
         for name, got in (("depth", depth), ("hidden_size", d), ("patch_size", p)):
             if getattr(ref, name) != got:
-                raise CheckpointError(f"checkpoint does not match preset {preset}: {name} is {got} in the file, {getattr(ref, name)} in the preset")
+                raise CheckpointError(
+                    f"checkpoint does not match preset {preset}: {name} is {got} in the file, {getattr(ref, name)} in the preset"
+                )
     if num_heads is None:
         num_heads = ref.num_heads if ref is not None else (d // DEFAULT_HEAD_DIM if d % DEFAULT_HEAD_DIM == 0 else None)
         if num_heads is None:
@@ -141,8 +160,10 @@ def latte_t2v_expected_shapes(config: LatteT2VConfig) -> dict[str, tuple[int, ..
     attn = {f"attn1.{n}": (d, d) for n in ("to_q", "to_k", "to_v", "to_out.0")}
     ff = {"ff.net.0.proj": (h, d), "ff.net.2": (d, h)}
     for i in range(config.depth):
-        for kind, extra in (("transformer_blocks", {f"attn2.{n}": (d, d) for n in ("to_q", "to_k", "to_v", "to_out.0")}),
-                            ("temporal_transformer_blocks", {})):
+        for kind, extra in (
+            ("transformer_blocks", {f"attn2.{n}": (d, d) for n in ("to_q", "to_k", "to_v", "to_out.0")}),
+            ("temporal_transformer_blocks", {}),
+        ):
             for name, shape in {**attn, **extra, **ff}.items():
                 linears[f"{kind}.{i}.{name}"] = shape
     if config.long_skip:
@@ -178,15 +199,20 @@ def validate_latte_t2v_state_dict(state: dict[str, np.ndarray], config: LatteT2V
         if key in state:
             got = state[key]
             if tuple(got.shape) != ref.shape:
-                raise CheckpointError(f"{key} has shape {tuple(got.shape)}, expected {ref.shape} for the inferred {config.input_size}x"
-                                      f"{config.input_size} latents and {config.num_frames} frames")
+                raise CheckpointError(
+                    f"{key} has shape {tuple(got.shape)}, expected {ref.shape} for the inferred {config.input_size}x"
+                    f"{config.input_size} latents and {config.num_frames} frames"
+                )
             err = float(np.abs(got - ref).max())
             if err > 1e-4:
                 raise CheckpointError(f"{key} is not the standard sin-cos table (max deviation {err:.3g})")
     extra = [k for k in state if k not in want and k not in tables and k not in _IGNORED]
     ignored = [k for k in extra if not strict and not k.startswith(_MODULE_PREFIXES)]
-    check_keys_and_shapes({k: v for k, v in state.items() if k not in ignored and k not in tables and k not in _IGNORED},
-                          want, "Latte-T2V checkpoint")
+    check_keys_and_shapes(
+        {k: v for k, v in state.items() if k not in ignored and k not in tables and k not in _IGNORED},
+        want,
+        "Latte-T2V checkpoint",
+    )
     return ignored
 
 
@@ -201,7 +227,10 @@ def _cat_dense(state, names):
 def _block(state, prefix: str, cross: bool) -> dict:
     tree = {
         "scale_shift_table": state[f"{prefix}.scale_shift_table"],
-        "attn": {"qkv": _cat_dense(state, [f"{prefix}.attn1.to_{n}" for n in "qkv"]), "proj": _dense(state, f"{prefix}.attn1.to_out.0")},
+        "attn": {
+            "qkv": _cat_dense(state, [f"{prefix}.attn1.to_{n}" for n in "qkv"]),
+            "proj": _dense(state, f"{prefix}.attn1.to_out.0"),
+        },
         "mlp": {"fc1": _dense(state, f"{prefix}.ff.net.0.proj"), "fc2": _dense(state, f"{prefix}.ff.net.2")},
     }
     if cross:
@@ -214,7 +243,10 @@ def _block(state, prefix: str, cross: bool) -> dict:
 
 
 def _pair(state, i):
-    return {"spatial": _block(state, f"transformer_blocks.{i}", True), "temporal": _block(state, f"temporal_transformer_blocks.{i}", False)}
+    return {
+        "spatial": _block(state, f"transformer_blocks.{i}", True),
+        "temporal": _block(state, f"temporal_transformer_blocks.{i}", False),
+    }
 
 
 def latte_t2v_from_torch(
@@ -275,8 +307,11 @@ def latte_t2v_to_torch(config: LatteT2VConfig, params, tables: bool = True) -> d
 
     p = jax.tree.map(lambda a: np.asarray(a, np.float32), params)
     d = config.hidden_size
-    out = {"pos_embed.proj.weight": p["x_embedder"]["kernel"].transpose(3, 2, 0, 1), "pos_embed.proj.bias": p["x_embedder"]["bias"],
-           "scale_shift_table": p["final_layer"]["scale_shift_table"]}
+    out = {
+        "pos_embed.proj.weight": p["x_embedder"]["kernel"].transpose(3, 2, 0, 1),
+        "pos_embed.proj.bias": p["x_embedder"]["bias"],
+        "scale_shift_table": p["final_layer"]["scale_shift_table"],
+    }
 
     def put(name, dense):
         out[f"{name}.weight"] = dense["kernel"].T
@@ -284,7 +319,7 @@ def latte_t2v_to_torch(config: LatteT2VConfig, params, tables: bool = True) -> d
 
     def put_split(names, dense):
         for j, name in enumerate(names):
-            put(name, {"kernel": dense["kernel"][:, j * d:(j + 1) * d], "bias": dense["bias"][j * d:(j + 1) * d]})
+            put(name, {"kernel": dense["kernel"][:, j * d : (j + 1) * d], "bias": dense["bias"][j * d : (j + 1) * d]})
 
     for torch_name, path in _TOP.items():
         if path is not None:
@@ -342,11 +377,19 @@ def diffusers_config(config: LatteT2VConfig) -> dict:
 
 def _hints_from_diffusers_config(cfg: dict, where: str) -> dict:
     """What config.json adds to the weights (heads, size, frames, eps); unsupported settings fail."""
-    for key, want in (("norm_type", "ada_norm_single"), ("norm_elementwise_affine", False), ("activation_fn", "gelu-approximate")):
+    for key, want in (
+        ("norm_type", "ada_norm_single"),
+        ("norm_elementwise_affine", False),
+        ("activation_fn", "gelu-approximate"),
+    ):
         if key in cfg and cfg[key] != want:
             raise CheckpointError(f"{where}: {key} is {cfg[key]!r}; only {want!r} (Latte-0 / Latte-1) is supported")
-    hints = {"num_heads": cfg.get("num_attention_heads"), "input_size": cfg.get("sample_size"),
-             "num_frames": cfg.get("video_length"), "norm_eps": cfg.get("norm_eps")}
+    hints = {
+        "num_heads": cfg.get("num_attention_heads"),
+        "input_size": cfg.get("sample_size"),
+        "num_frames": cfg.get("video_length"),
+        "norm_eps": cfg.get("norm_eps"),
+    }
     return {k: v for k, v in hints.items() if v is not None}
 
 
@@ -372,7 +415,7 @@ def _read_folder_state(folder) -> dict[str, np.ndarray]:
 
 def _hub_folder(spec: str) -> str:
     """A local snapshot of hf://org/repo[/subfolder] (config and weights only)."""
-    parts = spec[len("hf://"):].strip("/").split("/")
+    parts = spec[len("hf://") :].strip("/").split("/")
     if len(parts) < 2 or not all(parts):
         raise CheckpointError(f"bad Hub spec {spec!r}: expected hf://org/repo or hf://org/repo/subfolder")
     repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
@@ -380,11 +423,19 @@ def _hub_folder(spec: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        root = snapshot_download(repo, allow_patterns=[f"{prefix}config.json", f"{prefix}diffusion_pytorch_model*",
-                                                       "transformer/config.json", "transformer/diffusion_pytorch_model*"])
+        root = snapshot_download(
+            repo,
+            allow_patterns=[
+                f"{prefix}config.json",
+                f"{prefix}diffusion_pytorch_model*",
+                "transformer/config.json",
+                "transformer/diffusion_pytorch_model*",
+            ],
+        )
     except Exception as e:  # network down, offline mode, missing repo
         raise HubUnavailableError(
-            f"could not fetch {spec} from the Hugging Face Hub ({type(e).__name__}); download it elsewhere and pass the local folder"
+            f"could not fetch {spec} from the Hugging Face Hub ({type(e).__name__}); "
+            "download it elsewhere and pass the local folder"
         ) from None
     return str(paths.as_path(root) / sub) if sub else root
 

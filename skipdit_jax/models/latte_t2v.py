@@ -96,8 +96,15 @@ class LatteT2VConfig(ArchitectureConfig):
     family: ClassVar[str] = "latte_t2v"
     config_label: ClassVar[str] = "Latte-T2V"
     positive_fields: ClassVar[tuple[str, ...]] = (
-        "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "num_frames",
-        "caption_channels", "text_len",
+        "input_size",
+        "patch_size",
+        "in_channels",
+        "hidden_size",
+        "depth",
+        "num_heads",
+        "num_frames",
+        "caption_channels",
+        "text_len",
     )
 
     @property
@@ -130,7 +137,7 @@ def latte_t2v_preset_names() -> list[str]:
 
 
 def latte_t2v_preset(name: str, **overrides) -> LatteT2VConfig:
-    """"Latte-T2V" (Latte-0: 28 pairs, width 1152, 16 heads, patch 2, 64x64x4 latents,
+    """ "Latte-T2V" (Latte-0: 28 pairs, width 1152, 16 heads, patch 2, 64x64x4 latents,
     16 frames, T5-XXL captions) or "Latte-T2V-skip" (the same with long skips)."""
     if name not in _PRESETS:
         raise ConfigError(f"unknown Latte-T2V preset {name!r}; known presets: {', '.join(_PRESETS)}")
@@ -200,8 +207,13 @@ class LatteT2V(nn.Module):
         cfg = self.config
         d, p, dt = cfg.hidden_size, cfg.patch_size, cfg.compute_dtype
         self.x_embedder = nn.Conv(
-            d, (p, p), strides=(p, p), padding="VALID", dtype=dt,
-            kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3), name="x_embedder",
+            d,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            dtype=dt,
+            kernel_init=nn.initializers.xavier_uniform(in_axis=(0, 1, 2), out_axis=3),
+            name="x_embedder",
         )
         self.t_embedder = _TimestepEmbedder(d, dt, name="t_embedder")
         self.adaln_single = nn.Dense(6 * d, dtype=dt, kernel_init=normal002, name="adaln_single")
@@ -235,7 +247,9 @@ class LatteT2V(nn.Module):
                 f"(caption_channels {cfg.caption_channels})"
             )
         if tuple(text_mask.shape) != tuple(text_emb.shape[:2]):
-            raise UserError(f"text_mask must have shape {tuple(text_emb.shape[:2])} (one flag per token), got {tuple(text_mask.shape)}")
+            raise UserError(
+                f"text_mask must have shape {tuple(text_emb.shape[:2])} (one flag per token), got {tuple(text_mask.shape)}"
+            )
 
     def embed(self, x, t, text_emb, text_mask):
         """(tokens (B, F, T, D), cond): cond = (mod (B, 6, D), emb (B, D), context (B, L, D),

@@ -88,7 +88,9 @@ class LatteT2VFamily(ModelFamily):
                     f"projection (caption_channels {cc})"
                 )
             if mshape != shape[:2]:
-                raise UserError(f"{prefix}_mask must have shape {shape[:2]} (one 0/1 flag per token of {prefix}_emb), got {mshape}")
+                raise UserError(
+                    f"{prefix}_mask must have shape {shape[:2]} (one 0/1 flag per token of {prefix}_emb), got {mshape}"
+                )
         if np.shape(condition["null_emb"]) != np.shape(condition["text_emb"]):
             raise UserError(
                 f"null_emb must have the shape of text_emb {tuple(np.shape(condition['text_emb']))} (guidance batches "
@@ -104,12 +106,10 @@ class LatteT2VFamily(ModelFamily):
         }
 
     def condition_from_batch(self, batch: dict):
-        return {
-            k: jnp.asarray(batch[k], jnp.int32 if k.endswith("_mask") else jnp.float32) for k in CONDITION_KEYS
-        }
+        return {k: jnp.asarray(batch[k], jnp.int32 if k.endswith("_mask") else jnp.float32) for k in CONDITION_KEYS}
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """"image": (B, F, H, W, C) clean latents, and the condition, captions of text_len tokens."""
+        """ "image": (B, F, H, W, C) clean latents, and the condition, captions of text_len tokens."""
         c = self.config
         emb = jax.ShapeDtypeStruct((batch_size, c.text_len, c.caption_channels), jnp.float32)
         mask = jax.ShapeDtypeStruct((batch_size, c.text_len), jnp.int32)
@@ -155,7 +155,13 @@ class LatteT2VFamily(ModelFamily):
 
     def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
         return self.module.apply(
-            {"params": params}, x, t, condition["text_emb"], condition["text_mask"], deep_feature, shallow_units,
+            {"params": params},
+            x,
+            t,
+            condition["text_emb"],
+            condition["text_mask"],
+            deep_feature,
+            shallow_units,
             method=LatteT2V.forward_shallow,
         )
 
@@ -171,9 +177,7 @@ class LatteT2VFamily(ModelFamily):
     # The hidden state between pairs is (B, F, T, D); c is the tuple (modulation (B, 6, D),
     # timestep embedding (B, D), projected caption (B, L, D), key bias (B, 1, 1, L)).
     def embed(self, params, x, t, condition):
-        return self.module.apply(
-            {"params": params}, x, t, condition["text_emb"], condition["text_mask"], method=LatteT2V.embed
-        )
+        return self.module.apply({"params": params}, x, t, condition["text_emb"], condition["text_mask"], method=LatteT2V.embed)
 
     def head(self, params, h, c):
         return self.module.apply({"params": params}, h, c, method=LatteT2V.head)
