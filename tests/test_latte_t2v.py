@@ -278,6 +278,15 @@ def test_presets_and_config_errors():
         counts[name] = family_of(cfg).count_params()
         assert counts[name] == sum(int(np.prod(s)) for s in latte_t2v_expected_shapes(cfg).values())
     assert counts == {"Latte-T2V": 1_057_246_880, "Latte-T2V-skip": 1_094_486_432}
+    # diffusers' position table, also at the interpolation scale of sample_size >= 128.
+    from diffusers.models.embeddings import PatchEmbed
+
+    from skipdit_jax.models.text_blocks import patch_pos_embed
+
+    for size, scale in ((8, 1), (16, 2)):
+        want = PatchEmbed(height=size, width=size, patch_size=2, in_channels=4, embed_dim=32, interpolation_scale=scale).pos_embed
+        np.testing.assert_allclose(patch_pos_embed(32, size // 2, scale), want[0].numpy(), atol=1e-6)
+    assert latte_t2v_preset("Latte-T2V", input_size=128).interpolation_scale == 2
     with pytest.raises(ConfigError, match="depth must be even"):
         _cfg(depth=3)
     with pytest.raises(ConfigError, match="unknown Latte-T2V preset"):
