@@ -113,11 +113,40 @@ def _write_frames(folder, seed, n, h=16, w=20):
         Image.fromarray(f).save(folder / f"{i:04d}.png")
 
 
-def test_extract_latents_with_captions_round_trip(tmp_path, monkeypatch, capsys):
+def _tiny_t5(tmp_path, torch):
+    """A SentencePiece tokenizer folder (pad 0, eos 1, unk 2) and a tiny random T5 v1.1
+    encoder (vocabulary 144 >= the tokenizer's 40 + 100 extra ids) saved with save_pretrained, as Latte-1's tokenizer/ and text_encoder/."""
+    import sentencepiece as spm
+    from transformers import T5Config, T5EncoderModel
+
+    rng = np.random.default_rng(0)
+    words = list(CAPTION_WORDS) + ["dog", "cat", "runs"]
+    (tmp_path / "corpus.txt").write_text("\n".join(" ".join(rng.choice(words, 6)) for _ in range(200)))
+    (tmp_path / "tokenizer").mkdir()
+    spm.SentencePieceTrainer.train(
+        input=str(tmp_path / "corpus.txt"), model_prefix=str(tmp_path / "tokenizer" / "spiece"), vocab_size=40,
+        model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+    )
+    torch.manual_seed(1)
+    model = T5EncoderModel(T5Config(
+        vocab_size=144, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2, relative_attention_num_buckets=8,
+        relative_attention_max_distance=20, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+    )).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "text_encoder")
+    return tmp_path / "text_encoder", tmp_path / "tokenizer"
+
+
+def test_extract_latents_with_captions_round_trip(tmp_path, capsys):
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     from skipdit_jax.commands import extract_latents
+    from skipdit_jax.encoders.t5 import load_t5
+    from skipdit_jax.encoders.text import encode_prompts, load_tokenizer
 
+    t5_dir, tok_dir = _tiny_t5(tmp_path, torch)
     torch.manual_seed(0)
     diffusers.AutoencoderKL(
         block_out_channels=(32,), layers_per_block=1, norm_num_groups=8,
@@ -127,9 +156,6 @@ def test_extract_latents_with_captions_round_trip(tmp_path, monkeypatch, capsys)
     _write_frames(tmp_path / "videos" / "v1", 1, 5)
     (tmp_path / "caps.csv").write_text('video,caption\nv0,"a 3 moving left"\nv1,a 7 moving up and right\n')
     (tmp_path / "bad.json").write_text(json.dumps({"v0": "a 1 moving up"}))
-    encoder = _fake_encode(width=5)
-    calls = []
-    monkeypatch.setattr(text_video, "t5_encode_fn", lambda t5, tok, n: calls.append((t5, tok, n)) or encoder)
 
     def run(*argv):
         fv = flags.FlagValues()
@@ -143,26 +169,30 @@ def test_extract_latents_with_captions_round_trip(tmp_path, monkeypatch, capsys)
     with pytest.raises(UserError, match="needs --t5"):
         run(str(tmp_path / "videos"), str(tmp_path / "x"), *common, "--captions", str(tmp_path / "caps.csv"))
     out = tmp_path / "latents"
-    args = ["--captions", str(tmp_path / "caps.csv"), "--t5", "T5", "--tokenizer", "TOK", "--text_len", "10"]
+    args = ["--captions", str(tmp_path / "caps.csv"), "--t5", str(t5_dir), "--tokenizer", str(tok_dir), "--text_len", "24"]
     assert run(str(tmp_path / "videos"), str(out), *common, *args) == 0
-    assert calls == [("T5", "TOK", 10)] and "extracted 4 latents 2x8x8x4" in capsys.readouterr().out
+    assert "extracted 4 latents 2x8x8x4" in capsys.readouterr().out
 
     src = text_video.TextLatentSource(out)
-    assert len(src) == 4 and (src.text_len, src.text_dim) == (10, 5)
+    assert len(src) == 4 and (src.text_len, src.text_dim) == (24, 8)
     meta = src.latents.metadata
     assert meta["captions"] == ["a 3 moving left"] * 2 + ["a 7 moving up and right"] * 2
-    want = encoder(["a 3 moving left", "a 7 moving up and right", ""])
+    t5_config, t5_params = load_t5(t5_dir)
+    want = encode_prompts(["a 3 moving left", "a 7 moving up and right", ""], load_tokenizer(tok_dir), t5_config, t5_params, max_length=24)
+    want = {k: np.asarray(v) for k, v in want.items()}
     # Write record k -> shard k % 2, read shard by shard: read order 0, 2, 1, 3.
     for read, video in zip(range(4), [0, 1, 0, 1]):
         rec = src[read]
         assert rec["image"].shape == (2, 8, 8, 4)
-        np.testing.assert_array_equal(rec["text_emb"], want["text_emb"][video])
+        n = int(want["text_mask"][video].sum())
+        np.testing.assert_allclose(rec["text_emb"][:n], want["text_emb"][video][:n], atol=1e-5)  # other batches: last-bit differences
+        assert not rec["text_emb"][n:].any()  # cut after the last real token, zeros on reading
         np.testing.assert_array_equal(rec["text_mask"], want["text_mask"][video])
-        np.testing.assert_array_equal(rec["null_emb"], want["text_emb"][2])
+        np.testing.assert_allclose(rec["null_emb"], want["text_emb"][2], atol=1e-5)
         np.testing.assert_array_equal(rec["null_mask"], want["text_mask"][2])
     # A record stores the embedding only up to its last real token.
-    stored = src.latents[1]
-    assert stored["text_emb"].shape == (7, 5) and stored["text_mask"].tolist() == [1] * 7
+    stored, n = src.latents[1], int(want["text_mask"][1].sum())
+    assert 1 < n < 24 and stored["text_emb"].shape == (n, 8) and stored["text_mask"].tolist() == [1] * n
     # The plain reader still reads it, and latents without text refuse the text source.
     assert data.LatentSource(out)[0]["image"].shape == (2, 8, 8, 4)
     data.write_latents(tmp_path / "plain", [{"latent": np.zeros((2, 2, 2, 4)), "label": 0}])
