@@ -6,6 +6,10 @@ MODEL is a model directory (`skipdit convert`), an official checkpoint file or a
 frames `--decode_frames` at a time); without it a latent model's output shows latent
 channels 0-2 (said on stdout), while a pixel-space model (1 or 3 channels) shows its
 samples directly.
+
+A text-to-video model (Latte-T2V(-skip)) samples from prompts instead of labels: see
+`skipdit_jax.commands.sample_t2v` (--prompt / --prompts / --embeddings, --pipeline, --t5,
+--tokenizer, --scheduler, --temporal_vae).
 """
 
 from __future__ import annotations
@@ -22,13 +26,16 @@ from tqdm import tqdm
 
 from skipdit_jax import images, model_store, paths
 from skipdit_jax.cache import parse_cache_spec
+from skipdit_jax.commands import sample_t2v
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import family_of
 from skipdit_jax.sampling import build_sampler, check_settings, resolve_respacing, sampling_timesteps, validate_inputs
 
 USAGE = (
     "MODEL [--labels 207,360,... | --num N] [--sampler ddpm|ddim] [--steps N] [--cfg_scale S] [--cfg_channels C] "
-    "[--cache N[,k[,start,close]]] [--vae SPEC] [--decode_frames 16] [--fps 8] [--out DIR]"
+    "[--cache N[,k[,start,close]]] [--vae SPEC] [--decode_frames 16] [--fps 8] [--out DIR]\n"
+    "       (text-to-video) MODEL --prompt TEXT [--prompt ...] | --prompts FILE | --embeddings FILE [--pipeline LATTE_DIR] "
+    "[--t5 SPEC --tokenizer DIR] [--cache N2-700-50] [--temporal_vae SPEC | --vae SPEC] [--seed S] [--out DIR]"
 )
 
 
@@ -61,6 +68,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)", flag_values=fv)
     flags.DEFINE_bool("clip_denoised", False, "clip the x0 prediction to [-1, 1] (pixel-space models)", flag_values=fv)
     flags.DEFINE_bool("compare", True, "with --cache, also time the uncached sampler for the measured speedup", flag_values=fv)
+    sample_t2v.define_text_flags(fv)
 
 
 def _parse_labels(text: str) -> np.ndarray:
@@ -101,6 +109,19 @@ def _settle(config, fv, labels, cache):
     return family, labels, guided
 
 
+def _is_text(config) -> bool:
+    return family_of(config).condition_kind == "text"
+
+
+def _no_text_flags(config, fv) -> None:
+    given = sample_t2v.text_flags_given(fv)
+    if given:
+        raise UserError(
+            f"{given[0]} is for text-to-video models; this is a {family_of(config).name} model "
+            f"({'use --labels' if family_of(config).is_conditional else 'unconditional'})"
+        )
+
+
 def main(args: list[str], fv: flags.FlagValues) -> int:
     if len(args) != 1:
         raise UserError(f"expected one MODEL argument; usage: skipdit sample {USAGE}")
@@ -126,10 +147,16 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {out} exists and is not a directory")
     config = model_store.read_model_config(args[0]) if model_store.has_model_config(args[0]) else None
+    if (config is not None and _is_text(config)) or (config is None and sample_t2v.is_diffusers_folder(args[0])):
+        return sample_t2v.main_text(args, fv, cache)
     if config is not None:
+        _no_text_flags(config, fv)
         _settle(config, fv, labels, cache)
 
     config, params = model_store.load_model(args[0], num_heads=fv.num_heads, preset=fv.preset)
+    if _is_text(config):
+        return sample_t2v.main_text(args, fv, cache, loaded=(config, params))
+    _no_text_flags(config, fv)
     if fv.dtype:
         config = config.replace(dtype=fv.dtype)
     family, labels, guided = _settle(config, fv, labels, cache)
