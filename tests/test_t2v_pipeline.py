@@ -16,10 +16,20 @@ from skipdit_jax import model_store, videos  # noqa: E402
 from skipdit_jax.models.families import config_to_dict, family_of  # noqa: E402
 
 WORDS = "a red blue green cat dog bird runs jumps flies over under the city forest river at night in morning slowly".split()
-VAE_META = {"_class_name": "AutoencoderKL", "block_out_channels": [8, 8], "layers_per_block": 1, "norm_num_groups": 4,
-            "latent_channels": 4}
-TVAE_META = {"_class_name": "AutoencoderKLTemporalDecoder", "block_out_channels": [32], "layers_per_block": 1,
-             "latent_channels": 4, "down_block_types": ["DownEncoderBlock2D"]}
+VAE_META = {
+    "_class_name": "AutoencoderKL",
+    "block_out_channels": [8, 8],
+    "layers_per_block": 1,
+    "norm_num_groups": 4,
+    "latent_channels": 4,
+}
+TVAE_META = {
+    "_class_name": "AutoencoderKLTemporalDecoder",
+    "block_out_channels": [32],
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "down_block_types": ["DownEncoderBlock2D"],
+}
 
 
 def _noisy(params, seed, scale=0.05):
@@ -36,8 +46,15 @@ def _tokenizer(folder):
     (folder.parent / "captions.txt").write_text("\n".join(captions))
     folder.mkdir()
     spm.SentencePieceTrainer.train(
-        input=str(folder.parent / "captions.txt"), model_prefix=str(folder / "spiece"), vocab_size=40, model_type="unigram",
-        pad_id=0, eos_id=1, unk_id=2, bos_id=-1, minloglevel=2,
+        input=str(folder.parent / "captions.txt"),
+        model_prefix=str(folder / "spiece"),
+        vocab_size=40,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        minloglevel=2,
     )
     (folder / "spiece.vocab").unlink()
 
@@ -57,14 +74,32 @@ def root(tmp_path_factory):
     from skipdit_jax.models.latte_t2v import LatteT2VConfig
 
     r = tmp_path_factory.mktemp("t2v")
-    config = LatteT2VConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_frames=3,
-                            caption_channels=16, text_len=8, long_skip=True)
+    config = LatteT2VConfig(
+        input_size=4,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=32,
+        depth=4,
+        num_heads=2,
+        num_frames=3,
+        caption_channels=16,
+        text_len=8,
+        long_skip=True,
+    )
     model_store.save_model(r / "model", config, _noisy(family_of(config).init_params(0), 1))
     latte = r / "latte"
     latte.mkdir()
     _tokenizer(latte / "tokenizer")
-    t5_cfg = T5Config(vocab_size=160, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
-                      relative_attention_num_buckets=8, relative_attention_max_distance=20)
+    t5_cfg = T5Config(
+        vocab_size=160,
+        d_model=16,
+        d_kv=8,
+        d_ff=24,
+        num_layers=1,
+        num_heads=2,
+        relative_attention_num_buckets=8,
+        relative_attention_max_distance=20,
+    )
     t5 = latte / "text_encoder"
     t5.mkdir()
     state = t5_to_torch(t5_cfg, _noisy(init_params(t5_cfg, jax.random.key(0)), 2, 0.2))
@@ -73,17 +108,23 @@ def root(tmp_path_factory):
     rng = np.random.default_rng(0)
     (latte / "vae").mkdir()
     shapes = diffusers_key_shapes(VAEConfig.from_diffusers_config(VAE_META))
-    save_file({k: (0.2 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()},
-              str(latte / "vae" / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: (0.2 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()},
+        str(latte / "vae" / "diffusion_pytorch_model.safetensors"),
+    )
     (latte / "vae" / "config.json").write_text(json.dumps(VAE_META))
     tv = r / "latte_t" / "vae_temporal_decoder"
     tv.mkdir(parents=True)
     shapes = temporal_vae_key_shapes(TemporalVAEConfig.from_diffusers_config(TVAE_META))
-    save_file({k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()},
-              str(tv / "diffusion_pytorch_model.safetensors"))
+    save_file(
+        {k: (0.1 * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()},
+        str(tv / "diffusion_pytorch_model.safetensors"),
+    )
     (tv / "config.json").write_text(json.dumps(TVAE_META))
     (r / "dit").mkdir()
-    dit = LatteConfig(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_frames=3, num_classes=5)
+    dit = LatteConfig(
+        input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=4, num_heads=2, num_frames=3, num_classes=5
+    )
     (r / "dit" / model_store.CONFIG_FILE).write_text(json.dumps(config_to_dict(dit)))
     return r
 
@@ -91,8 +132,18 @@ def root(tmp_path_factory):
 def _sample(root, out, *extra):
     from skipdit_jax.cli import main
 
-    argv = ["skipdit", "sample", str(root / "model"), f"--pipeline={root / 'latte'}", "--prompt=a red cat runs|a blue dog",
-            "--steps=3", "--seed=1", "--decode_frames=3", f"--out={out}", *extra]
+    argv = [
+        "skipdit",
+        "sample",
+        str(root / "model"),
+        f"--pipeline={root / 'latte'}",
+        "--prompt=a red cat runs|a blue dog",
+        "--steps=3",
+        "--seed=1",
+        "--decode_frames=3",
+        f"--out={out}",
+        *extra,
+    ]
     assert main(argv) == 0
 
 
@@ -138,9 +189,21 @@ def _vbench(root, out, pi=0, pc=1, *extra):
 
     fv = flags.FlagValues()
     sample_vbench.define_flags(fv)
-    fv(["x", f"--prompt_dir={root / 'prompts'}", f"--out={out}", "--seeds=2", "--seed=7", "--steps=2",
-        f"--pipeline={root / 'latte_t'}", f"--tokenizer={root / 'latte' / 'tokenizer'}",
-        f"--t5={root / 'latte' / 'text_encoder'}", "--batch_size=3", *extra])
+    fv(
+        [
+            "x",
+            f"--prompt_dir={root / 'prompts'}",
+            f"--out={out}",
+            "--seeds=2",
+            "--seed=7",
+            "--steps=2",
+            f"--pipeline={root / 'latte_t'}",
+            f"--tokenizer={root / 'latte' / 'tokenizer'}",
+            f"--t5={root / 'latte' / 'text_encoder'}",
+            "--batch_size=3",
+            *extra,
+        ]
+    )
     return sample_vbench.main([str(root / "model")], fv, process_index=pi, process_count=pc)
 
 
@@ -155,12 +218,20 @@ def test_sample_vbench_names_shards_and_resume(root, tmp_path, capsys):
     a, b = files(out0), files(out1)
     assert not set(a) & set(b)
     assert sorted(a + b) == sorted(
-        f"{d}/{p}-{i}.mp4" for d, ps in (("scene", ["a forest at night", "the city"]),
-                                          ("subject_consistency", ["a cat runs", "a dog jumps over the river"]))
-        for p in ps for i in (0, 1)
+        f"{d}/{p}-{i}.mp4"
+        for d, ps in (
+            ("scene", ["a forest at night", "the city"]),
+            ("subject_consistency", ["a cat runs", "a dog jumps over the river"]),
+        )
+        for p in ps
+        for i in (0, 1)
     )
-    assert a == ["scene/a forest at night-0.mp4", "scene/a forest at night-1.mp4",
-                 "subject_consistency/a cat runs-0.mp4", "subject_consistency/a cat runs-1.mp4"]
+    assert a == [
+        "scene/a forest at night-0.mp4",
+        "scene/a forest at night-1.mp4",
+        "subject_consistency/a cat runs-0.mp4",
+        "subject_consistency/a cat runs-1.mp4",
+    ]
     clip = videos.read_video(out0 / a[0])
     assert clip.shape == (3, 4, 4, 3)  # one decoder block: no upsampling
     mtimes = {p: (out0 / p).stat().st_mtime_ns for p in a}
@@ -196,6 +267,7 @@ def test_bad_inputs_are_one_line(root, tmp_path, capsys):
     assert "width 24" in _cli_error(capsys, *base, "--prompt=a cat", f"--t5={wide}")
     assert "bad cache spec" in _cli_error(capsys, *base, "--prompt=a cat", "--cache=N2-700")
     assert "not --labels" in _cli_error(capsys, *base, "--prompt=a cat", "--labels=1")
+    assert "--num is for class-conditional models" in _cli_error(capsys, *base, "--prompt=a cat", "--num=3")
     bad = tmp_path / "prompts"
     bad.mkdir()
     (bad / "scene.txt").write_text("a cat\nup/down\n")

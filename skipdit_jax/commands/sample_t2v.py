@@ -37,18 +37,25 @@ def define_text_flags(fv: flags.FlagValues, prompts: bool = True) -> None:
         flags.DEFINE_multi_string("prompt", [], "text models: a prompt (repeatable, or several separated by '|')", flag_values=fv)
         flags.DEFINE_string("prompts", None, "text models: a file with one prompt per line", flag_values=fv)
     flags.DEFINE_string(
-        "embeddings", None, "text models: prompt embeddings from skipdit encode-text (instead of --t5/--tokenizer)", flag_values=fv
+        "embeddings",
+        None,
+        "text models: prompt embeddings from skipdit encode-text (instead of --t5/--tokenizer)",
+        flag_values=fv,
     )
     flags.DEFINE_string("t5", None, "text models: T5 v1.1 encoder (default: PIPELINE/text_encoder)", flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "text models: T5 tokenizer folder (default: PIPELINE/tokenizer)", flag_values=fv)
     flags.DEFINE_enum("t5_dtype", "float32", ["float32", "bfloat16"], "text models: the T5 encoder's dtype", flag_values=fv)
     flags.DEFINE_string("negative_prompt", "", "text models: the unconditional prompt of guidance", flag_values=fv)
     flags.DEFINE_string(
-        "pipeline", None,
+        "pipeline",
+        None,
         "text models: a Latte-1/Latte-0 folder with text_encoder/ tokenizer/ scheduler/ vae_temporal_decoder/ vae/ "
-        "(default: MODEL when it is a folder)", flag_values=fv,
+        "(default: MODEL when it is a folder)",
+        flag_values=fv,
     )
-    flags.DEFINE_enum("scheduler", None, ["ddim", "ddpm"], "text models: diffusers scheduler (default ddim, Latte's)", flag_values=fv)
+    flags.DEFINE_enum(
+        "scheduler", None, ["ddim", "ddpm"], "text models: diffusers scheduler (default ddim, Latte's)", flag_values=fv
+    )
     flags.DEFINE_string(
         "temporal_vae", None, "text models: SVD temporal VAE decoder (default: PIPELINE/vae_temporal_decoder)", flag_values=fv
     )
@@ -75,7 +82,9 @@ def read_prompts(fv: flags.FlagValues) -> list[str]:
 
 def is_diffusers_folder(spec: str) -> bool:
     """A Latte diffusers folder (pipeline root with transformer/, or the transformer folder)."""
-    if spec.startswith("hf://") or model_store.has_model_config(spec):
+    if spec.startswith("hf://"):  # hf://org/repo[/subfolder] is a folder, hf://org/repo/file.pt a file
+        return not spec.rstrip("/").endswith((".pt", ".pth", ".bin", ".safetensors", ".ckpt"))
+    if model_store.has_model_config(spec):
         return False
     p = paths.as_path(spec)
     return p.is_dir() and ((p / "transformer" / "config.json").exists() or (p / "config.json").exists())
@@ -102,9 +111,16 @@ def text_source(fv, folder, prompts, caption_channels: int):
             tok = str(folder / "tokenizer")
         if t5_spec is None or tok is None:
             missing = " and ".join(n for n, v in (("--t5", t5_spec), ("--tokenizer", tok)) if v is None)
-            raise UserError(f"a text model needs {missing} (or --pipeline with text_encoder/ and tokenizer/, or --embeddings FILE)")
+            raise UserError(
+                f"a text model needs {missing} (or --pipeline with text_encoder/ and tokenizer/, or --embeddings FILE)"
+            )
     return t2v.prompt_embeddings(
-        prompts, fv.negative_prompt, embeddings=fv.embeddings, t5=t5_spec, tokenizer=tok, caption_channels=caption_channels,
+        prompts,
+        fv.negative_prompt,
+        embeddings=fv.embeddings,
+        t5=t5_spec,
+        tokenizer=tok,
+        caption_channels=caption_channels,
         t5_dtype=fv.t5_dtype,
     )
 
@@ -121,7 +137,7 @@ def load_text_model(spec: str, fv):
     if is_diffusers_folder(spec):
         from skipdit_jax.convert.latte_t2v import load_latte_t2v
 
-        config, params = load_latte_t2v(spec, num_heads=fv.num_heads)
+        config, params = load_latte_t2v(spec, num_heads=fv.num_heads, preset=fv.preset)
     else:
         config, params = model_store.load_model(spec, num_heads=fv.num_heads, preset=fv.preset)
     if family_of(config).condition_kind != "text":
@@ -141,6 +157,9 @@ def main_text(args: list[str], fv, cache, loaded=None) -> int:
 
     if fv.labels is not None:
         raise UserError("this is a text-to-video model: give prompts (--prompt TEXT), not --labels")
+    for name in ("num", "cfg_channels", "clip_denoised"):
+        if fv[name].present:
+            raise UserError(f"--{name} is for class-conditional models; a text-to-video model samples one video per prompt")
     spec = args[0]
     folder = pipeline_folder(fv, spec)
     prompts = read_prompts(fv)
@@ -169,8 +188,9 @@ def main_text(args: list[str], fv, cache, loaded=None) -> int:
     emb = text_source(fv, folder, prompts, config.caption_channels)
     if params is None:
         params = load_text_model(spec, fv)[1]
-    decoder = t2v.load_decoder(folder, vae=fv.vae, temporal_vae=fv.temporal_vae, frames_per_call=fv.decode_frames,
-                               latent_channels=family.eps_channels)
+    decoder = t2v.load_decoder(
+        folder, vae=fv.vae, temporal_vae=fv.temporal_vae, frames_per_call=fv.decode_frames, latent_channels=family.eps_channels
+    )
     cond = t2v.text_condition_for(emb, prompts, fv.negative_prompt)
     seeds = [fv.seed + j for j in range(len(prompts))]
     scale = jnp.float32(cfg_scale)
@@ -196,10 +216,16 @@ def main_text(args: list[str], fv, cache, loaded=None) -> int:
     latents = np.concatenate(outs)
     print(f"sampled {len(prompts)} x {latents.shape[1:]} in {sample_s:.2f} s ({compile_s:.1f} s compiling)")
     report = {
-        "model": spec, "prompts": prompts, "negative_prompt": fv.negative_prompt, "seeds": seeds,
-        "scheduler": dataclasses.asdict(scheduler) | {"kind": scheduler.kind}, "steps": steps, "cfg_scale": cfg_scale,
+        "model": spec,
+        "prompts": prompts,
+        "negative_prompt": fv.negative_prompt,
+        "seeds": seeds,
+        "scheduler": dataclasses.asdict(scheduler) | {"kind": scheduler.kind},
+        "steps": steps,
+        "cfg_scale": cfg_scale,
         "cache": None if cache is None else dataclasses.asdict(cache),
-        "compile_seconds": round(compile_s, 3), "sampling_seconds": round(sample_s, 3),
+        "compile_seconds": round(compile_s, 3),
+        "sampling_seconds": round(sample_s, 3),
     }
     if cache is not None:
         plan = cache.plan(scheduler.timesteps(steps), family.depth_units)

@@ -49,7 +49,9 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_string("vae", None, "SD VAE (per-frame decoding) instead of the temporal decoder", flag_values=fv)
     flags.DEFINE_integer("decode_frames", 16, "--vae: frames per decoder call", flag_values=fv)
     flags.DEFINE_float("fps", t2v.LATTE_FPS, "frame rate of the MP4s", flag_values=fv)
-    flags.DEFINE_integer("batch_size", None, "videos per sampler call on this process (default: its local devices)", flag_values=fv)
+    flags.DEFINE_integer(
+        "batch_size", None, "videos per sampler call on this process (default: its local devices)", flag_values=fv
+    )
     flags.DEFINE_integer("num_heads", None, "attention heads, for an official checkpoint file", flag_values=fv)
     flags.DEFINE_string("preset", None, "model preset, for an official checkpoint file", flag_values=fv)
     flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "compute dtype (default: the model's)", flag_values=fv)
@@ -97,7 +99,9 @@ def plan_videos(dimensions, seeds: int, seed: int, process_index: int = 0, proce
     if not 0 <= process_index < process_count:
         raise UserError(f"process index {process_index} is not in 0..{process_count - 1}")
     pairs = [(d, p) for d, prompts in dimensions for p in prompts]
-    return [Video(d, p, i, seed + i) for k, (d, p) in enumerate(pairs) if k % process_count == process_index for i in range(seeds)]
+    return [
+        Video(d, p, i, seed + i) for k, (d, p) in enumerate(pairs) if k % process_count == process_index for i in range(seeds)
+    ]
 
 
 def main(args: list[str], fv: flags.FlagValues, process_index: int | None = None, process_count: int | None = None) -> int:
@@ -136,8 +140,9 @@ def main(args: list[str], fv: flags.FlagValues, process_index: int | None = None
     emb = sample_t2v.text_source(fv, folder, prompts, config.caption_channels)
     if params is None:
         params = sample_t2v.load_text_model(spec, fv)[1]
-    decoder = t2v.load_decoder(folder, vae=fv.vae, temporal_vae=fv.temporal_vae, frames_per_call=fv.decode_frames,
-                               latent_channels=family.eps_channels)
+    decoder = t2v.load_decoder(
+        folder, vae=fv.vae, temporal_vae=fv.temporal_vae, frames_per_call=fv.decode_frames, latent_channels=family.eps_channels
+    )
 
     devices = jax.local_devices()
     bs = fv.batch_size or len(devices)
@@ -152,8 +157,16 @@ def main(args: list[str], fv: flags.FlagValues, process_index: int | None = None
         padded = batch + [batch[-1]] * (bs - len(batch))  # one compiled batch shape
         cond = t2v.text_condition_for(emb, [v.prompt for v in padded], fv.negative_prompt)
         _, clips = t2v.generate_videos(
-            config, params, cond, [v.seed for v in padded], scheduler=scheduler, num_steps=fv.steps, cfg_scale=fv.cfg_scale,
-            cache=cache, decoder=decoder, sharding=sharding,
+            config,
+            params,
+            cond,
+            [v.seed for v in padded],
+            scheduler=scheduler,
+            num_steps=fv.steps,
+            cfg_scale=fv.cfg_scale,
+            cache=cache,
+            decoder=decoder,
+            sharding=sharding,
         )
         for v, clip in zip(batch, clips, strict=False):
             videos.write_mp4(out / v.relpath, clip, fps=fv.fps)

@@ -167,7 +167,11 @@ def compiled_for(fn, *args):
     so a second run of the same setting in one process (a notebook, a test) does not compile
     again. AOT so that sampling and compiling are timed apart."""
     leaves, treedef = jax.tree.flatten(args)
-    sig = (fn, treedef, tuple((np.shape(a), str(getattr(a, "dtype", type(a))), str(getattr(a, "sharding", None))) for a in leaves))
+    sig = (
+        fn,
+        treedef,
+        tuple((np.shape(a), str(getattr(a, "dtype", type(a))), str(getattr(a, "sharding", None))) for a in leaves),
+    )
     if sig not in _COMPILED:
         if len(_COMPILED) > 16:
             _COMPILED.clear()
@@ -218,7 +222,11 @@ def _sd_decode(params, config, latents, frames_per_call):
 
 
 def load_decoder(
-    folder: paths.PathLike | None = None, *, vae: str | None = None, temporal_vae: str | None = None, frames_per_call: int = 16,
+    folder: paths.PathLike | None = None,
+    *,
+    vae: str | None = None,
+    temporal_vae: str | None = None,
+    frames_per_call: int = 16,
     latent_channels: int = 4,
 ) -> VideoDecoder:
     """The decoder to use: `temporal_vae` or `vae` when given (not both), else the pipeline
