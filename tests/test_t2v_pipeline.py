@@ -274,3 +274,53 @@ def test_bad_inputs_are_one_line(root, tmp_path, capsys):
     line = _cli_error(capsys, "sample-vbench", model, f"--prompt_dir={bad}", f"--out={out}")
     assert "scene.txt:2" in line and "'/'" in line
     assert not out.exists()
+
+
+def test_generate_videos_is_the_latte_pipeline_loop(root, tmp_path):
+    """generate_videos against LattePipeline's loop written from its code: diffusers' DDIMScheduler
+    from the folder's scheduler config with the official overrides, batch [uncond; text], guidance
+    on all 8 channels, then the first 4."""
+    diffusers = pytest.importorskip("diffusers")
+    import torch
+
+    from skipdit_jax.pipelines import generate_videos, load_scheduler, make_noise
+
+    (tmp_path / "scheduler").mkdir()
+    latte1_like = {
+        "_class_name": "DDIMScheduler",
+        "beta_start": 0.0002,
+        "beta_end": 0.03,
+        "beta_schedule": "scaled_linear",
+        "clip_sample": True,
+        "set_alpha_to_one": False,
+        "steps_offset": 0,
+        "timestep_spacing": "trailing",
+        "num_train_timesteps": 1000,
+        "prediction_type": "epsilon",
+        "variance_type": "learned_range",
+    }
+    (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(latte1_like))
+    sched = load_scheduler(tmp_path)
+    assert sched.timesteps(4).tolist() == [999, 749, 499, 249]  # the file's spacing; the overrides' betas
+    config, params = model_store.load_model(root / "model")
+    family = family_of(config)
+    rng = np.random.default_rng(3)
+    text, null = rng.standard_normal((2, 2, 6, 16)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 0]], np.int32)
+    cond = {"text_emb": text, "text_mask": mask, "null_emb": null, "null_mask": mask.copy()}
+    latents, clips = generate_videos(config, params, cond, [5, 9], scheduler=sched, num_steps=4, cfg_scale=5.0)
+    assert latents.shape == (2, 3, 4, 4, 4) and clips.dtype == np.uint8
+
+    ref = diffusers.DDIMScheduler.from_pretrained(
+        tmp_path, subfolder="scheduler", beta_start=0.0001, beta_end=0.02, beta_schedule="linear", clip_sample=False
+    )
+    ref.set_timesteps(4)
+    apply = jax.jit(family.apply)
+    both = {"text_emb": np.concatenate([null, text]), "text_mask": np.concatenate([mask, mask])}
+    x = torch.from_numpy(np.array(make_noise([5, 9], family.sample_shape)[1]))
+    for t in ref.timesteps:
+        out = np.asarray(apply(params, np.concatenate([x.numpy()] * 2), np.full((4,), int(t), np.int32), both))
+        uncond, cond_out = np.split(out, 2)
+        eps = (uncond + 5.0 * (cond_out - uncond))[..., :4]
+        x = ref.step(torch.from_numpy(eps), t, x).prev_sample
+    np.testing.assert_allclose(latents, x.numpy(), rtol=1e-4, atol=1e-4)
