@@ -103,7 +103,8 @@ def build_sampler(
     `respacing` is its number of steps (int or decimal string): the scan walks
     `scheduler.timesteps(n)` and steps with its rule; `clip_denoised` must be False (the
     scheduler's clip_sample decides). The model's learned-sigma channels are dropped before
-    the step (except DDPM's learned_range, which reads them).
+    the step (except DDPM's learned_range, which reads them: the conditional half's, as
+    guidance leaves every non-eps channel to it).
 
     `rng` is one PRNG key (the step noise of the whole batch is split from it step by
     step) or a batch of per-sample keys, shape (B,) (raw uint32 keys: (B, 2)): then sample
