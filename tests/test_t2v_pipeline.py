@@ -38,6 +38,17 @@ def _noisy(params, seed, scale=0.05):
     return jax.tree.unflatten(treedef, [np.asarray(a) + scale * rng.standard_normal(a.shape).astype(np.float32) for a in leaves])
 
 
+def _random_params(abstract, seed):
+    """Random non-zero parameters of the given shapes (norm scales around 1), without compiling the init."""
+    rng = np.random.default_rng(seed)
+    flat = jax.tree_util.tree_flatten_with_path(abstract)
+    leaves = [
+        (1.0 if "scale" in jax.tree_util.keystr(path) else 0.0) + 0.1 * rng.standard_normal(a.shape).astype(np.float32)
+        for path, a in flat[0]
+    ]
+    return jax.tree.unflatten(flat[1], leaves)
+
+
 def _tokenizer(folder):
     import sentencepiece as spm
 
@@ -86,7 +97,7 @@ def root(tmp_path_factory):
         text_len=8,
         long_skip=True,
     )
-    model_store.save_model(r / "model", config, _noisy(family_of(config).init_params(0), 1))
+    model_store.save_model(r / "model", config, _random_params(family_of(config).abstract_params(), 1))
     latte = r / "latte"
     latte.mkdir()
     _tokenizer(latte / "tokenizer")
@@ -129,7 +140,7 @@ def root(tmp_path_factory):
     return r
 
 
-def _sample(root, out, *extra):
+def _sample(root, out, *extra, prompts=("--prompt=a red cat runs|a blue dog",)):
     from skipdit_jax.cli import main
 
     argv = [
@@ -137,7 +148,7 @@ def _sample(root, out, *extra):
         "sample",
         str(root / "model"),
         f"--pipeline={root / 'latte'}",
-        "--prompt=a red cat runs|a blue dog",
+        *prompts,
         "--steps=3",
         "--seed=1",
         "--decode_frames=3",
@@ -148,10 +159,29 @@ def _sample(root, out, *extra):
 
 
 def test_sample_prompt_end_to_end_deterministic_and_cached(root, tmp_path, capsys):
+    from skipdit_jax.cli import main
+
     _sample(root, tmp_path / "a")
-    _sample(root, tmp_path / "b")
+    (tmp_path / "prompts.txt").write_text("a red cat runs\n\na blue dog\n")
+    _sample(root, tmp_path / "b", prompts=[f"--prompts={tmp_path / 'prompts.txt'}"])
+    # The cached run reads the embeddings that skipdit encode-text wrote (the prompts and the negative "").
+    emb = tmp_path / "emb.safetensors"
+    latte = root / "latte"
+    assert (
+        main(
+            [
+                "skipdit",
+                "encode-text",
+                f"--t5={latte / 'text_encoder'}",
+                f"--tokenizer={latte / 'tokenizer'}",
+                f"--prompts={tmp_path / 'prompts.txt'}",
+                f"--out={emb}",
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
-    _sample(root, tmp_path / "c", "--cache=N2-700-50")
+    _sample(root, tmp_path / "c", "--cache=N2-700-50", f"--embeddings={emb}", prompts=())
     printed = capsys.readouterr().out
     a, b, c = (np.load(tmp_path / d / "samples.npy") for d in "abc")
     assert a.shape == (2, 3, 4, 4, 4) and a.dtype == np.float32
