@@ -36,12 +36,12 @@ What the official script does, and these configs set:
     model has none: classifier-free guidance relies on Latte-0's training), so
     label_dropout = 0;
   - data: 512x512 (64x64x4 latents), 16 frames 4 apart, CenterCropResizeVideo, T5 at the
-    tokenizer's 120 tokens; checkpoints every 10K steps (ckpt_every).
+    tokenizer's 120 tokens; checkpoints every 10K steps (ckpt_every);
+  - joint image-video training (use_image_num: 4): every clip comes with 4 single frames of
+    random clips, each with its own clip's caption (data.images_per_video=4); the images
+    share the spatial blocks and skip the temporal ones.
 
 Differences, by construction or choice:
-  - joint image training (use_image_num=4: four extra frames from other videos with their own
-    captions) is not done: data.images_per_video stays 0 (the text families take one caption
-    per sample);
   - the official `train_steps` counts micro-batches (max_train_steps 1M); `train.steps` counts
     optimizer steps: stage 2 is 500K (= 1M micro-batches); the released Latte-skip is named
     after 330K micro-batches (165K steps). The paper gives no stage-1 length: 20K here;
@@ -66,7 +66,7 @@ def get_config(arg: str | None = "stage1"):
     )
     c.data.update(
         name="latents", path="", image_size=512, num_classes=0, flip=False, num_frames=16, frame_interval=4,
-        images_per_video=0, video_resize="center_crop_resize", frame_sampling="linspace", text_len=120,
+        images_per_video=4, video_resize="center_crop_resize", frame_sampling="linspace", text_len=120,
     )
     c.train.update(
         steps=20_000 if stage == "stage1" else 500_000, global_batch_size=32, grad_accum_steps=2, log_every=10,

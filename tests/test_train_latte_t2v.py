@@ -47,6 +47,7 @@ def test_t2v_stage_configs_follow_the_official_recipe():
         assert (o.lr, o.weight_decay, o.decay, o.warmup_steps, o.grad_clip) == (1e-4, 0.0, "constant", 0, 0.0)
         assert (c.data.image_size, c.data.num_frames, c.data.frame_interval, c.data.flip) == (512, 16, 4, False)
         assert c.seed == 3407 and c.data.video_resize == "center_crop_resize"
+        assert c.data.images_per_video == mc.joint_images == 4  # use_image_num
     assert _load_config("latte_t2v_skip.py", "stage1").train.trainable == "skip_only"
     assert _load_config("latte_t2v_skip.py", "stage2").train.trainable == "all"
     assert _load_config("latte_t2v_skip.py", "stage2").train.init_use_ema

@@ -3,7 +3,9 @@
 `latte_t2v_skip_cache.py`, `LatteT2V_skip_cache`), written from the official code's
 behaviour and composed of diffusers' blocks (as the official model is).
 
-Inference path only (no joint images). Module and key names are the official ones, so its
+`forward` is the inference path; `forward_joint` the training pass with joint images
+(`use_image_num` > 0, the official training branch: gradient checkpointing on, which adds the
+frame table to the video frames at pair 0). Module and key names are the official ones, so its
 state dict is a `Latte-skip.pt` "ema" dict: `pos_embed`, `transformer_blocks` (diffusers
 `BasicTransformerBlock`, ada_norm_single, self + cross attention), `temporal_transformer_blocks`
 (the same without cross-attention), `skip_norms` (float32 LayerNorm over 2D, affine),
@@ -167,6 +169,44 @@ class TorchLatteT2V(nn.Module):
         h = self.proj_out(self.norm_out(h) * (1 + scale) + shift)
         p, oc, g = self.patch_size, self.out_channels, hh // self.patch_size
         out = torch.einsum("nhwpqc->nchpwq", h.reshape(-1, g, g, p, p, oc)).reshape(b, f, oc, hh, ww)
+        return out.permute(0, 2, 1, 3, 4)
+
+
+    def forward_joint(self, x, t, text, mask, use_image_num: int):
+        """The official training forward with joint images: x (B, C, F + I, H, W), the last
+        I = use_image_num frames images; text (B, 1 + I, L, caption) and mask (B, 1 + I, L),
+        row 0 the video's caption, row 1 + i image i's. -> (B, out, F + I, H, W)."""
+        b, c, f_all, hh, ww = x.shape
+        f = f_all - use_image_num
+        h = self.pos_embed(x.permute(0, 2, 1, 3, 4).reshape(b * f_all, c, hh, ww))
+        bias = (1 - mask.to(h.dtype)) * -10000.0
+        bias = torch.cat([bias[:, :1].repeat(1, f, 1), bias[:, 1:]], dim=1).reshape(b * f_all, 1, -1)
+        added = {"resolution": None, "aspect_ratio": None}
+        mod, emb = self.adaln_single(torch.as_tensor(t), added, batch_size=b, hidden_dtype=h.dtype)
+        context = self.caption_projection(text)  # (b, 1 + I, l, d)
+        context = torch.cat([context[:, :1].repeat(1, f, 1, 1), context[:, 1:]], dim=1).reshape(b * f_all, context.shape[2], -1)
+        c_spatial = mod.repeat_interleave(f_all, dim=0)
+        c_temp = mod.repeat_interleave(h.shape[1], dim=0)
+        n, skips = self.num_layers, []
+        for i in range(n):
+            if self.long_skip and i >= n // 2:
+                j = i - n // 2
+                h = self.skip_linears[j](self.skip_norms[j](torch.cat([h, skips.pop()], dim=-1)))
+            h = self.transformer_blocks[i](h, None, context, bias, c_spatial)
+            tok, d = h.shape[1:]
+            h = h.reshape(b, f_all, tok, d).permute(0, 2, 1, 3).reshape(b * tok, f_all, d)  # (b t) f d
+            video, images = h[:, :f], h[:, f:]
+            if i == 0:
+                video = video + self.temp_pos_embed
+            video = self.temporal_transformer_blocks[i](video, None, None, None, c_temp)
+            h = torch.cat([video, images], dim=1).reshape(b, tok, f_all, d).permute(0, 2, 1, 3).reshape(b * f_all, tok, d)
+            if self.long_skip and i < n // 2:
+                skips.append(h)
+        emb = emb.repeat_interleave(f_all, dim=0)
+        shift, scale = (self.scale_shift_table[None] + emb[:, None]).chunk(2, dim=1)
+        h = self.proj_out(self.norm_out(h) * (1 + scale) + shift)
+        p, oc, g = self.patch_size, self.out_channels, hh // self.patch_size
+        out = torch.einsum("nhwpqc->nchpwq", h.reshape(-1, g, g, p, p, oc)).reshape(b, f_all, oc, hh, ww)
         return out.permute(0, 2, 1, 3, 4)
 
 

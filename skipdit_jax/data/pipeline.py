@@ -116,7 +116,8 @@ def make_train_iterator(
     example's rng; the flip mirrors the whole clip (W axis); `images_per_video` > 0 then
     appends that many single frames of random videos (`AppendJointImages`) after the clip:
     of any class with their labels when `fields` has "image_labels", else of the
-    example's own class (the source must know its labels: `source.labels`).
+    example's own class (the source must know its labels: `source.labels`); when `fields`
+    has "image_text_emb" (a text model), with their own captions (`AppendCaptionedImages`).
 
     `num_epochs=None` repeats forever; otherwise the iterator stops after
     floor(num_epochs * len(source) / global_batch_size) batches (batches may span epochs;
@@ -164,7 +165,11 @@ def make_train_iterator(
         ds = ds.random_map(transform)
     if flip:
         ds = ds.random_map(_RandomFlip())
-    if images_per_video:
+    if images_per_video and "image_text_emb" in (fields or {}):
+        from skipdit_jax.data.text_video import AppendCaptionedImages
+
+        ds = ds.random_map(AppendCaptionedImages(source, images_per_video))
+    elif images_per_video:
         from skipdit_jax.data.video_sources import AppendJointImages
 
         # A model that takes the images' own labels gets them ("image_labels"); one that

@@ -23,6 +23,11 @@ Sources:
 
 Both are deterministic: a record depends only on its index (no flips: "left" and "right"
 in a caption would be wrong for a mirrored clip), so resuming is exact.
+
+Joint image-video training (`data.images_per_video`, the official `use_image_num`):
+`AppendCaptionedImages` appends single frames of random other clips after a record's clip,
+with those clips' caption embeddings as "image_text_emb" (I, L, D) / "image_text_mask"
+(I, L); both sources give such a frame with `captioned_frame(index, rng)`.
 """
 
 from __future__ import annotations
@@ -32,6 +37,7 @@ import io
 import json
 from typing import Callable, Mapping, Sequence
 
+import grain
 import numpy as np
 
 from skipdit_jax import paths
@@ -135,6 +141,14 @@ class TextMovingDigitsSource:
             rec.update(ids=ids, mask=mask, null_ids=null_ids, null_mask=null_mask)
         return rec
 
+    def captioned_frame(self, index, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(frame (H, W, C) float32, caption embedding (L, D), mask (L,)): a uniformly drawn
+        frame of clip `index` with the clip's caption (joint images; needs `encode`)."""
+        if self._table is None:
+            raise ConfigError("joint images with their own captions need caption embeddings (a model trained on text_emb)")
+        rec = self[index]
+        return rec["image"][int(rng.integers(len(rec["image"])))], rec["text_emb"], rec["text_mask"]
+
     def __repr__(self) -> str:
         kind = "embeddings" if self._table is not None else "word tokens"
         return f"TextMovingDigitsSource({self.base!r}, {kind}, {self.text_len} tokens)"
@@ -193,8 +207,45 @@ class TextLatentSource:
         rec.update(text_emb=emb, text_mask=mask, null_emb=self.null_emb, null_mask=self.null_mask)
         return rec
 
+    def captioned_frame(self, index, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(frame latent (h, w, c), caption embedding (text_len, text_dim), mask (text_len,)):
+        a uniformly drawn frame of record `index` (never its flipped latent) with the
+        record's caption (joint images)."""
+        rec = self[index]
+        return rec["image"][int(rng.integers(len(rec["image"])))], rec["text_emb"], rec["text_mask"]
+
     def __repr__(self) -> str:
         return f"TextLatentSource({self.latents!r}, text {self.text_len} x {self.text_dim})"
+
+
+# ---- joint images with their own captions ------------------------------------------------------------
+class AppendCaptionedImages(grain.transforms.RandomMap):
+    """Joint image-video training of a text model: appends `count` single frames after the
+    record's clip, each a uniformly drawn frame of a uniformly drawn record (any record,
+    the clip's own included, as the official sampler), with that record's caption:
+    "image_text_emb" float32 (count, L, D) and "image_text_mask" int32 (count, L). Every
+    draw comes from the example's rng, so a batch depends only on the seed and its position.
+    The source gives the frames (`captioned_frame(index, rng)`); images are never flipped."""
+
+    def __init__(self, source, count: int):
+        if not hasattr(source, "captioned_frame"):
+            raise ConfigError(
+                f"joint images with their own captions need a captioned source (text latents or text_moving_digits), not {source!r}"
+            )
+        self.source, self.count = source, int(count)
+
+    def random_map(self, record, rng: np.random.Generator):
+        video = np.asarray(record["image"])
+        if video.ndim != 4:
+            raise ConfigError(f"joint images (data.images_per_video) need video records (F, H, W, C), got shape {video.shape}")
+        picks = rng.integers(len(self.source), size=self.count)
+        frames, embs, masks = zip(*(self.source.captioned_frame(int(j), rng) for j in picks))
+        return {
+            **record,
+            "image": np.concatenate([video, np.stack(frames).astype(video.dtype)], axis=0),
+            "image_text_emb": np.stack(embs).astype(np.float32),
+            "image_text_mask": np.stack(masks).astype(np.int32),
+        }
 
 
 # ---- caption files --------------------------------------------------------------------------------

@@ -24,6 +24,14 @@ The deep-feature cache counts pairs: the deep feature is the hidden state enteri
 (before its fusion), (B, F, T, D); a shallow pass runs pairs 0..k-1, then pairs P-k..P-1
 from the cached feature, each fusing its fresh shallow skip (the official
 `LatteT2V_skip_cache` with `skip_at_branch = k`).
+
+Joint image-video training (the official `use_image_num`): the plain pass may take I more
+frames than `num_frames`, independent images, each with its own caption (`image_text_emb`
+(B, I, L, C), `image_text_mask` (B, I, L)). Images get the 2-D position table, the shared
+timestep modulation, every spatial block (cross-attending to their own caption), the skip
+fusions and the output layer; no temporal block and no frame table. They are carried as a
+separate (B*I, 1, T, D) stream beside the video's (B, F, T, D), so the video's output is
+exactly that of the video alone.
 """
 
 from __future__ import annotations
@@ -70,6 +78,8 @@ class LatteT2VConfig(ArchitectureConfig):
       long_skip: the Skip-DiT long skips (pair p <-> pair depth-1-p); needs an even depth.
       norm_eps: epsilon of the blocks' LayerNorms (1e-6 in Latte-0).
       skip_init: init of the skip Linear: "torch_default" (the official T2V code) or "xavier".
+      joint_images: I, images per video of a training batch (joint image-video training);
+        only `batch_spec` uses it, the model takes any I. Sampling sees videos only.
       dtype, attention_impl, remat_policy, scan_unroll: as `ModelConfig`.
     """
 
@@ -83,6 +93,7 @@ class LatteT2VConfig(ArchitectureConfig):
     num_frames: int = 16
     caption_channels: int = 4096
     text_len: int = 120
+    joint_images: int = 0
     learn_sigma: bool = True
     long_skip: bool = False
     norm_eps: float = 1e-6
@@ -125,6 +136,8 @@ class LatteT2VConfig(ArchitectureConfig):
             self._invalid(f"depth counts (spatial, temporal) pairs and must be >= 2, got {self.depth}")
         if self.long_skip and self.depth % 2:
             self._invalid(f"long skips pair pair p with pair depth-1-p, so depth must be even, got {self.depth}")
+        if int(self.joint_images) != self.joint_images or self.joint_images < 0:
+            self._invalid(f"joint_images must be an integer >= 0, got {self.joint_images}")
         if not 0 < self.norm_eps < 1:
             self._invalid(f"norm_eps must be in (0, 1), got {self.norm_eps}")
 
@@ -167,6 +180,10 @@ class _Pair(nn.Module):
             v = jnp.where(first, (v.astype(jnp.float32) + temp).astype(v.dtype), v)
         return self.temporal(v, mod).transpose(0, 2, 1, 3)
 
+    def image(self, h, mod, context, bias):
+        """The pair on joint images (B*I, 1, T, D): its spatial block only."""
+        return self.spatial(h, mod, context, bias)
+
 
 class _FinalLayer(nn.Module):
     """shift, scale = scale_shift_table + emb; proj_out(LN(x) * (1 + scale) + shift)."""
@@ -199,6 +216,11 @@ class LatteT2V(nn.Module):
     x: (B, F, H, W, C) channels-last, F == num_frames; t: (B,) timesteps (0..999 scale);
     text_emb: (B, L, caption_channels) text-encoder output; text_mask: (B, L), 1 for the
     tokens to attend to, 0 for padding (a key mask of the cross-attention). Output float32.
+
+    Joint images (the plain pass only): x holds num_frames + I frames, the last I images
+    captioned by image_text_emb (B, I, L', caption_channels) / image_text_mask (B, I, L');
+    the output then has num_frames + I frames, its first num_frames those of x[:, :num_frames]
+    alone.
     """
 
     config: LatteT2VConfig
@@ -230,15 +252,27 @@ class LatteT2V(nn.Module):
         self.temp_embed = jnp.asarray(get_1d_sincos_temp_embed(d, cfg.num_frames), jnp.float32)
 
     # ---- pieces ------------------------------------------------------------------------
-    def check_inputs(self, x, text_emb, text_mask):
+    def check_inputs(self, x, text_emb, text_mask, image_text_emb=None, image_text_mask=None):
         cfg = self.config
-        want = (cfg.num_frames, cfg.input_size, cfg.input_size, cfg.in_channels)
+        n_img = 0 if image_text_emb is None else image_text_emb.shape[1]
+        want = (cfg.num_frames + n_img, cfg.input_size, cfg.input_size, cfg.in_channels)
         if x.ndim != 5 or tuple(x.shape[1:]) != want:
+            more = f" (num_frames {cfg.num_frames} + {n_img} joint images)" if n_img else ""
             raise UserError(
                 f"a Latte-T2V model takes video latents of shape (batch, {', '.join(map(str, want))}) "
-                f"(batch, frames, height, width, channels), got {tuple(x.shape)}"
+                f"(batch, frames{more}, height, width, channels), got {tuple(x.shape)}"
             )
         b = x.shape[0]
+        if image_text_emb is not None:
+            shape = tuple(image_text_emb.shape)
+            if len(shape) != 4 or shape[0] != b or shape[3] != cfg.caption_channels:
+                raise UserError(
+                    f"image_text_emb must have shape ({b}, images, tokens, {cfg.caption_channels}) "
+                    f"(one caption per joint image), got {shape}"
+                )
+            if image_text_mask is None or tuple(image_text_mask.shape) != shape[:3]:
+                got = None if image_text_mask is None else tuple(image_text_mask.shape)
+                raise UserError(f"image_text_mask must have shape {shape[:3]} (one flag per token of image_text_emb), got {got}")
         if text_emb.ndim != 3 or text_emb.shape[0] != b:
             raise UserError(f"text_emb must have shape ({b}, tokens, {cfg.caption_channels}), got {tuple(text_emb.shape)}")
         if text_emb.shape[-1] != cfg.caption_channels:
@@ -251,36 +285,68 @@ class LatteT2V(nn.Module):
                 f"text_mask must have shape {tuple(text_emb.shape[:2])} (one flag per token), got {tuple(text_mask.shape)}"
             )
 
-    def embed(self, x, t, text_emb, text_mask):
-        """(tokens (B, F, T, D), cond): cond = (mod (B, 6, D), emb (B, D), context (B, L, D),
-        key bias (B, 1, 1, L)), what every block and the output layer take."""
+    def _tokens(self, x):
+        """(B, F, H, W, C) -> patch tokens + the 2-D position table, (B, F, T, D)."""
         cfg = self.config
-        self.check_inputs(x, text_emb, text_mask)
         b, f = x.shape[:2]
         frames = x.reshape(b * f, *x.shape[2:]).astype(cfg.compute_dtype)
         tokens = self.x_embedder(frames).reshape(b, f, cfg.num_patches, cfg.hidden_size)
-        h = (tokens.astype(jnp.float32) + self.pos_embed).astype(cfg.compute_dtype)
+        return (tokens.astype(jnp.float32) + self.pos_embed).astype(cfg.compute_dtype)
+
+    def embed(self, x, t, text_emb, text_mask, image_text_emb=None, image_text_mask=None):
+        """(tokens (B, F, T, D), cond): cond = (mod (B, 6, D), emb (B, D), context (B, L, D),
+        key bias (B, 1, 1, L)), what every block and the output layer take.
+
+        With joint images: (tokens, image tokens (B*I, 1, T, D)) and cond with a fifth entry,
+        the images' own (mod, emb, context, bias) with B*I rows (image i of sample b at row
+        b*I + i)."""
+        cfg = self.config
+        self.check_inputs(x, text_emb, text_mask, image_text_emb, image_text_mask)
+        b, f = x.shape[0], cfg.num_frames
+        h = self._tokens(x[:, :f] if image_text_emb is not None else x)
         emb = self.t_embedder(t)
         mod = self.adaln_single(nn.silu(emb)).reshape(b, 6, cfg.hidden_size)
         context = self.caption_projection(text_emb.astype(cfg.compute_dtype))
-        return h, (mod, emb, context, key_mask_bias(text_mask, cfg.compute_dtype))
+        cond = (mod, emb, context, key_mask_bias(text_mask, cfg.compute_dtype))
+        if image_text_emb is None:
+            return h, cond
+        n_img, n_tok = image_text_emb.shape[1:3]
+        h_img = self._tokens(x[:, f:]).reshape(b * n_img, 1, cfg.num_patches, cfg.hidden_size)
+        ctx_img = self.caption_projection(image_text_emb.reshape(b * n_img, n_tok, -1).astype(cfg.compute_dtype))
+        bias_img = key_mask_bias(image_text_mask.reshape(b * n_img, n_tok), cfg.compute_dtype)
+        rows = functools.partial(jnp.repeat, repeats=n_img, axis=0)
+        return (h, h_img), (*cond, (rows(mod), rows(emb), ctx_img, bias_img))
 
-    def head(self, h, cond):
-        """Output layer on (B, F, T, D) -> (B, F, H, W, out_channels), float32."""
+    def _head(self, h, emb):
         cfg = self.config
         b, f = h.shape[:2]
-        tokens = self.final_layer(h, cond[1])
+        tokens = self.final_layer(h, emb)
         g, p, ch = cfg.grid_size, cfg.patch_size, cfg.out_channels
         x = tokens.reshape(b, f, g, g, p, p, ch).transpose(0, 1, 2, 4, 3, 5, 6)
         return x.reshape(b, f, g * p, g * p, ch).astype(jnp.float32)
 
+    def head(self, h, cond):
+        """Output layer on (B, F, T, D) -> (B, F, H, W, out_channels), float32 (with joint
+        images: the video's frames, then the images)."""
+        if not isinstance(h, tuple):
+            return self._head(h, cond[1])
+        video = self._head(h[0], cond[1])
+        images = self._head(h[1], cond[4][1])
+        return jnp.concatenate([video, images.reshape(video.shape[0], -1, *images.shape[2:])], axis=1)
+
     def _pair_fn(self, cond):
         cfg = self.config
-        mod, _, context, bias = cond
+        mod, _, context, bias = cond[:4]
+        image_cond = cond[4] if len(cond) > 4 else None
         temp = self.temp_embed[None, None]
 
         def fn(p, h, first):
-            return _Pair(cfg, parent=None).apply({"params": p}, h, mod, context, bias, temp, first)
+            pair = _Pair(cfg, parent=None)
+            if image_cond is None:
+                return pair.apply({"params": p}, h, mod, context, bias, temp, first)
+            i_mod, _, i_context, i_bias = image_cond
+            video = pair.apply({"params": p}, h[0], mod, context, bias, temp, first)
+            return video, pair.apply({"params": p}, h[1], i_mod, i_context, i_bias, method=_Pair.image)
 
         return remat(fn, cfg.remat_policy)
 
@@ -312,15 +378,16 @@ class LatteT2V(nn.Module):
 
         def step(h, p, skip):
             p_pair, p_fuse = p
-            return pair(p_pair, fusion.apply({"params": p_fuse}, h, skip), no), None
+            fused = jax.tree.map(lambda a, s: fusion.apply({"params": p_fuse}, a, s), h, skip)  # video, images apart
+            return pair(p_pair, fused, no), None
 
         stacked = (self.decoder_pairs, self.skip_fusions)
-        return scan_blocks(step, h, stacked, lo, hi, extra_xs=skips[::-1], unroll=unroll)[0]
+        return scan_blocks(step, h, stacked, lo, hi, extra_xs=jax.tree.map(lambda s: s[::-1], skips), unroll=unroll)[0]
 
     # ---- passes ------------------------------------------------------------------------
-    def __call__(self, x, t, text_emb, text_mask):
+    def __call__(self, x, t, text_emb, text_mask, image_text_emb=None, image_text_mask=None):
         cfg = self.config
-        h, cond = self.embed(x, t, text_emb, text_mask)
+        h, cond = self.embed(x, t, text_emb, text_mask, image_text_emb, image_text_mask)
         n_enc = cfg.num_encoder_pairs
         h, skips = self.run_encoder(h, cond, 0, n_enc)
         h = self.run_decoder(h, cond, 0, cfg.num_pairs - n_enc, skips)

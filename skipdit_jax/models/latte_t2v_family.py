@@ -9,6 +9,11 @@ The condition (`condition_kind = "text"`) is a dict of arrays with the batch lea
 "null_*" is each sample's unconditional (empty or negative prompt) caption, so that
 `null_condition` -- the text swapped for the null caption -- and `drop_condition` need no
 text encoder. Cache units are (spatial, temporal) pairs.
+
+A joint image-video training batch (`joint_images` I > 0) adds the images' captions,
+"image_text_emb" (B, I, L, caption_channels) and "image_text_mask" (B, I, L); the null
+condition gives every image the sample's null caption. Sampling and the caches see videos
+only.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from skipdit_jax.models.family import ModelFamily
 from skipdit_jax.models.latte_t2v import LatteT2V, LatteT2VConfig, init_latte_t2v_params
 
 CONDITION_KEYS = ("text_emb", "text_mask", "null_emb", "null_mask")
+IMAGE_KEYS = ("image_text_emb", "image_text_mask")
 
 # Logical axes for `skipdit_jax.sharding` (as Latte's; kernels are (in, out)).
 PARAM_AXES: list[tuple[str, tuple[str | None, ...]]] = [
@@ -91,6 +97,13 @@ class LatteT2VFamily(ModelFamily):
                 raise UserError(
                     f"{prefix}_mask must have shape {shape[:2]} (one 0/1 flag per token of {prefix}_emb), got {mshape}"
                 )
+        if "image_text_emb" in condition:
+            shape, mshape = tuple(np.shape(condition["image_text_emb"])), tuple(np.shape(condition.get("image_text_mask")))
+            if len(shape) != 4 or shape[0] != batch or shape[3] != cc or mshape != shape[:3]:
+                raise UserError(
+                    f"image_text_emb must have shape ({batch}, images, tokens, {cc}) and image_text_mask (batch, images, "
+                    f"tokens), got {shape} and {mshape}"
+                )
         if np.shape(condition["null_emb"]) != np.shape(condition["text_emb"]):
             raise UserError(
                 f"null_emb must have the shape of text_emb {tuple(np.shape(condition['text_emb']))} (guidance batches "
@@ -98,28 +111,44 @@ class LatteT2VFamily(ModelFamily):
             )
 
     def null_condition(self, condition):
-        return {
+        """text_* replaced by null_*; joint images' captions by the sample's null caption
+        (which must have the images' token length)."""
+        null = {
             "text_emb": condition["null_emb"],
             "text_mask": condition["null_mask"],
             "null_emb": condition["null_emb"],
             "null_mask": condition["null_mask"],
         }
+        if "image_text_emb" in condition:
+            shape = condition["image_text_emb"].shape
+            null["image_text_emb"] = jnp.broadcast_to(condition["null_emb"][:, None], shape)
+            null["image_text_mask"] = jnp.broadcast_to(condition["null_mask"][:, None], shape[:3])
+        return null
 
     def condition_from_batch(self, batch: dict):
-        return {k: jnp.asarray(batch[k], jnp.int32 if k.endswith("_mask") else jnp.float32) for k in CONDITION_KEYS}
+        keys = CONDITION_KEYS + (IMAGE_KEYS if self.config.joint_images else ())
+        return {k: jnp.asarray(batch[k], jnp.int32 if k.endswith("_mask") else jnp.float32) for k in keys}
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """ "image": (B, F, H, W, C) clean latents, and the condition, captions of text_len tokens."""
+        """ "image": (B, F + I, H, W, C) clean latents (the video, then I = joint_images
+        images), and the condition, captions of text_len tokens; with I > 0 also the images'
+        captions "image_text_emb" (B, I, text_len, caption_channels), "image_text_mask"."""
         c = self.config
-        emb = jax.ShapeDtypeStruct((batch_size, c.text_len, c.caption_channels), jnp.float32)
-        mask = jax.ShapeDtypeStruct((batch_size, c.text_len), jnp.int32)
-        return {
-            "image": jax.ShapeDtypeStruct((batch_size, *self.sample_shape), jnp.float32),
+        b, n_img = batch_size, c.joint_images
+        emb = jax.ShapeDtypeStruct((b, c.text_len, c.caption_channels), jnp.float32)
+        mask = jax.ShapeDtypeStruct((b, c.text_len), jnp.int32)
+        frames = (c.num_frames + n_img, *self.sample_shape[1:])
+        spec = {
+            "image": jax.ShapeDtypeStruct((b, *frames), jnp.float32),
             "text_emb": emb,
             "text_mask": mask,
             "null_emb": emb,
             "null_mask": mask,
         }
+        if n_img:
+            spec["image_text_emb"] = jax.ShapeDtypeStruct((b, n_img, c.text_len, c.caption_channels), jnp.float32)
+            spec["image_text_mask"] = jax.ShapeDtypeStruct((b, n_img, c.text_len), jnp.int32)
+        return spec
 
     def example_condition(self, num: int):
         """A prompt-free condition for `num` preview samples (numpy): zero embeddings of
@@ -134,7 +163,10 @@ class LatteT2VFamily(ModelFamily):
 
     # ---- passes -------------------------------------------------------------------------
     def apply(self, params, x, t, condition):
-        return self.module.apply({"params": params}, x, t, condition["text_emb"], condition["text_mask"])
+        """The plain forward; a condition with image_text_emb / image_text_mask (a joint
+        training batch) takes x with num_frames + I frames."""
+        images = [condition[k] for k in IMAGE_KEYS] if "image_text_emb" in condition else []
+        return self.module.apply({"params": params}, x, t, condition["text_emb"], condition["text_mask"], *images)
 
     @property
     def has_long_skips(self) -> bool:

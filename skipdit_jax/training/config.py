@@ -62,7 +62,8 @@ def default_config() -> ml_collections.ConfigDict:
             mnist_resize="pad",  # 28x28 digits -> image_size by zero padding ("pad") or resizing
             # Video data (model.family="latte"): clips of num_frames frames frame_interval apart
             # (the official TemporalRandomCrop of num_frames * frame_interval frames), plus
-            # images_per_video single frames from other videos (joint image-video training).
+            # images_per_video single frames from other videos (joint image-video training;
+            # for "latte_t2v" each with its own video's caption).
             num_frames=16,
             frame_interval=3,
             images_per_video=0,
@@ -241,9 +242,14 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     if dd.images_per_video < 0:
         raise ConfigError(f"data.images_per_video must be >= 0, got {dd.images_per_video}")
     if dd.images_per_video and not is_video:
-        raise ConfigError("data.images_per_video (joint image-video training) needs a video model (model.family='latte')")
-    if dd.images_per_video and is_text:
-        raise ConfigError(f"data.images_per_video (joint images with their own captions) is not supported for model.family={family!r}; set it to 0")
+        raise ConfigError(
+            "data.images_per_video (joint image-video training) needs a video model (model.family='latte' or 'latte_t2v')"
+        )
+    if dd.images_per_video and family == "latte_t2v_joint":
+        raise ConfigError(
+            "data.images_per_video (joint images with their own captions) is not supported for "
+            "model.family='latte_t2v_joint'; set it to 0"
+        )
     if dd.video_resize not in VIDEO_RESIZE:
         raise ConfigError(f"data.video_resize must be one of {', '.join(VIDEO_RESIZE)}, got {dd.video_resize!r}")
     if dd.frame_sampling not in FRAME_SAMPLING:

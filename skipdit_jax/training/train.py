@@ -266,7 +266,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *, progr
         process_count=jax.process_count(),
         flip=config.data.flip,
         fields={k: v.dtype for k, v in family.batch_spec(1).items()},  # what this family trains on
-        images_per_video=config.data.images_per_video if type(mc).family == "latte" else 0,
+        images_per_video=config.data.images_per_video if type(mc).family in ("latte", "latte_t2v") else 0,
     )
 
     # -- model, optimizer and state, created already sharded --------------------------------------
