@@ -21,11 +21,13 @@ COMMANDS = {
     "train": "train a DiT / Skip-DiT from a config file (skipdit train --config configs/NAME.py --workdir DIR)",
     "export": "export a model directory to an official-layout PyTorch .safetensors file",
     "sample": "sample images (or latents) from a model, optionally with Skip-Cache",
+    "sample-vbench": "sample VBench's prompts_per_dimension videos (<dimension>/<prompt>-<i>.mp4) from a text-to-video model",
     "sample-many": "draw a large, resumable, sharded sample set (ADM .npz) for FID evaluation",
     "evaluate": "FID, sFID, Inception Score, precision and recall of a sample .npz (FVD for videos) against a reference",
     "convert-i3d": "convert the I3D (Kinetics-400) weight file used for FVD into a safetensors copy for evaluation",
     "convert-inception": "convert the pytorch-fid Inception weight file into a safetensors copy for evaluation",
     "plot-curves": "plot a logged metric (e.g. FID) against training steps for one or more runs",
+    "encode-text": "encode prompts with the T5 v1.1 text encoder into an embedding file for text-to-video models",
     "calibrate": "fit TeaCache's rescaling polynomial for a DiT (a cache baseline)",
 }
 
