@@ -36,8 +36,24 @@ measured (1.47x predicted), PSNR 34.6 dB vs uncached; N=3 1.40x (1.74x), 28.7 dB
 to 3,544 steps (train.steps 4,000, a new cosine): 0.152 uncached, 0.147 with N=2 (1.64x, 34.9 dB),
 0.142 with N=3: more steps alone improve it slowly. Earlier
 runs, two in parallel: width 96 after 450 steps and width 64 after 750 were at chance
-(0.09, 0.10). Candidates, unmeasured: width 128 (what learned digits in the image demo,
-at fewer steps per second), 12 px digits, 4 frames, or a longer budget.
+(0.09, 0.10).
+Further variants (2026-12-07, 2 shared cores, a fixed step count each, width 128, 6 pairs,
+DDIM-25 guided; per-frame class accuracy uncached):
+  * 4 frames, batch 32, 2,000 steps: 0.175; 8 frames, batch 16, 2,000 steps: 0.121.
+  * 4 frames + 4 joint images (`data.images_per_video`), batch 16, 1,600 steps: 0.142
+    (10 px digits), 0.208 (12 px digits).
+  * Motion restricted to whole patches (4 px steps, so every frame tokenizes the digit the
+    same way): 16 px digits on 24 px frames, 4 frames, batch 16, 1,600 steps: 0.158; 12 px
+    digits on 16 px frames, 4 frames + 8 joint images, batch 16, 1,500 steps: 0.300 (N=2:
+    0.258, PSNR 36.4 dB).
+  The label's effect on the model output is as small as the image demo's at a similar
+  number of steps (|eps(class) - eps(null)| ~ 0.006 at t = 500 for both), and the image
+  demo needs ~3,000 steps of 64 fixed-position digits for 0.94: a moving digit multiplies
+  the positions each class must be learned at, and 15 minutes on 2 cores buys about
+  130-300k frame views at these sizes. What has helped most is patch-aligned motion plus
+  joint images (cheap extra digits); reaching 0.8 needs either a larger budget or a
+  warm start of the spatial blocks from the image demo's model (as Latte itself starts
+  from an image DiT), neither done yet.
 """
 
 from skipdit_jax.training.config import default_config, finalize
