@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from skipdit_jax import paths
+from skipdit_jax import hub, paths
 from skipdit_jax.convert.dit import _count, _dense, _stack
 from skipdit_jax.convert.torch_io import check_keys_and_shapes, load_torch_checkpoint
-from skipdit_jax.errors import CheckpointError, HubUnavailableError
+from skipdit_jax.errors import CheckpointError
 from skipdit_jax.models.latte import get_1d_sincos_temp_embed
 from skipdit_jax.models.latte_t2v import LatteT2VConfig, latte_t2v_preset
 from skipdit_jax.models.text_blocks import patch_pos_embed
@@ -413,33 +413,6 @@ def _read_folder_state(folder) -> dict[str, np.ndarray]:
     raise CheckpointError(f"no diffusion_pytorch_model weights (.safetensors, .bin or a sharded index) in {folder}")
 
 
-def _hub_folder(spec: str) -> str:
-    """A local snapshot of hf://org/repo[/subfolder] (config and weights only)."""
-    parts = spec[len("hf://") :].strip("/").split("/")
-    if len(parts) < 2 or not all(parts):
-        raise CheckpointError(f"bad Hub spec {spec!r}: expected hf://org/repo or hf://org/repo/subfolder")
-    repo, sub = "/".join(parts[:2]), "/".join(parts[2:])
-    prefix = f"{sub}/" if sub else ""
-    try:
-        from huggingface_hub import snapshot_download
-
-        root = snapshot_download(
-            repo,
-            allow_patterns=[
-                f"{prefix}config.json",
-                f"{prefix}diffusion_pytorch_model*",
-                "transformer/config.json",
-                "transformer/diffusion_pytorch_model*",
-            ],
-        )
-    except Exception as e:  # network down, offline mode, missing repo
-        raise HubUnavailableError(
-            f"could not fetch {spec} from the Hugging Face Hub ({type(e).__name__}); "
-            "download it elsewhere and pass the local folder"
-        ) from None
-    return str(paths.as_path(root) / sub) if sub else root
-
-
 def load_latte_t2v(spec, num_heads: int | None = None, preset: str | None = None, strict: bool = False, **sizes):
     """(config, params) of a Latte-T2V checkpoint: a diffusers folder (a pipeline root with a
     `transformer/` subfolder, or the transformer folder: config.json + weights, sharded or
@@ -450,7 +423,12 @@ def load_latte_t2v(spec, num_heads: int | None = None, preset: str | None = None
     spec = str(spec)
     is_file = re.search(r"\.(pt|pth|bin|safetensors|ckpt)$", spec) is not None
     if spec.startswith("hf://") and not is_file:
-        spec = _hub_folder(spec)
+        repo, sub = hub.parse_hub_spec(spec, "hf://maxin-cn/Latte-0")
+        # A pipeline repo keeps the model in transformer/; fetch only configs and weights.
+        spec = str(hub.fetch_folder(
+            repo, sub, [["diffusion_pytorch_model*", "transformer/diffusion_pytorch_model*"]],
+            extra_patterns=("config.json", "transformer/config.json"), instead="the local folder (download it elsewhere)",
+        ))
     p = paths.as_path(spec) if not spec.startswith("hf://") else None
     hints: dict = {}
     if p is not None and p.is_dir():

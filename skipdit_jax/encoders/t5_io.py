@@ -23,10 +23,10 @@ import jax.numpy as jnp
 import numpy as np
 from etils import epath
 
-from skipdit_jax import paths
+from skipdit_jax import hub, paths
 from skipdit_jax.convert.torch_io import check_keys_and_shapes
 from skipdit_jax.encoders.t5 import T5Config, block_shapes, param_shardings
-from skipdit_jax.errors import CheckpointError, ConfigError, HubUnavailableError
+from skipdit_jax.errors import CheckpointError, ConfigError
 
 _ATTN = "encoder.block.{i}.layer.0.SelfAttention.{name}.weight"
 _FF = "encoder.block.{i}.layer.1.DenseReluDense.{name}.weight"
@@ -253,36 +253,6 @@ def _read_hf_config(path: epath.Path) -> dict:
     }
 
 
-def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str | None) -> epath.Path:
-    from huggingface_hub import snapshot_download
-
-    from skipdit_jax.encoders.vae import _is_network_error
-
-    prefix = f"{subfolder}/" if subfolder else ""
-    try:
-        # Safetensors first; the .bin files only for repos without them (never both).
-        for patterns in (["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], ["pytorch_model*.bin*"]):
-            folder = paths.as_path(
-                snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    allow_patterns=[f"{prefix}config.json"] + [prefix + p for p in patterns],
-                )
-            )
-            folder = folder / subfolder if subfolder else folder
-            if any(folder.glob(patterns[0])):
-                return folder
-    except Exception as e:
-        if _is_network_error(e):
-            raise HubUnavailableError(
-                f"could not reach the Hugging Face Hub to fetch {repo_id!r} and it is not in the local cache "
-                f"({type(e).__name__}); download its text_encoder/ folder elsewhere and give the local path"
-            ) from None
-        raise
-    raise CheckpointError(f"Hub repo {repo_id}{'/' + subfolder if subfolder else ''} has no T5 weights")
-
-
 def load_t5(
     path_or_spec: paths.PathLike,
     *,
@@ -301,11 +271,14 @@ def load_t5(
     `dtype` / `param_dtype`: compute and storage dtypes; `mesh`: load onto its shardings.
     """
     spec = str(path_or_spec) if isinstance(path_or_spec, epath.Path) else os.fspath(path_or_spec)
-    if spec.startswith("hf://"):
-        parts = spec[len("hf://") :].strip("/").split("/")
-        if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"bad Hub spec {spec!r}: expected hf://org/repo or hf://org/repo/subfolder")
-        path = _snapshot("/".join(parts[:2]), "/".join(parts[2:]), revision, cache_dir)
+    if hub.is_hub_spec(spec):
+        repo, sub = hub.parse_hub_spec(spec, "hf://maxin-cn/Latte-1/text_encoder")
+        # Safetensors first; the .bin files only for repos without them (never both).
+        weights = [["model.safetensors", "model.safetensors.index.json", "model-*.safetensors"], ["pytorch_model*.bin*"]]
+        path = hub.fetch_folder(
+            repo, sub, weights, revision=revision, cache_dir=cache_dir,
+            instead="a local path (download the text_encoder/ folder elsewhere)",
+        )
     else:
         path = paths.as_path(spec)
         if not path.exists():

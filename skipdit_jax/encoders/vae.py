@@ -33,8 +33,8 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from skipdit_jax import paths
-from skipdit_jax.errors import CheckpointError, ConfigError, HubUnavailableError
+from skipdit_jax import hub, paths
+from skipdit_jax.errors import CheckpointError, ConfigError
 
 __all__ = [
     "VAEConfig",
@@ -568,48 +568,6 @@ def _read_config(path: epath.Path, **overrides) -> VAEConfig:
         raise ConfigError(f"{path} is not a diffusers AutoencoderKL config: {e}") from None
 
 
-def _is_network_error(e: Exception) -> bool:
-    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
-
-    if isinstance(e, (LocalEntryNotFoundError, OfflineModeIsEnabled, ConnectionError, TimeoutError)):
-        return True
-    # The HTTP client (requests, httpx, httpx2 depending on the hub version) raises its own
-    # connection/proxy errors; they do not share a base class we could import reliably.
-    return type(e).__module__.split(".")[0] in ("requests", "urllib3", "httpx", "httpx2", "httpcore")
-
-
-def _snapshot(repo_id: str, subfolder: str, revision: str | None, cache_dir: str | None) -> epath.Path:
-    """Downloads (or finds in the cache) config.json plus one weight file of a Hub repo."""
-    from huggingface_hub import snapshot_download
-
-    prefix = f"{subfolder}/" if subfolder else ""
-    try:
-        # Safetensors first; a second call fetches the .bin only for repos that lack it,
-        # so a repo that has both never costs two downloads.
-        for weights in _WEIGHT_FILES:
-            folder = paths.as_path(
-                snapshot_download(
-                    repo_id,
-                    revision=revision,
-                    cache_dir=cache_dir,
-                    allow_patterns=[f"{prefix}config.json", f"{prefix}{weights}"],
-                )
-            )
-            found = folder / prefix / weights if prefix else folder / weights
-            if found.exists():
-                return found.parent
-    except Exception as e:
-        if _is_network_error(e):
-            raise HubUnavailableError(
-                f"could not reach the Hugging Face Hub to fetch {repo_id!r} and it is not in the local cache "
-                f"({type(e).__name__}); give a local path instead: a diffusers VAE directory "
-                "(config.json + diffusion_pytorch_model.safetensors) or a .safetensors file"
-            ) from None
-        raise
-    where = f"{repo_id}/{subfolder}" if subfolder else repo_id
-    raise CheckpointError(f"Hub repo {where!r} has no {' or '.join(_WEIGHT_FILES)}")
-
-
 def load_vae(
     path_or_spec: paths.PathLike,
     *,
@@ -631,11 +589,13 @@ def load_vae(
     `dtype` is the compute dtype recorded in the returned config.
     """
     spec = str(path_or_spec) if isinstance(path_or_spec, epath.Path) else os.fspath(path_or_spec)
-    if spec.startswith("hf://"):
-        parts = spec[len("hf://") :].strip("/").split("/")
-        if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"bad Hub spec {spec!r}: expected hf://org/repo or hf://org/repo/subfolder")
-        path = _snapshot("/".join(parts[:2]), "/".join(parts[2:]), revision, cache_dir)
+    if hub.is_hub_spec(spec):
+        repo, sub = hub.parse_hub_spec(spec, "hf://stabilityai/sd-vae-ft-mse")
+        path = hub.fetch_folder(
+            repo, sub, [[name] for name in _WEIGHT_FILES], revision=revision, cache_dir=cache_dir,
+            instead="a local path: a diffusers VAE directory (config.json + diffusion_pytorch_model.safetensors) "
+            "or a .safetensors file",
+        )
     else:
         path = paths.as_path(spec)
         if not path.exists():

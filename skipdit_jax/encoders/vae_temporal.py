@@ -35,7 +35,7 @@ import numpy as np
 from etils import epath
 from flax import traverse_util
 
-from skipdit_jax import paths
+from skipdit_jax import hub, paths
 from skipdit_jax.encoders import vae as sd_vae
 from skipdit_jax.errors import CheckpointError, ConfigError, UserError
 
@@ -420,14 +420,15 @@ def load_temporal_vae(
     HubUnavailableError when offline and not cached). `dtype` is the compute dtype.
     """
     spec = str(path_or_spec) if isinstance(path_or_spec, epath.Path) else os.fspath(path_or_spec)
-    if spec.startswith("hf://"):
-        parts = spec[len("hf://") :].strip("/").split("/")
-        if len(parts) < 2 or not all(parts):
-            raise ConfigError(f"bad Hub spec {spec!r}: expected hf://org/repo/subfolder, e.g. hf://maxin-cn/Latte-1/{_SUBFOLDER}")
+    if hub.is_hub_spec(spec):
+        repo, sub = hub.parse_hub_spec(spec, f"hf://maxin-cn/Latte-1/{_SUBFOLDER}")
         try:
-            path = sd_vae._snapshot("/".join(parts[:2]), "/".join(parts[2:]), revision, cache_dir)
+            path = hub.fetch_folder(
+                repo, sub, [[name] for name in sd_vae._WEIGHT_FILES], revision=revision, cache_dir=cache_dir,
+                instead=f"a local path (download the {_SUBFOLDER}/ folder elsewhere)",
+            )
         except CheckpointError as e:
-            if len(parts) > 2 or isinstance(e, RuntimeError):  # RuntimeError: HubUnavailableError
+            if sub or isinstance(e, RuntimeError):  # RuntimeError: HubUnavailableError
                 raise
             raise CheckpointError(
                 f"{e} (in a pipeline repo, name the VAE's subfolder: {spec.rstrip('/')}/{_SUBFOLDER})"
