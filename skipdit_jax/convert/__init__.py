@@ -12,6 +12,7 @@ from skipdit_jax.convert.dit import (
     infer_config,
     validate_state_dict,
 )
+from skipdit_jax.convert.hunyuan import hunyuan_from_torch, hunyuan_to_torch
 from skipdit_jax.convert.latte import latte_from_torch, latte_to_torch
 from skipdit_jax.convert.latte_t2v import latte_t2v_from_torch, latte_t2v_to_torch, load_latte_t2v, save_latte_t2v_diffusers
 from skipdit_jax.convert.torch_io import load_torch_checkpoint, resolve_path
@@ -52,6 +53,8 @@ __all__ = [
     "dit_to_torch",
     "expected_shapes",
     "from_torch",
+    "hunyuan_from_torch",
+    "hunyuan_to_torch",
     "infer_config",
     "latte_from_torch",
     "latte_to_torch",

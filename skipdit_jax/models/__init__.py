@@ -5,6 +5,8 @@ from skipdit_jax.models.config import ModelConfig, preset, preset_names
 from skipdit_jax.models.dit import DiT, DiTBlock, DiTFamily, count_params, init_params
 from skipdit_jax.models.families import as_family, config_from_dict, family_of, get_family
 from skipdit_jax.models.family import ModelFamily
+from skipdit_jax.models.hunyuan import HunyuanConfig, HunyuanDiT, hunyuan_preset, hunyuan_preset_names
+from skipdit_jax.models.hunyuan_family import HunyuanFamily
 from skipdit_jax.models.latte import Latte, LatteConfig, LatteFamily, latte_preset, latte_preset_names
 from skipdit_jax.models.latte_t2v import LatteT2V, LatteT2VConfig, latte_t2v_preset, latte_t2v_preset_names
 from skipdit_jax.models.latte_t2v_family import LatteT2VFamily
@@ -16,6 +18,11 @@ __all__ = [
     "as_family",
     "DiTBlock",
     "DiTFamily",
+    "HunyuanConfig",
+    "HunyuanDiT",
+    "HunyuanFamily",
+    "hunyuan_preset",
+    "hunyuan_preset_names",
     "Latte",
     "LatteConfig",
     "LatteFamily",

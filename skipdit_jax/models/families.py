@@ -21,6 +21,7 @@ _FAMILIES: dict[str, str] = {
     "latte": "skipdit_jax.models.latte:LatteFamily",
     "latte_t2v": "skipdit_jax.models.latte_t2v_family:LatteT2VFamily",
     "latte_t2v_joint": "skipdit_jax.models.latte_t2v_joint:LatteT2VJointFamily",
+    "hunyuan": "skipdit_jax.models.hunyuan_family:HunyuanFamily",
 }
 DEFAULT_FAMILY = "dit"  # model_config.json files written before families were named
 
