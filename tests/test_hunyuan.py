@@ -198,6 +198,53 @@ def test_family_contract_and_round_trip(model, passes):
     assert family.count_params(params) == sum(v.size for v in state.values())
 
 
+def _official_layout(state):
+    """The diffusers state dict written in the official HunyuanDiT names (hydit/modules/
+    models.py, attn_layers.py): fused Wqkv / kv_proj, norm2 and norm3 swapped, the final
+    modulation as shift | scale."""
+    top = {"pos_embed.proj": "x_embedder.proj", "time_extra_emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
+           "time_extra_emb.timestep_embedder.linear_2": "t_embedder.mlp.2", "text_embedder.linear_1": "mlp_t5.0",
+           "text_embedder.linear_2": "mlp_t5.2", "time_extra_emb.extra_embedder.linear_1": "extra_embedder.0",
+           "time_extra_emb.extra_embedder.linear_2": "extra_embedder.2", "proj_out": "final_layer.linear"}
+    block = {"norm1.linear": "default_modulation.1", "norm1.norm": "norm1", "norm2": "norm3", "norm3": "norm2",
+             "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2", "attn1.to_out.0": "attn1.out_proj",
+             "attn2.to_out.0": "attn2.out_proj", "attn2.to_q": "attn2.q_proj"}
+    out = {"text_embedding_padding": state["text_embedding_padding"]}
+    for key, value in state.items():
+        if key == "text_embedding_padding":
+            continue
+        module, leaf = key.rsplit(".", 1)
+        if module.startswith("time_extra_emb.pooler"):
+            out[key.replace("time_extra_emb.", "")] = value
+        elif module in top:
+            out[f"{top[module]}.{leaf}"] = value
+        elif module == "norm_out.linear":
+            scale, shift = np.split(value, 2)
+            out[f"final_layer.adaLN_modulation.1.{leaf}"] = np.concatenate([shift, scale])
+        elif module.startswith("blocks."):
+            _, i, rest = module.split(".", 2)
+            a = rest.split(".")[0]
+            if rest in ("attn1.to_q", "attn2.to_k"):
+                names = ("to_q", "to_k", "to_v") if a == "attn1" else ("to_k", "to_v")
+                fused = "Wqkv" if a == "attn1" else "kv_proj"
+                out[f"blocks.{i}.{a}.{fused}.{leaf}"] = np.concatenate([state[f"blocks.{i}.{a}.{n}.{leaf}"] for n in names])
+            elif rest.endswith(("norm_q", "norm_k")):
+                out[f"blocks.{i}.{a}.{rest[-1]}_norm.{leaf}"] = value  # norm_q -> q_norm
+            elif rest not in ("attn1.to_k", "attn1.to_v", "attn2.to_v"):
+                out[f"blocks.{i}.{block.get(rest, rest)}.{leaf}"] = value
+    return out
+
+
+def test_official_layout_converts_to_the_same_parameters(model):
+    _, state, config, params = model
+    official = _official_layout(state)
+    assert len(official) == len(state) - 6 * 6  # per block q|k|v and k|v fused (weights and biases)
+    assert family_for_state_dict(official).name == "hunyuan"
+    got_config, got = hunyuan_from_torch({k: torch.from_numpy(v) for k, v in official.items()}, input_size=8)
+    assert got_config == config
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+
+
 def test_presets_config_and_converter_errors(model):
     state = model[1]
     g = hunyuan_preset("DiT-g/2")

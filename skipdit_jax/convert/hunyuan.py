@@ -11,9 +11,16 @@ N > depth/2 also `skip_norm`, `skip_linear`; `norm_out.linear` (scale | shift), 
 Blocks are stacked into `encoder_blocks` (0..D/2-2), `middle_blocks` (D/2-1, D/2) and
 `decoder_blocks` (D/2+1..D-1).
 
-The official HunyuanDiT layout (`x_embedder`, fused `Wqkv`, `default_modulation`, ...) is
-not read: convert it with diffusers' conversion script first. Version 1.0/1.1 weights
-(style and image-size conditions) are refused.
+The official HunyuanDiT / Skip-DiT layout (`hydit/modules/models.py`, e.g. the released
+`t2i/model/pytorch_model_ema.pt`) is renamed to the diffusers one first
+(`official_to_diffusers`): `x_embedder` -> `pos_embed`, `t_embedder.mlp.{0,2}`,
+`mlp_t5.{0,2}`, `extra_embedder.{0,2}`, `pooler` -> `time_extra_emb.pooler`; per block
+`default_modulation.1` -> `norm1.linear`, `norm1` -> `norm1.norm`, the fused `attn1.Wqkv`
+(q | k | v) and `attn2.kv_proj` (k | v) split, `q_norm`/`k_norm`/`out_proj` renamed, the
+official `norm3` (before the cross-attention) is diffusers' `norm2` and its `norm2` (before
+the MLP) diffusers' `norm3`, `mlp.fc{1,2}` -> `ff.net.{0.proj,2}`; `final_layer.
+adaLN_modulation.1` (shift | scale) -> `norm_out.linear` (scale | shift). Version 1.0/1.1
+weights (style and image-size conditions) are refused.
 """
 
 from __future__ import annotations
@@ -98,6 +105,69 @@ def _entries(config: HunyuanConfig):
                 yield prefix + module + suffix, stack + path + ((leaf,) if leaf else ()), index, fwd, rev
 
 
+_OFFICIAL_TOP = {
+    "x_embedder.proj": "pos_embed.proj",
+    "t_embedder.mlp.0": "time_extra_emb.timestep_embedder.linear_1",
+    "t_embedder.mlp.2": "time_extra_emb.timestep_embedder.linear_2",
+    "mlp_t5.0": "text_embedder.linear_1",
+    "mlp_t5.2": "text_embedder.linear_2",
+    "extra_embedder.0": "time_extra_emb.extra_embedder.linear_1",
+    "extra_embedder.2": "time_extra_emb.extra_embedder.linear_2",
+    "pooler": "time_extra_emb.pooler",
+    "final_layer.linear": "proj_out",
+    "style_embedder": "time_extra_emb.style_embedder",
+}
+_OFFICIAL_BLOCK = {
+    "default_modulation.1": "norm1.linear",
+    "norm1": "norm1.norm",
+    "norm3": "norm2",  # the official norm3 feeds the cross-attention
+    "norm2": "norm3",  # and its norm2 the MLP
+    "mlp.fc1": "ff.net.0.proj",
+    "mlp.fc2": "ff.net.2",
+    "attn1.q_norm": "attn1.norm_q",
+    "attn1.k_norm": "attn1.norm_k",
+    "attn1.out_proj": "attn1.to_out.0",
+    "attn2.q_proj": "attn2.to_q",
+    "attn2.q_norm": "attn2.norm_q",
+    "attn2.k_norm": "attn2.norm_k",
+    "attn2.out_proj": "attn2.to_out.0",
+    "skip_norm": "skip_norm",
+    "skip_linear": "skip_linear",
+}
+
+
+def is_official_layout(state: dict) -> bool:
+    return "x_embedder.proj.weight" in state and "blocks.0.attn1.Wqkv.weight" in state
+
+
+def official_to_diffusers(state: dict) -> dict:
+    """The official HunyuanDiT state dict renamed (and its fused projections split) into
+    the diffusers layout; keys it does not know are kept, so validation names them."""
+    out = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if key == "text_embedding_padding":
+            out[key] = value
+        elif module == "final_layer.adaLN_modulation.1":  # shift | scale -> scale | shift
+            shift, scale = np.split(np.asarray(value), 2, axis=0)
+            out[f"norm_out.linear.{leaf}"] = np.concatenate([scale, shift], axis=0)
+        elif module.startswith("blocks."):
+            _, index, rest = module.split(".", 2)
+            prefix = f"blocks.{index}."
+            if rest == "attn1.Wqkv":
+                for name, part in zip(("to_q", "to_k", "to_v"), np.split(np.asarray(value), 3, axis=0)):
+                    out[f"{prefix}attn1.{name}.{leaf}"] = part
+            elif rest == "attn2.kv_proj":
+                for name, part in zip(("to_k", "to_v"), np.split(np.asarray(value), 2, axis=0)):
+                    out[f"{prefix}attn2.{name}.{leaf}"] = part
+            else:
+                out[f"{prefix}{_OFFICIAL_BLOCK.get(rest, rest)}.{leaf}"] = value
+        else:
+            top = next((k for k in _OFFICIAL_TOP if module == k or module.startswith(k + ".")), None)
+            out[key if top is None else _OFFICIAL_TOP[top] + key[len(top) :]] = value
+    return out
+
+
 def infer_hunyuan_config(state: dict, input_size: int = 128, **overrides) -> HunyuanConfig:
     """Architecture from a diffusers-layout state dict's key names and shapes; the latent
     side (not stored in the weights) from `input_size` (128: 1024 px)."""
@@ -152,9 +222,12 @@ def hunyuan_expected_shapes(config: HunyuanConfig) -> dict[str, tuple[int, ...]]
 
 
 def hunyuan_from_torch(state_dict: dict, input_size: int = 128, **overrides) -> tuple[HunyuanConfig, dict]:
-    """(config, params) of a diffusers-layout Hunyuan-DiT state dict (numpy or torch
-    arrays); every key and shape is checked first (one CheckpointError)."""
+    """(config, params) of a Hunyuan-DiT state dict in the diffusers or the official layout
+    (numpy or torch arrays); every key and shape is checked first (one CheckpointError).
+    `input_size` is the latent side (not stored in the weights); overrides replace config fields."""
     state = {k: np.asarray(v.detach().float().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
+    if is_official_layout(state):
+        state = official_to_diffusers(state)
     config = infer_hunyuan_config(state, input_size, **overrides)
     check_keys_and_shapes(state, hunyuan_expected_shapes(config), "the Hunyuan-DiT checkpoint")
     params: dict = {}

@@ -154,8 +154,9 @@ class HunyuanFamily(ModelFamily):
 
     @classmethod
     def recognises(cls, state_dict: dict) -> bool:
-        keys = ("text_embedding_padding", "time_extra_emb.pooler.c_proj.weight", "blocks.0.norm1.linear.weight")
-        return all(k in state_dict for k in keys)
+        diffusers = ("text_embedding_padding", "time_extra_emb.pooler.c_proj.weight", "blocks.0.norm1.linear.weight")
+        official = ("text_embedding_padding", "pooler.c_proj.weight", "blocks.0.attn1.Wqkv.weight")
+        return any(all(k in state_dict for k in keys) for keys in (diffusers, official))
 
     def describe(self) -> str:
         c = self.config
