@@ -154,12 +154,13 @@ def official_to_diffusers(state: dict) -> dict:
         elif module.startswith("blocks."):
             _, index, rest = module.split(".", 2)
             prefix = f"blocks.{index}."
-            if rest == "attn1.Wqkv":
-                for name, part in zip(("to_q", "to_k", "to_v"), np.split(np.asarray(value), 3, axis=0)):
-                    out[f"{prefix}attn1.{name}.{leaf}"] = part
-            elif rest == "attn2.kv_proj":
-                for name, part in zip(("to_k", "to_v"), np.split(np.asarray(value), 2, axis=0)):
-                    out[f"{prefix}attn2.{name}.{leaf}"] = part
+            fused = {"attn1.Wqkv": ("to_q", "to_k", "to_v"), "attn2.kv_proj": ("to_k", "to_v")}.get(rest)
+            if fused:
+                value = np.asarray(value)
+                if value.shape[0] % len(fused):
+                    raise CheckpointError(f"{key} has {value.shape[0]} rows, no multiple of {len(fused)} ({' | '.join(fused)})")
+                for name, part in zip(fused, np.split(value, len(fused), axis=0), strict=True):
+                    out[f"{prefix}{rest.split('.')[0]}.{name}.{leaf}"] = part
             else:
                 out[f"{prefix}{_OFFICIAL_BLOCK.get(rest, rest)}.{leaf}"] = value
         else:
