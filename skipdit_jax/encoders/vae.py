@@ -553,7 +553,9 @@ def _find_weights(directory: epath.Path) -> epath.Path:
     raise CheckpointError(f"no VAE weights in {directory}: expected one of {', '.join(_WEIGHT_FILES)}")
 
 
-def _read_config(path: epath.Path, **overrides) -> VAEConfig:
+def read_diffusers_config(path: epath.Path, config_cls, class_name: str, **overrides):
+    """`config_cls.from_diffusers_config` of the JSON object in `path`; a file that is not
+    JSON, not an object or not a `class_name` config is one ConfigError line."""
     try:
         config = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -561,11 +563,15 @@ def _read_config(path: epath.Path, **overrides) -> VAEConfig:
     if not isinstance(config, dict):
         raise ConfigError(f"{path} does not hold a JSON object (found {type(config).__name__})")
     try:
-        return VAEConfig.from_diffusers_config(config, **overrides)
+        return config_cls.from_diffusers_config(config, **overrides)
     except (TypeError, ValueError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{path} is not a diffusers AutoencoderKL config: {e}") from None
+        raise ConfigError(f"{path} is not a diffusers {class_name} config: {e}") from None
+
+
+def _read_config(path: epath.Path, **overrides) -> VAEConfig:
+    return read_diffusers_config(path, VAEConfig, "AutoencoderKL", **overrides)
 
 
 def load_vae(

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from typing import Any
 
@@ -394,18 +393,7 @@ def temporal_vae_params_to_diffusers(params) -> dict[str, np.ndarray]:
 
 # ---- loading ----------------------------------------------------------------------------------------
 def _read_config(path: epath.Path, **overrides) -> TemporalVAEConfig:
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise ConfigError(f"{path} does not hold a JSON object (found {type(config).__name__})")
-    try:
-        return TemporalVAEConfig.from_diffusers_config(config, **overrides)
-    except (TypeError, ValueError) as e:
-        if isinstance(e, ConfigError):
-            raise
-        raise ConfigError(f"{path} is not a diffusers AutoencoderKLTemporalDecoder config: {e}") from None
+    return sd_vae.read_diffusers_config(path, TemporalVAEConfig, "AutoencoderKLTemporalDecoder", **overrides)
 
 
 def load_temporal_vae(
