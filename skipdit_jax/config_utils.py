@@ -8,6 +8,7 @@ error rather than a silently ignored setting.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.util
 import json
@@ -81,3 +82,20 @@ def parse_overrides(text: str) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key.strip()] = value
     return out
+
+
+# Fields of an encoder config that say how we run it, never read from a checkpoint's config.json.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat_policy", "scan_unroll")
+
+
+def dataclass_from_hf_config(cls, config: dict[str, Any], overrides: dict[str, Any], what: str):
+    """`cls(**fields)` from a Hugging Face config.json dict: its keys that name fields of the
+    dataclass `cls` (except `RUNTIME_FIELDS`), then `overrides`; unknown keys are ignored,
+    a bad value is one `ConfigError` line ("bad {what} config: ...")."""
+    fields = {f.name for f in dataclasses.fields(cls)} - set(RUNTIME_FIELDS)
+    kw = {k: config[k] for k in fields if k in config}
+    kw.update(overrides)
+    try:
+        return cls(**kw)
+    except TypeError as e:
+        raise ConfigError(f"bad {what} config: {e}") from None

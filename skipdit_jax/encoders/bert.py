@@ -37,6 +37,7 @@ import numpy as np
 from etils import epath
 
 from skipdit_jax import hub, paths
+from skipdit_jax.config_utils import dataclass_from_hf_config
 from skipdit_jax.convert.torch_io import check_keys_and_shapes
 from skipdit_jax.errors import CheckpointError, ConfigError, UserError
 from skipdit_jax.models.skip import check_remat_policy, remat
@@ -97,13 +98,7 @@ class BertConfig:
         kind = config.get("position_embedding_type", "absolute")
         if kind != "absolute":
             raise ConfigError(f"BERT position_embedding_type {kind!r} is not supported: only 'absolute'")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat_policy", "scan_unroll"}
-        kw = {k: config[k] for k in fields if k in config}
-        kw.update(overrides)
-        try:
-            return cls(**kw)
-        except TypeError as e:
-            raise ConfigError(f"bad BERT config: {e}") from None
+        return dataclass_from_hf_config(cls, config, overrides, "BERT")
 
     def replace(self, **changes) -> BertConfig:
         return dataclasses.replace(self, **changes)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from skipdit_jax.config_utils import dataclass_from_hf_config
 from skipdit_jax.errors import ConfigError
 from skipdit_jax.models.skip import check_remat_policy, remat
 
@@ -83,13 +84,7 @@ class T5Config:
         ff = str(config.get("feed_forward_proj", "gated-gelu"))
         if ff not in ("gated-gelu", "gated-gelu_new", "gated-gelu_pytorch_tanh"):
             raise ConfigError(f"T5 feed_forward_proj {ff!r} is not supported: only T5 v1.1's 'gated-gelu' (t5-v1_1-*, flan-t5-*)")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"dtype", "param_dtype", "remat_policy", "scan_unroll"}
-        kw = {k: config[k] for k in fields if k in config}
-        kw.update(overrides)
-        try:
-            return cls(**kw)
-        except TypeError as e:
-            raise ConfigError(f"bad T5 config: {e}") from None
+        return dataclass_from_hf_config(cls, config, overrides, "T5")
 
     def replace(self, **changes) -> T5Config:
         return dataclasses.replace(self, **changes)
