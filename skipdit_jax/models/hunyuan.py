@@ -45,8 +45,10 @@ class HunyuanConfig(ArchitectureConfig):
     """Architecture of a Hunyuan-DiT.
 
     Attributes:
-      input_size: side of the square latent (128 for 1024 px); the model takes any side
-        divisible by patch_size, the RoPE grid follows it.
+      input_size: latent height (128 for 1024 px); the model takes any height and width
+        divisible by patch_size (the RoPE grid follows the input), this only fixes the
+        sample shape the sampler and trainer use.
+      input_width: latent width; 0 means square (input_size).
       patch_size, in_channels, learn_sigma: 2, 4, True (8 output channels).
       depth, hidden_size, num_heads, mlp_ratio: blocks, width, heads, MLP ratio (the MLP
         width is int(hidden_size * mlp_ratio)); depth must be even (long skips).
@@ -60,6 +62,7 @@ class HunyuanConfig(ArchitectureConfig):
     """
 
     input_size: int = 128
+    input_width: int = 0
     patch_size: int = 2
     in_channels: int = 4
     hidden_size: int = 1408
@@ -96,6 +99,16 @@ class HunyuanConfig(ArchitectureConfig):
     )
 
     @property
+    def latent_hw(self) -> tuple[int, int]:
+        """(height, width) of the latent sample."""
+        return (self.input_size, self.input_width or self.input_size)
+
+    @property
+    def num_patches(self) -> int:
+        h, w = self.latent_hw
+        return (h // self.patch_size) * (w // self.patch_size)
+
+    @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_heads
 
@@ -109,6 +122,8 @@ class HunyuanConfig(ArchitectureConfig):
         return self.depth // 2 - 1
 
     def validate_layout(self) -> None:
+        if self.input_width < 0 or self.input_width % self.patch_size:
+            self._invalid(f"input_width {self.input_width} must be 0 (square) or a positive multiple of patch_size {self.patch_size}")
         if self.depth < 4 or self.depth % 2:
             self._invalid(f"depth must be even and >= 4 (block l > depth/2 fuses block depth-1-l), got {self.depth}")
         if self.head_dim % 4:

@@ -47,7 +47,7 @@ class HunyuanFamily(ModelFamily):
     @property
     def sample_shape(self) -> tuple[int, ...]:
         c = self.config
-        return (c.input_size, c.input_size, c.in_channels)
+        return (*c.latent_hw, c.in_channels)
 
     # ---- the condition ------------------------------------------------------------------
     @property
@@ -137,6 +137,12 @@ class HunyuanFamily(ModelFamily):
         c = self.config
         return (batch, c.num_patches, c.hidden_size)
 
+    @property
+    def param_axes(self):
+        from skipdit_jax.models.hunyuan_sharding import PARAM_AXES
+
+        return PARAM_AXES
+
     # ---- parameters and conversion ------------------------------------------------------
     def init_params(self, rng: jax.Array | int = 0):
         return init_hunyuan_params(self.config, rng)
@@ -160,5 +166,5 @@ class HunyuanFamily(ModelFamily):
 
     def describe(self) -> str:
         c = self.config
-        size = f"{c.input_size}x{c.input_size} latents"
+        size = "x".join(map(str, c.latent_hw)) + " latents"
         return f"Hunyuan-DiT {c.depth} blocks width {c.hidden_size}, {size}: {self.count_params():,} parameters"
