@@ -87,7 +87,9 @@ class BertConfig:
     @classmethod
     def hunyuan_clip(cls, **overrides) -> BertConfig:
         """Hunyuan-DiT's clip_text_encoder: 1024 wide, 24 layers, 16 heads, FF 4096, 47020 tokens,
-        512 positions, 2 token types, exact GELU (layer_norm_eps 1e-12 is BERT's default)."""
+        512 positions, 2 token types, exact GELU, layer_norm_eps 1e-12 -- the values of its
+        config.json (a BertModel fine-tuned from hfl/chinese-roberta-wwm-ext-large; the same
+        file ships as ComfyUI's comfy/text_encoders/hydit_clip.json)."""
         return cls(**overrides)
 
     @classmethod

@@ -78,9 +78,20 @@ class T5Config:
         return cls(**overrides)
 
     @classmethod
+    def mt5_xl(cls, **overrides) -> T5Config:
+        """google/mt5-xl's encoder, Hunyuan-DiT's second text encoder (its `mt5/` folder): 2048
+        wide, 24 layers, 32 heads of 64, FF 5120, 250112 tokens (1.67B encoder parameters)."""
+        return cls(**{**dict(vocab_size=250112, d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32), **overrides})
+
+    @classmethod
     def from_hf_config(cls, config: dict[str, Any], **overrides) -> T5Config:
-        """From a transformers T5 `config.json` dict. Only T5 v1.1's gated-GELU feed-forward is
-        supported (original T5's ReLU layers have other weights)."""
+        """From a transformers T5 or mT5 `config.json` dict (model_type "t5" / "mt5": mT5 is the T5
+        v1.1 architecture with a 250k vocabulary). Only T5 v1.1's gated-GELU feed-forward is
+        supported (original T5's ReLU layers have other weights); umT5 (a position bias per
+        layer) is not."""
+        kind = config.get("model_type", "t5")
+        if kind not in ("t5", "mt5"):
+            raise ConfigError(f"not a T5 v1.1 / mT5 config: model_type is {kind!r}")
         ff = str(config.get("feed_forward_proj", "gated-gelu"))
         if ff not in ("gated-gelu", "gated-gelu_new", "gated-gelu_pytorch_tanh"):
             raise ConfigError(f"T5 feed_forward_proj {ff!r} is not supported: only T5 v1.1's 'gated-gelu' (t5-v1_1-*, flan-t5-*)")

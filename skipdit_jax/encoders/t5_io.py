@@ -1,7 +1,8 @@
 """T5 v1.1 encoder weights: the Hugging Face PyTorch layout <-> our parameter tree, and loading.
 
 `t5_from_torch` takes a transformers `T5EncoderModel` or `T5ForConditionalGeneration` state
-dict (decoder and lm_head keys are ignored), infers the sizes from the shapes (the head count
+dict, or their mT5 twins (`MT5EncoderModel`, e.g. Hunyuan-DiT's mT5-XL; same keys), with
+decoder and lm_head keys ignored; it infers the sizes from the shapes (the head count
 from `relative_attention_bias`) and checks every shape, with one CheckpointError line listing
 what does not fit. `load_t5` reads a transformers folder (config.json + model.safetensors, a
 sharded `model.safetensors.index.json`, or pytorch_model*.bin read without running code), a
@@ -264,9 +265,9 @@ def load_t5(
 ) -> tuple[T5Config, dict]:
     """Loads a T5 v1.1 encoder -> (T5Config, params).
 
-    `path_or_spec`: a transformers folder (config.json + model.safetensors / sharded
-    model.safetensors.index.json / pytorch_model*.bin), a pipeline folder with `text_encoder/`
-    (Latte-1, PixArt), one weight file, or "hf://org/repo[/subfolder]" (e.g.
+    `path_or_spec`: a transformers T5 v1.1 or mT5 folder (config.json + model.safetensors /
+    sharded model.safetensors.index.json / pytorch_model*.bin; Hunyuan-DiT's `mt5/` and
+    `text_encoder_2/` are such folders), a pipeline folder with `text_encoder/` (Latte-1, PixArt), one weight file, or "hf://org/repo[/subfolder]" (e.g.
     "hf://maxin-cn/Latte-1/text_encoder"; HubUnavailableError when offline and not cached).
     `dtype` / `param_dtype`: compute and storage dtypes; `mesh`: load onto its shardings.
     """
