@@ -7,6 +7,12 @@ one weight file, or hf://maxin-cn/Latte-1/text_encoder. DIR holds the tokenizer 
 negative prompt (default "", the unconditional row for guidance) is always encoded too.
 OUT (.safetensors or .npz) is written atomically; an existing OUT is refused unless
 --overwrite (which replaces it) or --append (which keeps its prompts and adds new ones).
+
+`skipdit encode-text --family hunyuan --pipeline DIR (--prompt TEXT ... | --prompts FILE) --out FILE`:
+Hunyuan-DiT v1.2's two encoders (DIR: a HunyuanDiT-v1.2-Diffusers folder, the official `t2i/`
+folder or its parent, or hf://...) -> clip_emb (N, 77, 1024), clip_mask, t5_emb (N, 256, 2048),
+t5_mask and the (stripped) prompts, read back by `encoders.hunyuan_text.load_hunyuan_embeddings`.
+The negative prompt (default: the official Chinese one) is encoded too.
 """
 
 from __future__ import annotations
@@ -18,15 +24,23 @@ from absl import flags
 from skipdit_jax import paths
 from skipdit_jax.errors import UserError
 
-USAGE = "--t5 SPEC --tokenizer DIR (--prompt TEXT [--prompt ...] | --prompts FILE) --out FILE(.safetensors|.npz)"
+USAGE = (
+    "--t5 SPEC --tokenizer DIR (--prompt TEXT [--prompt ...] | --prompts FILE) --out FILE(.safetensors|.npz), "
+    "or --family hunyuan --pipeline DIR (--prompt ... | --prompts FILE) --out FILE"
+)
 
 
 def define_flags(fv: flags.FlagValues) -> None:
+    flags.DEFINE_enum("family", "t5", ["t5", "hunyuan"], "t5: one T5 v1.1 encoder (text-to-video); hunyuan: "
+                      "Hunyuan-DiT v1.2's CLIP BERT + mT5 (text-to-image)", flag_values=fv)
+    flags.DEFINE_string("pipeline", None, "--family hunyuan: a HunyuanDiT-v1.2(-Diffusers) folder or hf://org/repo",
+                        flag_values=fv)
     flags.DEFINE_string("t5", None, "T5 v1.1 encoder: folder, weight file or hf://org/repo[/subfolder]", flag_values=fv)
     flags.DEFINE_string("tokenizer", None, "folder with the T5 tokenizer (spiece.model or tokenizer.json)", flag_values=fv)
     flags.DEFINE_multi_string("prompt", [], "a prompt (repeatable)", flag_values=fv)
     flags.DEFINE_string("prompts", None, "a text file with one prompt per line", flag_values=fv)
-    flags.DEFINE_string("negative_prompt", "", "the unconditional prompt stored beside them", flag_values=fv)
+    flags.DEFINE_string("negative_prompt", "", "the unconditional prompt stored beside them (--family hunyuan: "
+                        "empty means the official Chinese negative prompt)", flag_values=fv)
     flags.DEFINE_string("out", None, "output file (.safetensors or .npz)", flag_values=fv)
     flags.DEFINE_integer("max_length", 120, "tokens per prompt (Latte: 120)", flag_values=fv)
     flags.DEFINE_integer("batch_size", 8, "prompts per encoder call", flag_values=fv)
@@ -65,6 +79,8 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
 
     if args:
         raise UserError(f"unexpected arguments {' '.join(args)}; usage: skipdit encode-text {USAGE}")
+    if fv.family == "hunyuan":
+        return _main_hunyuan(fv)
     for name in ("t5", "tokenizer", "out"):
         if not getattr(fv, name):
             raise UserError(f"--{name} is required; usage: skipdit encode-text {USAGE}")
@@ -114,4 +130,55 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         f"d_model {cfg.d_model} x {cfg.num_layers} layers in {took:.1f} s (loading {loaded:.1f} s); "
         f"{len(all_prompts)} in {out}"
     )
+    return 0
+
+
+def _main_hunyuan(fv: flags.FlagValues) -> int:
+    from skipdit_jax.encoders.hunyuan_text import (
+        DEFAULT_NEGATIVE_PROMPT,
+        encode_hunyuan_prompts,
+        load_hunyuan_embeddings,
+        load_hunyuan_text_encoders,
+        save_hunyuan_embeddings,
+    )
+
+    usage = "--family hunyuan --pipeline DIR (--prompt TEXT ... | --prompts FILE) --out FILE(.safetensors|.npz)"
+    for name in ("pipeline", "out"):
+        if not getattr(fv, name):
+            raise UserError(f"--{name} is required; usage: skipdit encode-text {usage}")
+    if fv.t5 or fv.tokenizer:
+        raise UserError("--family hunyuan reads both encoders and tokenizers from --pipeline: drop --t5 / --tokenizer")
+    if not fv.out.endswith((".safetensors", ".npz")):
+        raise UserError(f"--out must end in .safetensors or .npz, got {fv.out}")
+    if fv.batch_size < 1:
+        raise UserError("--batch_size must be positive")
+    if fv.overwrite and fv.append:
+        raise UserError("--overwrite and --append exclude each other")
+    negative = fv.negative_prompt or DEFAULT_NEGATIVE_PROMPT
+    # Stored as the encoder saw them: prompts stripped (as the official sampler), the negative verbatim.
+    prompts = list(dict.fromkeys([p.strip() for p in _read_prompts(fv)] + [negative]))
+    out = paths.as_path(fv.out)
+    old = None
+    if out.exists():
+        if not (fv.overwrite or fv.append):
+            raise UserError(f"{out} already exists (pass --overwrite to replace it or --append to add prompts)")
+        if fv.append:
+            old = load_hunyuan_embeddings(out)
+            prompts = [p for p in prompts if p not in set(old.prompts)]
+    start = time.perf_counter()
+    encoders = load_hunyuan_text_encoders(fv.pipeline, dtype=fv.dtype)
+    loaded = time.perf_counter() - start
+    start = time.perf_counter()
+    arrays = encode_hunyuan_prompts(encoders, prompts, strip=False, batch_size=fv.batch_size) if prompts else None
+    took = time.perf_counter() - start
+    all_prompts = prompts
+    if old is not None:
+        import numpy as np
+
+        all_prompts = old.prompts + prompts
+        arrays = old.arrays if arrays is None else {k: np.concatenate([old.arrays[k], arrays[k]]) for k in old.arrays}
+    info = {"family": "hunyuan", "pipeline": fv.pipeline, "dtype": fv.dtype}
+    save_hunyuan_embeddings(out, all_prompts, arrays, metadata=info)
+    print(f"encoded {len(prompts)} prompt(s) (negative prompt included) with Hunyuan-DiT's CLIP and mT5 in {took:.1f} s "
+          f"(loading {loaded:.1f} s); {len(all_prompts)} in {out}")
     return 0

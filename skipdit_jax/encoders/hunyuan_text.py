@@ -96,8 +96,10 @@ def _hub_folders(spec: str, revision, cache_dir) -> tuple[dict[str, str], str]:
     from huggingface_hub import snapshot_download
 
     repo, sub = hub.parse_hub_spec(spec, "hf://Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers")
-    small = ["model_index.json", "*/config.json", "*/*.txt", "*/*.json", "*/spiece.model", "t2i/*/*.json",
-             "t2i/*/*.txt", "t2i/*/spiece.model"]
+    # Configs and tokenizer files of both layouts (the official one with or without t2i/), no weights.
+    small = ["model_index.json", "text_encoder/config.json", "text_encoder_2/config.json", "tokenizer/*", "tokenizer_2/*"]
+    for base in ("", "t2i/"):
+        small += [f"{base}clip_text_encoder/config.json", f"{base}tokenizer/*", f"{base}mt5/*.json", f"{base}mt5/spiece.model"]
     prefix = f"{sub}/" if sub else ""
     try:
         root = paths.as_path(snapshot_download(repo, revision=revision, cache_dir=cache_dir,
@@ -229,9 +231,10 @@ def _t5_apply(cfg, params, ids, mask):
 
 
 def _run_batched(fn, cfg, params, ids: np.ndarray, mask: np.ndarray, batch_size: int) -> np.ndarray:
-    """fn over fixed-size batches (the last padded by repeating its last row): one compilation."""
+    """fn over fixed-size batches (the last padded by repeating its last row). The batch is
+    the power of two >= n, capped at batch_size: few compilations, little padding."""
     n = len(ids)
-    bs = max(1, min(batch_size, n))
+    bs = max(1, min(batch_size, 1 << (n - 1).bit_length()))
     pad = (-n) % bs
     if pad:
         ids, mask = np.concatenate([ids, np.repeat(ids[-1:], pad, 0)]), np.concatenate([mask, np.repeat(mask[-1:], pad, 0)])
@@ -292,3 +295,84 @@ def hunyuan_condition(
     out = _encode(encoders, [p.strip() for p in prompts] + [negative_prompt], batch_size)
     cond = {k: v[:n] for k, v in out.items()}
     return {**cond, **{f"null_{k}": np.repeat(v[n:], n, axis=0) for k, v in out.items()}}
+
+
+# ---- an embedding file ----------------------------------------------------------------------------
+@dataclasses.dataclass
+class HunyuanEmbeddings:
+    """Encoded prompts read from a file: `prompts[i]` <-> row i of each of the four arrays."""
+
+    prompts: list[str]
+    arrays: dict[str, np.ndarray]  # clip_emb, clip_mask, t5_emb, t5_mask
+    metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def lookup(self, prompts: Sequence[str]) -> dict[str, np.ndarray]:
+        """The four arrays for these prompts (exact strings as stored: prompts stripped)."""
+        index = {p: i for i, p in reversed(list(enumerate(self.prompts)))}
+        missing = [p for p in prompts if p not in index]
+        if missing:
+            raise UserError(f"prompt {missing[0]!r} is not in the embedding file ({len(missing)} missing): encode it first")
+        rows = [index[p] for p in prompts]
+        return {k: v[rows] for k, v in self.arrays.items()}
+
+    def condition(self, prompts: Sequence[str], negative_prompt: str | None = DEFAULT_NEGATIVE_PROMPT) -> dict[str, np.ndarray]:
+        """As `hunyuan_condition`, from the file (prompts are stripped before the lookup)."""
+        prompts = [p.strip() for p in _as_prompt_list(prompts)]
+        negative = negative_prompt or DEFAULT_NEGATIVE_PROMPT
+        cond = self.lookup(prompts)
+        null = self.lookup([negative])
+        return {**cond, **{f"null_{k}": np.repeat(v, len(prompts), axis=0) for k, v in null.items()}}
+
+
+def save_hunyuan_embeddings(path: paths.PathLike, prompts: Sequence[str], arrays: dict[str, np.ndarray],
+                            metadata: dict | None = None) -> None:
+    """Writes prompts + the four arrays atomically (.safetensors or .npz by suffix, no pickles)."""
+    import io
+    import json
+
+    path = paths.as_path(path)
+    keys = ("clip_emb", "clip_mask", "t5_emb", "t5_mask")
+    data = {k: np.ascontiguousarray(arrays[k], np.float32 if k.endswith("emb") else np.int32) for k in keys}
+    if any(len(v) != len(prompts) for v in data.values()):
+        raise UserError(f"{len(prompts)} prompts but arrays of {', '.join(str(len(v)) for v in data.values())} rows")
+    meta = {"prompts": json.dumps(list(prompts), ensure_ascii=False), "info": json.dumps(metadata or {}, ensure_ascii=False)}
+    if path.name.endswith(".safetensors"):
+        from safetensors.numpy import save
+
+        raw = save(data, metadata=meta)
+    elif path.name.endswith(".npz"):
+        buf = io.BytesIO()
+        as_bytes = lambda t: np.frombuffer(t.encode("utf-8"), np.uint8)  # noqa: E731
+        np.savez(buf, **data, prompts=as_bytes(meta["prompts"]), info=as_bytes(meta["info"]))
+        raw = buf.getvalue()
+    else:
+        raise UserError(f"embedding file {path} must end in .safetensors or .npz")
+    paths.atomic_write_bytes(path, raw)
+
+
+def load_hunyuan_embeddings(path: paths.PathLike) -> HunyuanEmbeddings:
+    """Reads a file written by `save_hunyuan_embeddings` (one UserError line if it is not one)."""
+    import io
+    import json
+
+    path = paths.as_path(path)
+    if not path.exists():
+        raise UserError(f"embedding file {path} does not exist (make it with skipdit encode-text --family hunyuan)")
+    try:
+        raw = path.read_bytes()
+        if path.name.endswith(".safetensors"):
+            from safetensors.numpy import load
+
+            arrays = load(raw)
+            meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
+        else:
+            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
+                arrays = {k: z[k] for k in z.files}
+            meta = {k: arrays.pop(k).tobytes().decode("utf-8") for k in ("prompts", "info")}
+        prompts, info = json.loads(meta["prompts"]), json.loads(meta.get("info", "{}"))
+        arrays = {k: arrays[k] for k in ("clip_emb", "clip_mask", "t5_emb", "t5_mask")}
+    except Exception as e:  # also safetensors' own error type
+        raise UserError(f"{path} is not a Hunyuan-DiT embedding file: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+    if any(len(v) != len(prompts) for v in arrays.values()):
+        raise UserError(f"{path}: {len(prompts)} prompts but arrays of other lengths")
+    return HunyuanEmbeddings(list(prompts), arrays, info)
