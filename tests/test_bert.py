@@ -124,11 +124,22 @@ def test_bad_checkpoints_and_configs_are_one_line_errors(hf_model):
         BertEncoder(cfg).init(jax.random.key(0), jnp.zeros((1, 21), jnp.int32))
 
 
+# Hunyuan-DiT's t2i/clip_text_encoder/config.json (its fields that are not dropout / pooler / ids),
+# as published with the model and copied in ComfyUI's comfy/text_encoders/hydit_clip.json.
+HUNYUAN_CLIP_CONFIG = {
+    "_name_or_path": "hfl/chinese-roberta-wwm-ext-large", "architectures": ["BertModel"], "hidden_act": "gelu",
+    "hidden_size": 1024, "intermediate_size": 4096, "layer_norm_eps": 1e-12, "max_position_embeddings": 512,
+    "model_type": "bert", "num_attention_heads": 16, "num_hidden_layers": 24, "pad_token_id": 0,
+    "position_embedding_type": "absolute", "torch_dtype": "float32", "type_vocab_size": 2, "vocab_size": 47020,
+}
+
+
 def test_presets_and_init():
     hunyuan = BertConfig.hunyuan_clip()
+    assert BertConfig.from_hf_config(HUNYUAN_CLIP_CONFIG) == hunyuan and hunyuan.head_dim == 64
     hf = tiny_hf_config(vocab_size=47020, hidden_size=1024, num_hidden_layers=24, num_attention_heads=16,
                         intermediate_size=4096, max_position_embeddings=512).to_dict()
-    assert BertConfig.from_hf_config(hf) == hunyuan and hunyuan.head_dim == 64
+    assert BertConfig.from_hf_config(hf) == hunyuan
     cfg = BertConfig(**TINY)
     params = BertEncoder(cfg).init(jax.random.key(0), jnp.zeros((2, 5), jnp.int32))["params"]
     back = bert_to_torch(cfg, params)  # the initialised tree has exactly the transformers layout
