@@ -24,6 +24,9 @@ Where diffusers' `HunyuanDiTPipeline` differs, we follow the official inference:
 not strip the prompt and, without a negative prompt, uses "" instead of the Chinese one; it
 hard-codes the same 77 / 256 lengths and the same tokenizer calls. Precision: the official
 code runs the BERT in float32 and mT5 in float16; we default to float32 for both (`dtype`).
+
+Encoded prompts can be kept in a file (`save_hunyuan_embeddings` / `load_hunyuan_embeddings`,
+written by `skipdit encode-text --family hunyuan`), so sampling need not load the encoders.
 """
 
 from __future__ import annotations
@@ -131,12 +134,15 @@ def load_clip_tokenizer(folder: paths.PathLike):
     try:
         import transformers
     except ImportError:
-        raise UserError("the Hunyuan-DiT tokenizers need transformers and sentencepiece: pip install 'skipdit-jax[text]'") from None
+        raise UserError(
+            "the Hunyuan-DiT tokenizers need transformers and sentencepiece: pip install 'skipdit-jax[text]'"
+        ) from None
     with _as_local_dir(path) as local:
         try:
             return transformers.BertTokenizer.from_pretrained(local, local_files_only=True)
         except (OSError, ValueError, ImportError, TypeError) as e:
-            raise UserError(f"cannot load the CLIP tokenizer in {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise UserError(f"cannot load the CLIP tokenizer in {path}: {why}") from None
 
 
 def load_mt5_tokenizer(folder: paths.PathLike):
@@ -211,7 +217,9 @@ def load_hunyuan_text_encoders(
     t5_cfg, t5_params = load_t5(where["mt5"], dtype=dtype, param_dtype=pdt, revision=revision, cache_dir=cache_dir)
     for name, tok, vocab in (("CLIP", clip_tok, bert_cfg.vocab_size), ("mT5", t5_tok, t5_cfg.vocab_size)):
         if len(tok) > vocab:
-            raise UserError(f"the {name} tokenizer has {len(tok)} tokens but its encoder's vocabulary has {vocab}: mismatched files")
+            raise UserError(
+                f"the {name} tokenizer has {len(tok)} tokens but its encoder's vocabulary has {vocab}: mismatched files"
+            )
     return HunyuanTextEncoders(bert_cfg, bert_params, t5_cfg, t5_params, clip_tok, t5_tok)
 
 
@@ -372,7 +380,8 @@ def load_hunyuan_embeddings(path: paths.PathLike) -> HunyuanEmbeddings:
         prompts, info = json.loads(meta["prompts"]), json.loads(meta.get("info", "{}"))
         arrays = {k: arrays[k] for k in ("clip_emb", "clip_mask", "t5_emb", "t5_mask")}
     except Exception as e:  # also safetensors' own error type
-        raise UserError(f"{path} is not a Hunyuan-DiT embedding file: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path} is not a Hunyuan-DiT embedding file: {type(e).__name__}: {why}") from None
     if any(len(v) != len(prompts) for v in arrays.values()):
         raise UserError(f"{path}: {len(prompts)} prompts but arrays of other lengths")
     return HunyuanEmbeddings(list(prompts), arrays, info)
