@@ -17,6 +17,7 @@ from skipdit_jax.pipelines import text_to_image as t2i
 
 STEPS, SCALE = 10, 6.0
 SEEDS = [3, 11]
+LATENT = (8, 6, 4)  # 64x48 images
 HUNYUAN_DDPM = dict(
     beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
     clip_sample=False,
@@ -50,18 +51,18 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="module")
-def model():
-    from skipdit_jax.convert.hunyuan import hunyuan_from_torch
-
-    ref = _tiny_diffusers()
-    state = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
-    config, params = hunyuan_from_torch(state, input_size=8)
+def model(folders):
+    """The CLI folders' transformer (64x48 images: 8x6 latents, a non-square RoPE grid) and
+    a random condition for two images; its programs are the ones the CLI tests run."""
+    ref = folders[2]
+    config, params = t2i.load_transformer(folders[0], 64, 48)
     rng = np.random.default_rng(7)
     b = len(SEEDS)
-    cond = {"clip_emb": rng.standard_normal((b, 5, 32)), "t5_emb": rng.standard_normal((b, 7, 48)),
-            "clip_mask": np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]), "t5_mask": np.array([[1, 1, 0, 0, 0, 0, 0], [1] * 6 + [0]])}
-    cond |= {"null_clip_emb": rng.standard_normal((b, 5, 32)), "null_t5_emb": rng.standard_normal((b, 7, 48)),
-             "null_clip_mask": np.array([[1, 1, 0, 0, 0]] * b), "null_t5_mask": np.array([[1, 1, 1, 0, 0, 0, 0]] * b)}
+    masks = lambda n, lens: np.array([[1] * m + [0] * (n - m) for m in lens])  # noqa: E731
+    cond = {"clip_emb": rng.standard_normal((b, 77, 32)), "t5_emb": rng.standard_normal((b, 256, 24)),
+            "clip_mask": masks(77, [3, 77]), "t5_mask": masks(256, [2, 30])}
+    cond |= {"null_clip_emb": rng.standard_normal((b, 77, 32)), "null_t5_emb": rng.standard_normal((b, 256, 24)),
+             "null_clip_mask": masks(77, [2, 2]), "null_t5_mask": masks(256, [3, 3])}
     cond = {k: v.astype(np.int32 if k.endswith("mask") else np.float32) for k, v in cond.items()}
     return ref, config, params, cond
 
@@ -122,14 +123,14 @@ def _reference_latents(ref, cond, seeds, steps, scale, monkeypatch, cache=None):
     import diffusers.schedulers.scheduling_ddpm as ddpm_module
     from diffusers import DDPMScheduler
 
-    _, noise = t2i.make_noise(seeds, (8, 8, 4))
-    step_noise = _step_noise(seeds, (8, 8, 4), steps)
+    _, noise = t2i.make_noise(seeds, LATENT)
+    step_noise = _step_noise(seeds, LATENT, steps)
     sched = DDPMScheduler(**HUNYUAN_DDPM)
     sched.set_timesteps(steps)
     tt = lambda a: torch.from_numpy(np.ascontiguousarray(a))  # noqa: E731
     nchw = lambda a: tt(np.asarray(a).transpose(0, 3, 1, 2))  # noqa: E731
     pair = {k: torch.cat([tt(cond[f"null_{k}"]), tt(cond[k])]) for k in ("clip_emb", "clip_mask", "t5_emb", "t5_mask")}
-    rope = _rope((4, 4))
+    rope = _rope((LATENT[0] // 2, LATENT[1] // 2))
     lat = nchw(noise)
     state = {"cont": 0, "val": None, "full": []}
     current = {}
@@ -155,8 +156,8 @@ def _reference_latents(ref, cond, seeds, steps, scale, monkeypatch, cache=None):
 def test_sampler_matches_the_diffusers_ddpm_loop(model, monkeypatch):
     ref, config, params, cond = model
     want, _ = _reference_latents(ref, cond, SEEDS, STEPS, SCALE, monkeypatch)
-    got = t2i.sample_latents(config, params, cond, SEEDS, num_steps=STEPS, cfg_scale=SCALE)
-    assert got.shape == (2, 8, 8, 4)
+    got = t2i.sample_latents(config, params, cond, SEEDS, num_steps=STEPS, cfg_scale=SCALE, compiled=True)
+    assert got.shape == (2, *LATENT)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-3, rtol=2e-3)
     assert float(np.abs(want).mean()) > 0.1
 
@@ -169,7 +170,7 @@ def test_skip_cache_matches_the_official_cached_loop(model, monkeypatch, n, k):
     want, full = _reference_latents(ref, cond, SEEDS, STEPS, SCALE, monkeypatch, cache=(n, k))
     np.testing.assert_array_equal(cache.full_steps(t2i.load_scheduler().timesteps(STEPS)), full)
     assert 0 < sum(not f for f in full) < STEPS - 3
-    got = t2i.sample_latents(config, params, cond, SEEDS, num_steps=STEPS, cfg_scale=SCALE, cache=cache)
+    got = t2i.sample_latents(config, params, cond, SEEDS, num_steps=STEPS, cfg_scale=SCALE, cache=cache, compiled=True)
     np.testing.assert_allclose(np.asarray(got), want, atol=2e-3, rtol=2e-3)
     plain, _ = _reference_latents(ref, cond, SEEDS, STEPS, SCALE, monkeypatch)
     assert float(np.abs(np.asarray(got) - plain).max()) > 1e-2  # the cache did change the result
@@ -192,3 +193,182 @@ def test_settings_resolutions_and_schedule():
     assert t2i.parse_t2i_cache("3,2,800,40").start_t == 800
     u8 = t2i.images_to_uint8(np.array([-1.0, -0.999, 0.0, 0.999, 2.0]))
     np.testing.assert_array_equal(u8, [0, 0, 128, 255, 255])  # diffusers' round(), not truncation
+
+
+# ---- the CLI on tiny HunyuanDiT-v1.2 folders ---------------------------------------------------
+WORDS = "a red blue cat dog bird runs over the city river at night".split()
+HANZI = list("一个宇航员在骑马的猫狗红色城市夜晚")
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    """Tiny random HunyuanDiT-v1.2 downloads in both layouts holding the same weights: a
+    HunyuanDiT2DModel with CLIP 77x32 / mT5 256x24 captions, a 4-level AutoencoderKL (8x),
+    a BertModel + WordPiece vocabulary, an MT5EncoderModel + SentencePiece model."""
+    import json
+    import random
+    import shutil
+
+    import sentencepiece as spm
+    from diffusers import AutoencoderKL, DDPMScheduler
+    from test_hunyuan import _official_layout
+    from transformers import BertConfig, BertModel, MT5Config, MT5EncoderModel
+
+    from skipdit_jax.encoders.hunyuan_text import DEFAULT_NEGATIVE_PROMPT
+
+    root = tmp_path_factory.mktemp("hunyuan")
+    diff, t2i_dir = root / "HunyuanDiT-v1.2-Diffusers", root / "HunyuanDiT-v1.2" / "t2i"
+    ref = _tiny_diffusers(text_len=77, text_len_t5=256, clip_dim=32, t5_dim=24, seed=4)
+    ref.save_pretrained(diff / "transformer")
+    state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
+    (t2i_dir / "model").mkdir(parents=True)
+    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _official_layout(state).items()},
+               t2i_dir / "model" / "pytorch_model_ema.pt")
+    torch.manual_seed(0)
+    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        scaling_factor=0.13025, force_upcast=False)
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    vae.save_pretrained(diff / "vae")
+    vae.save_pretrained(t2i_dir / "sdxl-vae-fp16-fix")
+    DDPMScheduler(**HUNYUAN_DDPM).save_pretrained(diff / "scheduler")
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + HANZI + sorted(set(DEFAULT_NEGATIVE_PROMPT)) + WORDS
+    for tok in (diff / "tokenizer", t2i_dir / "tokenizer"):
+        tok.mkdir()
+        (tok / "vocab.txt").write_text("\n".join(vocab) + "\n")
+        (tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "model_max_length": 77}))
+    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=40, max_position_embeddings=80))
+    mt5 = MT5EncoderModel(MT5Config(vocab_size=192, d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=3,
+                                    relative_attention_num_buckets=8, relative_attention_max_distance=20))
+    bert.save_pretrained(diff / "text_encoder")
+    bert.save_pretrained(t2i_dir / "clip_text_encoder")
+    mt5.save_pretrained(diff / "text_encoder_2")
+    mt5.save_pretrained(t2i_dir / "mt5")
+    rng = random.Random(0)
+    lines = [" ".join(rng.choice(WORDS + HANZI) for _ in range(rng.randint(3, 10))) for _ in range(200)]
+    lines.append(DEFAULT_NEGATIVE_PROMPT)
+    (root / "lines.txt").write_text("\n".join(lines))
+    (diff / "tokenizer_2").mkdir()
+    spm.SentencePieceTrainer.train(input=str(root / "lines.txt"), model_prefix=str(diff / "tokenizer_2" / "spiece"),
+                                   vocab_size=80,
+                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
+                                   minloglevel=2)
+    shutil.copy(diff / "tokenizer_2" / "spiece.model", t2i_dir / "mt5" / "spiece.model")
+    (diff / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline"}))
+    return diff, t2i_dir.parent, ref
+
+
+def _cli(*argv):
+    from skipdit_jax import cli
+
+    return cli.main(["skipdit", "sample", *[str(a) for a in argv]])
+
+
+def _fails(capsys, match, *argv):
+    with pytest.raises(SystemExit) as e:
+        _cli(*argv)
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert match in err, err
+
+
+SMALL = ("--any_resolution", "--height", 64, "--width", 48, "--steps", STEPS)
+PROMPTS = ["a red cat runs over the city", "一个宇航员在骑马"]
+
+
+def _api_images(diff, prompts, seeds, cache):
+    """The same images from the Python API (compiled programs shared with the CLI runs)."""
+    from skipdit_jax.encoders.hunyuan_text import hunyuan_condition, load_hunyuan_text_encoders
+
+    folder = t2i.find_hunyuan_folder(diff)
+    config, params = t2i.load_transformer(diff, 64, 48)
+    cond = hunyuan_condition(load_hunyuan_text_encoders(diff), prompts)
+    latents = t2i.sample_latents(config, params, cond, seeds, scheduler=t2i.load_scheduler(folder), num_steps=STEPS,
+                                 cache=cache, compiled=True)
+    return np.asarray(latents), t2i.decode_images(t2i.load_image_vae(folder), latents, len(seeds))
+
+
+def test_cli_prompts_cache_and_speedup(folders, tmp_path):
+    import json
+
+    from PIL import Image
+
+    diff = folders[0]
+    out = tmp_path / "out"
+    assert _cli(diff, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--cache", 2, "--seed", 5, *SMALL, "--out", out) == 0
+    report = json.loads((out / "samples.json").read_text())
+    cache = t2i.hunyuan_skip_cache(2, 1)
+    plan = cache.plan(t2i.load_scheduler().timesteps(STEPS), 6)
+    assert (report["full_steps"], report["cached_steps"]) == (plan.num_full, plan.num_cached) == (6, 4)
+    assert report["predicted_speedup"] == round(plan.predicted_speedup, 3) and report["measured_speedup"] > 0
+    assert report["seeds"] == [5, 6] and report["cache"]["start_t"] == 700 and report["height"] == 64
+    latents, pictures = _api_images(diff, PROMPTS, [5, 6], cache)
+    np.testing.assert_allclose(np.load(out / "samples.npy"), latents, atol=1e-5)
+    for j in range(2):
+        png = np.asarray(Image.open(out / f"{j}.png"))
+        assert png.shape == (64, 48, 3) and png.std() > 1
+        np.testing.assert_array_equal(png, pictures[j])
+
+
+def test_cli_captions_mode_official_layout(folders, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from skipdit_jax.commands import sample as sample_cmd
+    from skipdit_jax.commands import sample_t2i as cmd
+
+    diff, official = folders[:2]
+    caps = tmp_path / "captions.json"
+    caps.write_text(json.dumps([PROMPTS[0], {"caption": PROMPTS[1]}, "a blue bird at night"]))
+    out = tmp_path / "coco"
+    args = ("--model", "hunyuan", "--pipeline", official, "--prompts", caps, "--batch_size", 2, *SMALL)
+    assert _cli(*args, "--out", out) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [m["file"] for m in manifest["images"]] == ["00000.png", "00001.png", "00002.png"]
+    assert manifest["images"][1] == {"index": 1, "file": "00001.png", "seed": 1, "caption": PROMPTS[1]}
+    first = [np.asarray(Image.open(out / f"{i:05d}.png")) for i in range(3)]
+    # The official layout's weights are the diffusers folder's: the same images (seeds 0, 1).
+    _, pictures = _api_images(diff, PROMPTS, [0, 1], None)
+    np.testing.assert_array_equal(first[0], pictures[0])
+    np.testing.assert_array_equal(first[1], pictures[1])
+    # Resumable: only the missing image is sampled again, to the same bytes.
+    (out / "00001.png").unlink()
+    capsys.readouterr()
+    assert _cli(*args, "--out", out) == 0
+    assert "1 to sample" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.asarray(Image.open(out / "00001.png")), first[1])
+    _fails(capsys, "holds images of other settings (steps)", *args[:-1], 4, "--out", out)
+    # Process 1 of 2 takes the odd indices, with the same seeds.
+    fv = sample_cmd.flags.FlagValues()
+    sample_cmd.define_flags(fv)
+    fv(["skipdit", *[str(a) for a in args], "--out", str(tmp_path / "shard")])
+    assert cmd.main_t2i([], fv, process_index=1, process_count=2) == 0
+    assert sorted(p.name for p in (tmp_path / "shard").glob("*.png")) == ["00001.png"]
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "shard" / "00001.png")), first[1])
+
+
+def test_cli_errors(folders, tmp_path, capsys):
+    import shutil
+
+    from torch_reference import TorchDiT
+    from torch_reference import numpy_state_dict as torch_numpy_state_dict
+
+    diff, official = folders[:2]
+    _fails(capsys, "unsupported resolution 1000x1000 (height x width); Hunyuan-DiT v1.2 supports 1024x1024",
+           diff, "--prompt", "a cat", "--height", 1000, "--width", 1000)
+    _fails(capsys, "Hunyuan-DiT needs prompts", "--model", "hunyuan", "--pipeline", official)
+    _fails(capsys, "--labels is not a text-to-image setting", diff, "--prompt", "a cat", "--labels", "1")
+    broken = tmp_path / "broken"
+    shutil.copytree(diff, broken)
+    (broken / "tokenizer" / "vocab.txt").unlink()
+    _fails(capsys, "no CLIP tokenizer vocabulary", broken, "--prompt", "a cat", *SMALL)
+    dit = tmp_path / "dit.pt"
+    dit_state = torch_numpy_state_dict(TorchDiT(8, 2, 4, 32, 4, 4, num_classes=5))
+    torch.save({k: torch.from_numpy(v) for k, v in dit_state.items()}, dit)
+    _fails(capsys, "not a hunyuan checkpoint (it looks like a dit", dit, "--model", "hunyuan", "--pipeline", diff,
+           "--prompt", "a cat", *SMALL)
+    _fails(capsys, "--height is for text-to-image models", dit, "--height", 1024, "--num_heads", 4)

@@ -9,7 +9,10 @@ samples directly.
 
 A text-to-video model (Latte-T2V(-skip)) samples from prompts instead of labels: see
 `skipdit_jax.commands.sample_t2v` (--prompt / --prompts / --embeddings, --pipeline, --t5,
---tokenizer, --scheduler, --temporal_vae).
+--tokenizer, --scheduler, --temporal_vae). A Hunyuan-DiT v1.2 (text-to-image: `--model hunyuan
+--pipeline DIR`, a HunyuanDiT-v1.2(-Diffusers) folder or a hunyuan model directory) samples one
+image per prompt: see `skipdit_jax.commands.sample_t2i` (--height/--width, --cache N
+--cache_at_branch k, --prompts FILE for the COCO-captions mode).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from tqdm import tqdm
 
 from skipdit_jax import images, model_store, paths
 from skipdit_jax.cache import parse_cache_spec
-from skipdit_jax.commands import sample_t2v
+from skipdit_jax.commands import sample_t2i, sample_t2v
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import family_of
 from skipdit_jax.sampling import build_sampler, check_settings, resolve_respacing, sampling_timesteps, validate_inputs
@@ -35,8 +38,12 @@ USAGE = (
     "MODEL [--labels 207,360,... | --num N] [--sampler ddpm|ddim] [--steps N] [--cfg_scale S] [--cfg_channels C] "
     "[--cache N[,k[,start,close]]] [--vae SPEC] [--decode_frames 16] [--fps 8] [--out DIR]\n"
     "       (text-to-video) MODEL --prompt TEXT [--prompt ...] | --prompts FILE | --embeddings FILE [--pipeline LATTE_DIR] "
-    "[--t5 SPEC --tokenizer DIR] [--cache N2-700-50] [--temporal_vae SPEC | --vae SPEC] [--seed S] [--out DIR]"
+    "[--t5 SPEC --tokenizer DIR] [--cache N2-700-50] [--temporal_vae SPEC | --vae SPEC] [--seed S] [--out DIR]\n"
+    "       (text-to-image) [MODEL] --model hunyuan --pipeline HUNYUAN_DIR --prompt TEXT [--prompt ...] | --prompts FILE "
+    "[--height 1024 --width 1024] [--cache N [--cache_at_branch k]] [--steps 100] [--cfg_scale 6] [--negative_prompt TEXT] "
+    "[--seed S] [--out DIR]"
 )
+T2I_FLAGS = ("height", "width", "any_resolution", "cache_at_branch", "clip", "clip_tokenizer")
 
 
 def define_flags(fv: flags.FlagValues) -> None:
@@ -69,6 +76,7 @@ def define_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_bool("clip_denoised", False, "clip the x0 prediction to [-1, 1] (pixel-space models)", flag_values=fv)
     flags.DEFINE_bool("compare", True, "with --cache, also time the uncached sampler for the measured speedup", flag_values=fv)
     sample_t2v.define_text_flags(fv)
+    sample_t2i.define_t2i_flags(fv)
 
 
 def _parse_labels(text: str) -> np.ndarray:
@@ -114,6 +122,9 @@ def _is_text(config) -> bool:
 
 
 def _no_text_flags(config, fv) -> None:
+    t2i_given = [f"--{n}" for n in T2I_FLAGS if fv[n].present]
+    if t2i_given:
+        raise UserError(f"{t2i_given[0]} is for text-to-image models (Hunyuan-DiT); this is a {family_of(config).name} model")
     given = sample_t2v.text_flags_given(fv)
     if given:
         raise UserError(
@@ -123,6 +134,8 @@ def _no_text_flags(config, fv) -> None:
 
 
 def main(args: list[str], fv: flags.FlagValues) -> int:
+    if sample_t2i.wants_t2i(args, fv):
+        return sample_t2i.main_t2i(args, fv)
     if len(args) != 1:
         raise UserError(f"expected one MODEL argument; usage: skipdit sample {USAGE}")
     # Flags that can be checked without the model first, then the model's config (read on
@@ -154,6 +167,8 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
         _settle(config, fv, labels, cache)
 
     config, params = model_store.load_model(args[0], num_heads=fv.num_heads, preset=fv.preset)
+    if family_of(config).name == "hunyuan":  # a Hunyuan-DiT weight file
+        return sample_t2i.main_t2i(args, fv, loaded=(config, params))
     if _is_text(config):
         return sample_t2v.main_text(args, fv, cache, loaded=(config, params))
     _no_text_flags(config, fv)

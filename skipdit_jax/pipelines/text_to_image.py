@@ -125,7 +125,8 @@ class HunyuanFolder:
 def _official_root(p):
     """The t2i/ folder of an official download (given as its parent or as t2i/), or None."""
     for cand in (p / "t2i", p):
-        if (cand / "model").is_dir() or (cand / "clip_text_encoder").is_dir() or (cand / "sdxl-vae-fp16-fix").is_dir():
+        parts = (cand / "clip_text_encoder", cand / "sdxl-vae-fp16-fix")
+        if (cand / "model" / OFFICIAL_WEIGHTS).exists() or any(part.is_dir() for part in parts):
             return cand
     return None
 
@@ -307,6 +308,8 @@ def sample_latents(config, params, condition: dict, seeds: Sequence[int], *, sch
     family.check_condition(cond, noise.shape[0])
     if sharding is not None:
         keys, noise, cond = jax.device_put((keys, noise, cond), sharding)
+    else:
+        params = jax.device_put(params)  # a no-op for arrays already on the device
     fn = build_t2i_sampler(config, scheduler, num_steps, cfg_scale, cache)
     args = (params, noise, cond, jnp.float32(cfg_scale), keys)
     return (compiled_for(fn, *args) if compiled else fn)(*args)
