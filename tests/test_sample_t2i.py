@@ -342,6 +342,14 @@ def test_cli_captions_mode_official_layout(folders, tmp_path, capsys):
     assert "1 to sample" in capsys.readouterr().out
     np.testing.assert_array_equal(np.asarray(Image.open(out / "00001.png")), first[1])
     _fails(capsys, "holds images of other settings (steps)", *args[:-1], 4, "--out", out)
+    # Prompt embeddings from a file (skipdit encode-text) give the same images as the encoders.
+    from skipdit_jax.encoders.hunyuan_text import DEFAULT_NEGATIVE_PROMPT, encode_hunyuan_prompts, load_hunyuan_text_encoders
+    from skipdit_jax.encoders.hunyuan_text import save_hunyuan_embeddings
+
+    texts = [*PROMPTS, DEFAULT_NEGATIVE_PROMPT]
+    save_hunyuan_embeddings(tmp_path / "emb.npz", texts, encode_hunyuan_prompts(load_hunyuan_text_encoders(diff), texts))
+    assert _cli(diff, "--embeddings", tmp_path / "emb.npz", "--prompt", "|".join(PROMPTS), *SMALL, "--out", tmp_path / "emb") == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "emb" / "1.png")), first[1])
     # Process 1 of 2 takes the odd indices, with the same seeds.
     fv = sample_cmd.flags.FlagValues()
     sample_cmd.define_flags(fv)
