@@ -380,3 +380,13 @@ def test_cli_errors(folders, tmp_path, capsys):
     _fails(capsys, "not a hunyuan checkpoint (it looks like a dit", dit, "--model", "hunyuan", "--pipeline", diff,
            "--prompt", "a cat", *SMALL)
     _fails(capsys, "--height is for text-to-image models", dit, "--height", 1024, "--num_heads", 4)
+    # The official sampler's scheduler unless the diffusers folder's is asked for.
+    import dataclasses
+    import json
+
+    cfg = json.loads((diff / "scheduler" / "scheduler_config.json").read_text()) | {"beta_end": 0.018}
+    (tmp_path / "sched.json").write_text(json.dumps(cfg))
+    folder = dataclasses.replace(t2i.find_hunyuan_folder(diff), scheduler_config=tmp_path / "sched.json")
+    assert t2i.load_scheduler(folder).beta_end == 0.02 and t2i.load_scheduler(folder, from_folder=True).beta_end == 0.018
+    with pytest.raises(UserError, match="has no scheduler/scheduler_config.json"):
+        t2i.load_scheduler(t2i.find_hunyuan_folder(official), from_folder=True)

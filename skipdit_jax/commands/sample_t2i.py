@@ -56,6 +56,8 @@ def define_t2i_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("cache_at_branch", 1, "text-to-image: blocks a cached step runs at each end (k)", flag_values=fv)
     flags.DEFINE_string("clip", None, "text-to-image: CLIP text encoder folder (default: from --pipeline)", flag_values=fv)
     flags.DEFINE_string("clip_tokenizer", None, "text-to-image: CLIP tokenizer folder (default: from --pipeline)", flag_values=fv)
+    flags.DEFINE_bool("folder_scheduler", False, "text-to-image: the diffusers folder's scheduler config instead of the "
+                      "official sampler's settings (beta_end 0.02)", flag_values=fv)
 
 
 def wants_t2i(args: list[str], fv: flags.FlagValues) -> bool:
@@ -124,7 +126,7 @@ def _settings(fv, folder):
     kind = fv.scheduler or (fv.sampler if fv["sampler"].present else "ddpm")
     steps = int(fv.steps) if fv["steps"].present else t2i.HUNYUAN_STEPS
     cfg = float(fv.cfg_scale) if fv["cfg_scale"].present else t2i.HUNYUAN_CFG
-    return t2i.load_scheduler(folder, kind), steps, cfg
+    return t2i.load_scheduler(folder, kind, from_folder=fv.folder_scheduler), steps, cfg
 
 
 class _Text:

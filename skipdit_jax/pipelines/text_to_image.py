@@ -2,10 +2,12 @@
 official HunyuanDiT / Skip-DiT inference (`hydit/inference.py`, `sample_t2i.py`) samples.
 
 What the official sampling does, and what this module does the same way:
-  * diffusers' DDPMScheduler with Hunyuan's settings (scaled_linear betas 0.00085..0.02,
-    v-prediction, steps_offset 1, no clipping): 100 steps walk t = 991, 981, ..., 1
-    (`DiffusersDDPM.hunyuan()`; a diffusers folder's `scheduler/scheduler_config.json` when
-    it has one, as diffusers' HunyuanDiTPipeline reads it);
+  * diffusers' DDPMScheduler with the official sampler's settings (scaled_linear betas
+    0.00085..0.02, v-prediction, steps_offset 1, no clipping): 100 steps walk t = 991, 981,
+    ..., 1 (`DiffusersDDPM.hunyuan()`), whatever the folder layout, so both layouts give the
+    same images; `from_folder=True` reads a diffusers folder's `scheduler/scheduler_config.json`
+    instead, as diffusers' HunyuanDiTPipeline does (its beta_end may differ from 0.02: the
+    v1.2 weights were trained with 0.018, the official sampler uses 0.02);
   * the learned-sigma half of the output is dropped, then classifier-free guidance 6.0 with
     the negative prompt (default: the official Chinese one) as the unconditional branch;
   * Skip-Cache as `HunYuanDiT_cache`: a full step every N steps, always full while t >= 700,
@@ -220,13 +222,16 @@ _HUNYUAN_SCHEDULER = dict(
 )
 
 
-def load_scheduler(folder: HunyuanFolder | None = None, kind: str = "ddpm"):
-    """Hunyuan's DDPM (or DDIM, its other SAMPLER_FACTORY entry with the same settings):
-    from a diffusers folder's scheduler config when it has one, else the official settings."""
+def load_scheduler(folder: HunyuanFolder | None = None, kind: str = "ddpm", from_folder: bool = False):
+    """The official sampler's DDPM (or DDIM, its other SAMPLER_FACTORY entry, same settings);
+    with `from_folder`, a diffusers folder's scheduler config (one UserError line without one)."""
     if kind not in ("ddpm", "ddim"):
         raise UserError(f"unknown scheduler {kind!r}: use ddpm (Hunyuan-DiT's) or ddim")
     cls = DiffusersDDPM if kind == "ddpm" else DiffusersDDIM
-    if folder is not None and folder.scheduler_config is not None:
+    if from_folder:
+        if folder is None or folder.scheduler_config is None:
+            where = "no folder given" if folder is None else f"{folder.root} has no scheduler/scheduler_config.json"
+            raise UserError(f"the folder's scheduler was asked for, but {where}")
         sched = cls.from_config(folder.scheduler_config)
     else:
         sched = cls(**_HUNYUAN_SCHEDULER) if kind == "ddim" else DiffusersDDPM.hunyuan()
