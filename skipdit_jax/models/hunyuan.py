@@ -16,6 +16,10 @@ three groups are stored as three stacks of blocks (a leading layer axis) and sca
 Skip-Cache works in blocks: `forward_full(.., k)` also returns the input of block D-k
 (before its fusion); `forward_shallow(.., deep, k)` runs the embedders, the first k
 blocks (for their skips) and blocks D-k..D-1 starting from that cached input.
+
+The other caches (FORA, PAB, Delta-DiT, TeaCache) run ranges of blocks (`run_units`) on a
+"unit state" that carries the encoder outputs beside the hidden state, so every decoder
+block still fuses its skip; `HunyuanBlock` exposes its fusion and branch outputs.
 """
 
 from __future__ import annotations
@@ -194,7 +198,7 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 # ---- layers -----------------------------------------------------------------------------
-def _ln(name: str) -> nn.LayerNorm:
+def _ln(name: str | None = None) -> nn.LayerNorm:
     return nn.LayerNorm(epsilon=NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False, name=name)
 
 
@@ -250,24 +254,71 @@ class _Attention(nn.Module):
 
 class HunyuanBlock(nn.Module):
     """One block on (B, T, D): [skip fusion], shift-modulated self-attention,
-    cross-attention, MLP. `skip` (a static bool) gives it skip_norm / skip_linear."""
+    cross-attention, MLP. `skip` (a static bool) gives it skip_norm / skip_linear.
+
+    Besides the plain call it exposes its pieces for the cache baselines: `fuse` (the long
+    skip fusion, which *replaces* the hidden state), `modulated_input` (self-attention's
+    input LN(h) + shift, TeaCache's probe), `forward_with_branches` (also returning the
+    outputs of its three residual branches: self-attention, cross-attention, MLP) and
+    `forward_from_branches` (the residual stream rebuilt from stored branch outputs after
+    a fresh fusion; no attention, MLP or their norms run). There are no adaLN gates: the
+    conditioning only shifts self-attention's input, so a branch output is added as is.
+    """
 
     config: HunyuanConfig
     skip: bool = False
 
-    @nn.compact
-    def __call__(self, h, temb, context, cos, sin, skip_feature=None):
+    def setup(self):
         cfg = self.config
         d, dt = cfg.hidden_size, cfg.compute_dtype
         if self.skip:
-            cat = fp32_norm(jnp.concatenate([h, skip_feature.astype(h.dtype)], axis=-1), "skip_norm")
-            h = nn.Dense(d, dtype=dt, name="skip_linear")(cat)
-        shift = nn.Dense(d, dtype=dt, name="shift")(nn.silu(temb.astype(jnp.float32)).astype(dt))
-        x = fp32_norm(h, "norm1") + shift[:, None]
-        h = h + _Attention(cfg.num_heads, dt, name="attn1")(x, None, cos, sin)
-        h = h + _Attention(cfg.num_heads, dt, name="attn2")(fp32_norm(h, "norm2"), context, cos, sin)
-        x = nn.Dense(cfg.mlp_hidden, dtype=dt, name="fc1")(fp32_norm(h, "norm3"))
-        return h + nn.Dense(d, dtype=dt, name="fc2")(nn.gelu(x, approximate=True))
+            self.skip_norm = _ln()
+            self.skip_linear = nn.Dense(d, dtype=dt)
+        self.shift = nn.Dense(d, dtype=dt)
+        self.norm1 = _ln()
+        self.attn1 = _Attention(cfg.num_heads, dt)
+        self.norm2 = _ln()
+        self.attn2 = _Attention(cfg.num_heads, dt)
+        self.norm3 = _ln()
+        self.fc1 = nn.Dense(cfg.mlp_hidden, dtype=dt)
+        self.fc2 = nn.Dense(d, dtype=dt)
+
+    @staticmethod
+    def _norm(norm, x):
+        return norm(x.astype(jnp.float32)).astype(x.dtype)
+
+    def fuse(self, h, skip_feature):
+        """Linear(LayerNorm(concat([h, skip]))): the decoder block's new hidden state."""
+        return self.skip_linear(self._norm(self.skip_norm, jnp.concatenate([h, skip_feature.astype(h.dtype)], axis=-1)))
+
+    def modulated_input(self, h, temb):
+        """Self-attention's input: LN(h) + Linear(silu(temb)) (a shift; no scale)."""
+        dt = self.config.compute_dtype
+        shift = self.shift(nn.silu(temb.astype(jnp.float32)).astype(dt))
+        return self._norm(self.norm1, h) + shift[:, None]
+
+    def forward_with_branches(self, h, temb, context, cos, sin, skip_feature=None):
+        """(output, (self-attention, cross-attention, MLP) outputs, each (B, T, D))."""
+        if self.skip:
+            h = self.fuse(h, skip_feature)
+        attn = self.attn1(self.modulated_input(h, temb), None, cos, sin)
+        h = h + attn
+        cross = self.attn2(self._norm(self.norm2, h), context, cos, sin)
+        h = h + cross
+        mlp = self.fc2(nn.gelu(self.fc1(self._norm(self.norm3, h)), approximate=True))
+        return h + mlp, (attn, cross, mlp)
+
+    def forward_from_branches(self, h, branches, skip_feature=None):
+        """The output with the three branch outputs taken from `branches` (e.g. stored at an
+        earlier step): fuse (decoder blocks, with the given skip), then add each in order."""
+        if self.skip:
+            h = self.fuse(h, skip_feature)
+        for branch in branches:
+            h = h + branch.astype(h.dtype)
+        return h
+
+    def __call__(self, h, temb, context, cos, sin, skip_feature=None):
+        return self.forward_with_branches(h, temb, context, cos, sin, skip_feature)[0]
 
 
 class _Pooler(nn.Module):
@@ -441,6 +492,34 @@ class HunyuanDiT(nn.Module):
             h = self.run_middle(h, cond, 1, 2)
         h = self.run_decoder(h, cond, n_enc - min(k, n_enc), n_enc, skips)
         return self.head(h, cond, grid)
+
+    # ---- units: the cache baselines' pieces ------------------------------------------------
+    # The baselines run any contiguous range of blocks, so the state between blocks must
+    # carry the long-skip features: a "unit state" (E + 1, B, T, D), E = D/2 - 1, holds the
+    # hidden state in row 0 and the output of encoder block i in row 1 + i (zeros until run).
+    def unit_embed(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask):
+        """(unit state entering block 0, cond) as `embed`."""
+        h, cond = self.embed(x, t, clip_emb, clip_mask, t5_emb, t5_mask)
+        state = jnp.zeros((self.config.num_encoder_blocks + 1, *h.shape), h.dtype)
+        return state.at[0].set(h), cond
+
+    def run_units(self, state, cond, lo: int, hi: int):
+        """Blocks lo..hi-1 (global indices, 0 <= lo <= hi <= depth) on a unit state: encoder
+        blocks record their outputs, decoder block l fuses row 1 + (D-1-l), whatever run put
+        it there (this call, an earlier one, or a stored state)."""
+        n_enc, depth = self.config.num_encoder_blocks, self.config.depth
+        if not 0 <= lo <= hi <= depth:
+            raise UserError(f"block range {lo}..{hi} is outside 0..{depth}")
+        h = state[0]
+        if lo < n_enc:
+            h, outs = self.run_encoder(h, cond, lo, min(hi, n_enc))
+            state = state.at[1 + lo : 1 + min(hi, n_enc)].set(outs)
+        if max(lo, n_enc) < min(hi, n_enc + 2):
+            h = self.run_middle(h, cond, max(lo, n_enc) - n_enc, min(hi, n_enc + 2) - n_enc)
+        a, b = max(lo, n_enc + 2) - n_enc - 2, hi - n_enc - 2
+        if a < b:  # decoder j fuses encoder E-1-j: the rows of encoders E-b..E-1-a, in encoder order
+            h = self.run_decoder(h, cond, a, b, state[1 + n_enc - b : 1 + n_enc - a])
+        return state.at[0].set(h)
 
 
 @functools.lru_cache(maxsize=16)

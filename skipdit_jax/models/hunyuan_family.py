@@ -9,8 +9,29 @@ text encoders' outputs and each sample's unconditional (empty or negative prompt
      "null_clip_emb", "null_clip_mask", "null_t5_emb", "null_t5_mask": the same shapes}
 
 `null_condition` swaps the null caption in, so generic classifier-free guidance and
-condition dropout need no text encoder. Cache units are blocks; the model's native long
-skips are what Skip-Cache uses.
+condition dropout need no text encoder.
+
+Caches. Units are blocks (`depth_units` = depth). Skip-Cache uses the native long skips
+(`forward_full` / `forward_shallow`: a cached step runs blocks 0..k-1 and D-k..D-1). The
+unit pieces of the other caches (FORA, PAB, Delta-DiT, TeaCache) honour the skips: the
+hidden state between units is the model's *unit state* (E + 1, B, T, D), E = depth/2 - 1,
+row 0 the hidden state and row 1 + i the output of encoder block i, so `run_units` over
+any block range, and `unit_with_branches` / `unit_from_branches` inside a scan, fuse each
+decoder block's skip from the state (`units_carry_skips`). What that means per cache:
+
+  * FORA / PAB (`BranchCache`): a full step stores each block's self-attention,
+    cross-attention and MLP outputs (`branch_shapes` = (3, B, T, D)). A cached step runs
+    the embedders and, block by block, the skip fusion (a decoder block's hidden state is
+    *replaced* by Linear(LN([h, skip])), so it is recomputed from the rebuilt stream and
+    the rebuilt encoder outputs), then adds the three stored outputs. Hunyuan-DiT has no
+    adaLN gates (the conditioning only shifts self-attention's input), so "re-gated with
+    the current gates" is the identity: the stored outputs are added unscaled. The
+    fusion Linears are not counted in the unit-count plan (0 blocks per cached step).
+  * Delta-DiT: the cached change is one of unit states, so the late regime (the front's
+    change reused, the last m blocks run) fuses the encoder outputs of the last full step.
+  * TeaCache: the probe is block 0's self-attention input LN(h) + shift(temb) (float32);
+    the reused residual is row 0's (the other rows only feed blocks a cached step skips).
+  * PAB-video does not apply (no temporal attention).
 """
 
 from __future__ import annotations
@@ -24,7 +45,7 @@ import numpy as np
 
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.family import ModelFamily
-from skipdit_jax.models.hunyuan import HunyuanConfig, HunyuanDiT, init_hunyuan_params
+from skipdit_jax.models.hunyuan import HunyuanBlock, HunyuanConfig, HunyuanDiT, init_hunyuan_params
 
 TEXT_KEYS = ("clip_emb", "clip_mask", "t5_emb", "t5_mask")
 CONDITION_KEYS = TEXT_KEYS + tuple(f"null_{k}" for k in TEXT_KEYS)
@@ -39,6 +60,9 @@ class HunyuanFamily(ModelFamily):
     name: ClassVar[str] = "hunyuan"
     config_cls: ClassVar[type] = HunyuanConfig
     condition_kind: ClassVar[str] = "text"
+    # The unit pieces carry the long-skip features in the unit state, so the unit-based
+    # cache baselines apply although the model has long skips (it has no skip-free form).
+    units_carry_skips: ClassVar[bool] = True
 
     @property
     def module(self) -> HunyuanDiT:
@@ -136,6 +160,66 @@ class HunyuanFamily(ModelFamily):
     def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
         c = self.config
         return (batch, c.num_patches, c.hidden_size)
+
+    # ---- pieces for the other cache strategies (units = blocks; see the module docstring) --
+    # h is the unit state (E + 1, B, T, D); c = (temb (B, D), caption (B, L, Dc), cos, sin).
+    def embed(self, params, x, t, condition):
+        return self.module.apply({"params": params}, x, t, *self._text(condition), method=HunyuanDiT.unit_embed)
+
+    def _grid(self, tokens: int) -> tuple[int, int]:
+        c = self.config
+        grid = tuple(n // c.patch_size for n in c.latent_hw)
+        if grid[0] * grid[1] != tokens:
+            raise UserError(f"a unit state of {tokens} tokens does not fit this model's {c.latent_hw} latents")
+        return grid
+
+    def head(self, params, h, c):
+        return self.module.apply({"params": params}, h[0], c, self._grid(h.shape[2]), method=HunyuanDiT.head)
+
+    def hidden_shape(self, batch: int) -> tuple[int, ...]:
+        c = self.config
+        return (c.num_encoder_blocks + 1, batch, c.num_patches, c.hidden_size)
+
+    def unit_stacks(self, params) -> tuple:
+        return params["encoder_blocks"], params["middle_blocks"], params["decoder_blocks"]
+
+    def run_units(self, params, h, c, lo: int, hi: int):
+        return self.module.apply({"params": params}, h, c, lo, hi, method=HunyuanDiT.run_units)
+
+    def branch_shapes(self, batch: int):
+        """(self-attention, cross-attention, MLP) outputs stacked: (3, B, T, D)."""
+        return (3, *self.deep_feature_shape(batch))
+
+    def _unit(self, unit_params, h, index, method, *args):
+        """One block (global `index`, traced) on the unit state: a decoder block (its
+        parameters hold skip_linear) fuses row 2E + 2 - index (encoder D-1-index); an
+        encoder block writes its output to row 1 + index (the middle blocks' rows are out
+        of range and dropped)."""
+        decoder = "skip_linear" in unit_params
+        row = 2 * self.config.num_encoder_blocks + 2 - index
+        skip = (jax.lax.dynamic_index_in_dim(h, row, keepdims=False),) if decoder else ()
+        out = HunyuanBlock(self.config, decoder, parent=None).apply({"params": unit_params}, h[0], *args, *skip, method=method)
+        hidden = out[0] if isinstance(out, tuple) else out
+        h = h.at[0].set(hidden)
+        if not decoder:
+            h = h.at[1 + index].set(hidden, mode="drop")
+        return h, out
+
+    def unit_with_branches(self, unit_params, h, c, index):
+        h, (_, branches) = self._unit(unit_params, h, index, HunyuanBlock.forward_with_branches, *c)
+        return h, jnp.stack(branches)
+
+    def unit_from_branches(self, unit_params, h, c, index, branches):
+        """No gates to apply (see the module docstring): fuse, then add the stored outputs."""
+        return self._unit(unit_params, h, index, HunyuanBlock.forward_from_branches, tuple(branches))[0]
+
+    def probe(self, params, h, c):
+        p0 = jax.tree.map(lambda a: a[0], params["encoder_blocks"])
+        block = HunyuanBlock(self.config, parent=None)
+        return block.apply({"params": p0}, h[0], c[0], method=HunyuanBlock.modulated_input).astype(jnp.float32)
+
+    def probe_shape(self, batch: int) -> tuple[int, ...]:
+        return self.deep_feature_shape(batch)
 
     @property
     def param_axes(self):
