@@ -350,6 +350,13 @@ def test_cli_captions_mode_official_layout(folders, tmp_path, capsys):
     save_hunyuan_embeddings(tmp_path / "emb.npz", texts, encode_hunyuan_prompts(load_hunyuan_text_encoders(diff), texts))
     assert _cli(diff, "--embeddings", tmp_path / "emb.npz", "--prompt", "|".join(PROMPTS), *SMALL, "--out", tmp_path / "emb") == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "emb" / "1.png")), first[1])
+    # A model directory (skipdit convert) with the folder's encoders and VAE.
+    from skipdit_jax import model_store
+
+    model_store.save_model(tmp_path / "model", *t2i.load_transformer(diff, 1024, 1024))
+    assert _cli(tmp_path / "model", "--pipeline", official, "--prompt", "|".join(PROMPTS), *SMALL, "--out", tmp_path / "md") == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "md" / "1.png")), first[1])
+    _fails(capsys, "the text encoders come from --pipeline DIR", tmp_path / "model", "--prompt", "a cat", *SMALL)
     # Process 1 of 2 takes the odd indices, with the same seeds.
     fv = sample_cmd.flags.FlagValues()
     sample_cmd.define_flags(fv)

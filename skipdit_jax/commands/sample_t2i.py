@@ -140,6 +140,12 @@ class _Text:
             self.file, self.encoders = hunyuan_text.load_hunyuan_embeddings(fv.embeddings), None
         else:
             self.file = None
+            parts = (fv.clip, fv.t5, fv.clip_tokenizer, fv.tokenizer)
+            if folder is None and not all(parts):
+                raise UserError(
+                    "the text encoders come from --pipeline DIR (a HunyuanDiT-v1.2 or -Diffusers folder); without one give "
+                    "--clip, --clip_tokenizer, --t5 (mT5) and --tokenizer (mT5's), or --embeddings FILE"
+                )
             self.encoders = hunyuan_text.load_hunyuan_text_encoders(
                 folder.text_root if folder is not None else None, clip=fv.clip, mt5=fv.t5, clip_tokenizer=fv.clip_tokenizer,
                 t5_tokenizer=fv.tokenizer, dtype=fv.t5_dtype,
@@ -281,7 +287,8 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
         paths.save_png(out / f"{j}.png", Image.fromarray(picture))
     paths.save_npy(out / "samples.npy", latents)
     paths.atomic_write_text(out / "samples.json", json.dumps(report, indent=2, ensure_ascii=False))
-    print(f"wrote {out / '0.png'} ... {out / f'{len(prompts) - 1}.png'}, samples.npy (latents, NHWC float32) and samples.json")
+    names = f"{out / '0.png'}" + (f" ... {len(prompts) - 1}.png" if len(prompts) > 1 else "")
+    print(f"wrote {names}, samples.npy (latents, NHWC float32) and samples.json")
     return 0
 
 
