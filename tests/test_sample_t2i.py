@@ -298,7 +298,8 @@ def test_cli_prompts_cache_and_speedup(folders, tmp_path):
 
     diff = folders[0]
     out = tmp_path / "out"
-    assert _cli(diff, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--cache", 2, "--seed", 5, *SMALL, "--out", out) == 0
+    assert _cli(diff, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--cache", 2, "--seed", 5, "--batch_size", 2, *SMALL,
+                "--out", out) == 0
     report = json.loads((out / "samples.json").read_text())
     cache = t2i.hunyuan_skip_cache(2, 1)
     plan = cache.plan(t2i.load_scheduler().timesteps(STEPS), 6)
@@ -348,13 +349,15 @@ def test_cli_captions_mode_official_layout(folders, tmp_path, capsys):
 
     texts = [*PROMPTS, DEFAULT_NEGATIVE_PROMPT]
     save_hunyuan_embeddings(tmp_path / "emb.npz", texts, encode_hunyuan_prompts(load_hunyuan_text_encoders(diff), texts))
-    assert _cli(diff, "--embeddings", tmp_path / "emb.npz", "--prompt", "|".join(PROMPTS), *SMALL, "--out", tmp_path / "emb") == 0
+    emb_args = ("--embeddings", tmp_path / "emb.npz", "--prompt", "|".join(PROMPTS), "--batch_size", 2)
+    assert _cli(diff, *emb_args, *SMALL, "--out", tmp_path / "emb") == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "emb" / "1.png")), first[1])
     # A model directory (skipdit convert) with the folder's encoders and VAE.
     from skipdit_jax import model_store
 
     model_store.save_model(tmp_path / "model", *t2i.load_transformer(diff, 1024, 1024))
-    assert _cli(tmp_path / "model", "--pipeline", official, "--prompt", "|".join(PROMPTS), *SMALL, "--out", tmp_path / "md") == 0
+    md_args = ("--pipeline", official, "--prompt", "|".join(PROMPTS), "--batch_size", 2)
+    assert _cli(tmp_path / "model", *md_args, *SMALL, "--out", tmp_path / "md") == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "md" / "1.png")), first[1])
     _fails(capsys, "the text encoders come from --pipeline DIR", tmp_path / "model", "--prompt", "a cat", *SMALL)
     # Process 1 of 2 takes the odd indices, with the same seeds.
@@ -377,6 +380,7 @@ def test_cli_errors(folders, tmp_path, capsys):
            diff, "--prompt", "a cat", "--height", 1000, "--width", 1000)
     _fails(capsys, "Hunyuan-DiT needs prompts", "--model", "hunyuan", "--pipeline", official)
     _fails(capsys, "--labels is not a text-to-image setting", diff, "--prompt", "a cat", "--labels", "1")
+    _fails(capsys, "give --cache N too", diff, "--prompt", "a cat", "--cache_at_branch", 2)
     broken = tmp_path / "broken"
     shutil.copytree(diff, broken)
     (broken / "tokenizer" / "vocab.txt").unlink()

@@ -13,7 +13,8 @@ when MODEL is such a folder. --clip / --clip_tokenizer / --t5 / --tokenizer repl
 parts (--t5 and --tokenizer name mT5 and its tokenizer), --vae the SDXL VAE, --embeddings FILE
 (`skipdit encode-text --family hunyuan`) the encoders altogether.
 
-Image j uses seed --seed + j (in the captions mode j is the caption's index). With --prompt the
+Image j uses seed --seed + j (in the captions mode j is the caption's index); --batch_size images
+per sampler call (default 1, the official batch). With --prompt the
 run writes OUT/<j>.png, samples.npy (the latents, NHWC float32) and samples.json (prompts,
 seeds, settings, timings and, with --cache, the schedule's predicted and the measured speedup).
 
@@ -212,6 +213,8 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
     if fv.batch_size < 1:
         raise UserError(f"--batch_size must be >= 1, got {fv.batch_size}")
     height, width = _resolution(fv)
+    if fv["cache_at_branch"].present and not fv.cache:
+        raise UserError("--cache_at_branch sets the blocks a cached step computes: give --cache N too")
     cache = t2i.parse_t2i_cache(fv.cache, fv.cache_at_branch)
     folder, spec = _folder_and_spec(args, fv)
     scheduler, steps, cfg_scale = _settings(fv, folder)
@@ -251,7 +254,10 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
     _check_widths(config, text.widths())
     fn = t2i.build_t2i_sampler(config, scheduler, steps, cfg_scale, cache)
     vae = t2i.load_image_vae(folder, fv.vae, family_of(config).eps_channels)
-    bs = fv.batch_size if captions is not None else min(fv.batch_size, len(prompts))
+    # One image per call unless asked (the official batch; at 1024 px a float32 attention
+    # matrix of the guided batch is 2 GB per image and block).
+    bs = fv.batch_size if fv["batch_size"].present else 1
+    bs = bs if captions is not None else min(bs, len(prompts))
     params, sharding = _placement(params, bs)
     if captions is not None:
         return _captions_mode(out, captions, todo, text, config, params, fn, vae, bs, cfg_scale, sharding, fv.seed)
@@ -320,12 +326,21 @@ def _check_manifest(out, settings: dict, captions: list[str], seed: int, write: 
             old = json.loads(path.read_text(encoding="utf-8"))
         except ValueError:
             raise UserError(f"{path} is not valid JSON; remove it or use another --out") from None
-        if old != json.loads(json.dumps(manifest)):
+        # Where the weights were read from may change between runs (another mount, a relative
+        # path); what the images depend on may not.
+        if _comparable(old) != _comparable(json.loads(json.dumps(manifest))):
             changed = [k for k in settings if old.get("settings", {}).get(k) != json.loads(json.dumps(settings)).get(k)]
             what = f"settings ({', '.join(changed)})" if changed else "captions"
             raise UserError(f"{out} holds images of other {what}: use another --out or remove {path}")
     elif write:
         paths.atomic_write_text(path, json.dumps(manifest, indent=1, ensure_ascii=False))
+
+
+def _comparable(manifest: dict) -> dict:
+    """A manifest without the paths the weights were read from (another mount or a relative
+    path on resume is fine; other sampling settings are not)."""
+    settings = {k: v for k, v in manifest.get("settings", {}).items() if k not in ("model", "pipeline")}
+    return {**manifest, "settings": settings}
 
 
 def _captions_mode(out, captions, todo, text, config, params, fn, vae, bs, cfg_scale, sharding, seed) -> int:
