@@ -6,7 +6,8 @@
 Speed: times guided sampling of a DiT-g/2 at reduced width (--depth blocks with Hunyuan's native
 long skips, width --width, MLP ratio 4.3637) on --size x --size x 4 latents, patch 2, captions of
 the official lengths (CLIP 77, T5 256 tokens) at reduced widths (random embeddings: the cost does
-not depend on their values), batch 1 with classifier-free guidance (scale 6, the official
+not depend on their values; narrow, because the caption embedders run once per step outside the
+blocks and cost <1% of a full DiT-g/2 step, which wide captions on a narrow model would not keep), batch 1 with classifier-free guidance (scale 6, the official
 default; a negative caption as the unconditional half: model batch 2), with Hunyuan's sampler:
 diffusers DDPM-100, v-prediction, timesteps 991, 981, ..., 1 (`DiffusersDDPM.hunyuan()`). It
 compares the full pass with Skip-Cache N = --intervals (`SkipCache(N, k, 700, 50)`, the official
@@ -16,7 +17,9 @@ the block-count prediction of each plan and the speedups the Skip-DiT authors gi
 counts against the official schedule (N2 67/33, N3 56/44, N4 50/50).
 Weights: the family's init plus N(0, 0.01^2) on every parameter. Every setting is compiled ahead,
 then runs --warmup untimed and --repeats timed rounds, interleaved (each round runs every setting
-once, in a rotated order); the table gives medians of wall time and of process CPU time.
+once, in a rotated order); the table gives medians of wall time and of process CPU time, and a
+least-squares fit of the CPU times to steps x a + blocks run x b splits a step's cost into the
+work outside the blocks (a: embedders, final layer, guidance, scheduler step) and per block (b).
 
 Memory: the parameter bytes per device of the FULL DiT-g/2 (1,499,952,032 parameters), float32
 and bfloat16, FSDP over 1/2/4/8 devices, computed from the shardings of
@@ -45,8 +48,8 @@ flags.DEFINE_integer("heads", 4, "attention heads (the head width must be divisi
 flags.DEFINE_integer("size", 16, "latent height and width (4 channels, patch 2; 1024 px: 128)")
 flags.DEFINE_integer("text_len", 77, "CLIP caption tokens")
 flags.DEFINE_integer("text_len_t5", 256, "T5 caption tokens")
-flags.DEFINE_integer("clip_dim", 128, "CLIP width (v1.2: 1024)")
-flags.DEFINE_integer("t5_dim", 256, "T5 width (v1.2: 2048; divisible by 8)")
+flags.DEFINE_integer("clip_dim", 32, "CLIP width (v1.2: 1024)")
+flags.DEFINE_integer("t5_dim", 64, "T5 width (v1.2: 2048; divisible by 8)")
 flags.DEFINE_integer("steps", 100, "DDPM steps")
 flags.DEFINE_float("cfg_scale", 6.0, "guidance scale (the official default)")
 flags.DEFINE_list("intervals", ["2", "3", "4"], "Skip-Cache intervals N")
@@ -296,6 +299,9 @@ def main(_):
     med = {key: float(np.median(v)) for key, v in wall.items()}
     med_cpu = {key: float(np.median(v)) for key, v in cpu.items()}
     ref = results["full"][0]
+    blocks = {name: c[0] * config.depth + c[1] * 2 * k for name, c in counts.items()}
+    design = np.array([[len(timesteps), blocks[name]] for name in caches], np.float64)
+    (a, b), *_ = np.linalg.lstsq(design, np.array([med_cpu[name] for name in caches]), rcond=None)
 
     m = machine()
     cmd = " ".join(["python experiments/bench_hunyuan.py", *sys.argv[1:]])
@@ -326,6 +332,12 @@ def main(_):
             f"{_s(med_cpu[name])} | {med_cpu['full'] / med_cpu[name]:.2f}x | {rel:.1e} |"
         )
 
+    lines += [] if len(caches) < 3 else [  # two settings fit exactly: no information
+        "",
+        f"Fit of the CPU times to steps x a + blocks x b: a = {1e3 * a:.2f} ms per step outside the blocks, b = "
+        f"{1e3 * b:.3f} ms per block; the work outside the blocks is {a / (a + config.depth * b):.1%} of a full step here "
+        "(the block-count prediction takes it as 0).",
+    ]
     full = family_of(hunyuan_preset("DiT-g/2")).abstract_params()
     total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(full))
     lines += [
