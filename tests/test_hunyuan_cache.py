@@ -252,7 +252,8 @@ def test_cached_ddpm_sampler_equals_the_official_loop(model, n, k, num_cached):
 
 def test_fora_sampler_equals_a_fora_loop_over_diffusers_blocks(model):
     """FORA(2) at DDPM-10 (901, ..., 1): cached where the index from the end (8..0) is odd.
-    PAB shares the cached pass (only the schedule differs, checked below)."""
+    PAB shares the cached pass (only the schedule differs, checked below). At interval 1
+    every step is full, and the full passes are the plain forward (here and below)."""
     ref, config, _, params, cond = model
     noise = np.random.default_rng(4).standard_normal((B, 8, 8, 4)).astype(np.float32)
     got, realised, step_noise = _ours(config, params, cond, noise, FORA(2), 10)
