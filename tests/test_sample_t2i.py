@@ -369,7 +369,7 @@ def test_cli_captions_mode_official_layout(folders, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "shard" / "00001.png")), first[1])
 
 
-def test_cli_errors(folders, tmp_path, capsys):
+def test_cli_errors(folders, tmp_path, capsys, monkeypatch):
     import shutil
 
     from torch_reference import TorchDiT
@@ -391,6 +391,15 @@ def test_cli_errors(folders, tmp_path, capsys):
     _fails(capsys, "not a hunyuan checkpoint (it looks like a dit", dit, "--model", "hunyuan", "--pipeline", diff,
            "--prompt", "a cat", *SMALL)
     _fails(capsys, "--height is for text-to-image models", dit, "--height", 1024, "--num_heads", 4)
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    def offline(*args, **kwargs):
+        raise LocalEntryNotFoundError("offline")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    repo = "hf://Tencent-Hunyuan/HunyuanDiT-v1.2"
+    _fails(capsys, f"could not fetch {repo} from the Hugging Face Hub", repo, "--prompt", "a cat")
     # The official sampler's scheduler unless the diffusers folder's is asked for.
     import dataclasses
     import json

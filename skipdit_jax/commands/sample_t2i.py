@@ -9,7 +9,8 @@
 DIR is a HunyuanDiT-v1.2-Diffusers download (transformer/, vae/, scheduler/, text_encoder/,
 text_encoder_2/, tokenizer/, tokenizer_2/) or the official HunyuanDiT-v1.2 one (t2i/model/,
 t2i/sdxl-vae-fp16-fix/, t2i/clip_text_encoder/, t2i/tokenizer/, t2i/mt5/); it is MODEL's default
-when MODEL is such a folder. --clip / --clip_tokenizer / --t5 / --tokenizer replace single encoder
+when MODEL is such a folder. Either may be "hf://Tencent-Hunyuan/HunyuanDiT-v1.2[-Diffusers]"
+(only the parts sampling reads are fetched). --clip / --clip_tokenizer / --t5 / --tokenizer replace single encoder
 parts (--t5 and --tokenizer name mT5 and its tokenizer), --vae the SDXL VAE, --embeddings FILE
 (`skipdit encode-text --family hunyuan`) the encoders altogether.
 
@@ -109,11 +110,10 @@ def _resolution(fv) -> tuple[int, int]:
 def _folder_and_spec(args, fv):
     """(HunyuanFolder or None, the model spec)."""
     spec = args[0] if args else None
-    folder = None
-    if fv.pipeline:
-        folder = t2i.find_hunyuan_folder(fv.pipeline)
-    elif spec is not None and t2i.is_hunyuan_folder(spec):
-        folder = t2i.find_hunyuan_folder(spec)
+    model_folder = t2i.find_hunyuan_folder(spec) if spec is not None and t2i.is_hunyuan_folder(spec) else None
+    if model_folder is not None:
+        spec = str(model_folder.root)  # an hf:// folder: its local snapshot
+    folder = t2i.find_hunyuan_folder(fv.pipeline) if fv.pipeline else model_folder
     if spec is None:
         if folder is None:
             raise UserError(

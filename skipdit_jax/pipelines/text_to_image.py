@@ -133,9 +133,42 @@ def _official_root(p):
     return None
 
 
+# What sampling reads from a Hub repo of either layout (the official one also holds other models).
+_HUB_PATTERNS = (
+    "model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
+    "tokenizer_2/*", f"t2i/model/{OFFICIAL_WEIGHTS}", "t2i/sdxl-vae-fp16-fix/*", "t2i/clip_text_encoder/*", "t2i/tokenizer/*",
+    "t2i/mt5/*",
+)
+
+
+def fetch_hunyuan_folder(spec: str, revision: str | None = None) -> epath.Path:
+    """The local snapshot of "hf://Tencent-Hunyuan/HunyuanDiT-v1.2[-Diffusers]" with only the
+    parts sampling reads (about 20 GB); one HubUnavailableError line when the Hub cannot be
+    reached and nothing is cached."""
+    from huggingface_hub import snapshot_download
+
+    from skipdit_jax import hub
+    from skipdit_jax.errors import HubUnavailableError
+
+    repo, sub = hub.parse_hub_spec(spec, "hf://Tencent-Hunyuan/HunyuanDiT-v1.2-Diffusers")
+    prefix = f"{sub}/" if sub else ""
+    try:
+        root = snapshot_download(repo, revision=revision, allow_patterns=[prefix + p for p in _HUB_PATTERNS])
+    except Exception as e:
+        if hub.is_network_error(e):
+            raise HubUnavailableError(
+                f"could not fetch {spec} from the Hugging Face Hub ({type(e).__name__}); download it with huggingface-cli "
+                "and pass the local folder"
+            ) from None
+        raise
+    return paths.as_path(root) / sub if sub else paths.as_path(root)
+
+
 def find_hunyuan_folder(folder: paths.PathLike) -> HunyuanFolder:
-    """The layout of a HunyuanDiT-v1.2 folder (see the module docstring); one UserError line
-    when it is neither."""
+    """The layout of a HunyuanDiT-v1.2 folder (see the module docstring), local, remote or
+    "hf://org/repo" (fetched); one UserError line when it is neither."""
+    if isinstance(folder, str) and folder.startswith("hf://"):
+        folder = fetch_hunyuan_folder(folder)
     p = paths.as_path(folder)
     if not p.is_dir():
         raise UserError(f"{p} is not a folder (expected a HunyuanDiT-v1.2-Diffusers or HunyuanDiT-v1.2 download)")
@@ -152,9 +185,11 @@ def find_hunyuan_folder(folder: paths.PathLike) -> HunyuanFolder:
 
 
 def is_hunyuan_folder(spec: str) -> bool:
-    """Whether `spec` is a local folder in either HunyuanDiT-v1.2 layout (a Hunyuan-DiT
-    transformer in a diffusers folder, or an official t2i/ folder)."""
-    if spec.startswith("hf://") or model_store.has_model_config(spec):
+    """Whether `spec` is a folder in either HunyuanDiT-v1.2 layout (a Hunyuan-DiT transformer
+    in a diffusers folder, or an official t2i/ folder), or an hf:// HunyuanDiT repo."""
+    if spec.startswith("hf://"):
+        return "/hunyuandit" in spec.lower() and not spec.endswith((".pt", ".safetensors"))
+    if model_store.has_model_config(spec):
         return False
     p = paths.as_path(spec)
     if not p.is_dir():
