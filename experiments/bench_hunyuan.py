@@ -375,8 +375,9 @@ def main(_):
                 "",
                 "XLA's per-device memory plan of the guided full DDPM sampler of the full DiT-g/2 at 1024 px (128x128x4 latents, "
                 "4,096 tokens, model batch 2), parameters stored and computed in the given dtype, compiled from shapes for the "
-                f"simulated devices (nothing allocated or run; the arguments are the parameter shards and the inputs, temp the "
-                "activations and gathered weights at their peak; GiB):",
+                f"simulated devices (nothing allocated or run; arguments: the parameter shards and the inputs; temp: XLA's "
+                "scratch at its peak: activations, which GSPMD also splits over the model width, and the weights gathered for a "
+                "block; GiB):",
                 "",
                 "| devices | dtype | arguments per device | temp per device |",
                 "|---|---|---|---|",
