@@ -211,7 +211,8 @@ def _torch_sampling(ref, cond, noise, step_noise, net):
                 hs = net(torch.cat([hu, hc]), kw, int(t), i)
                 eps = _torch_head(ref, hs, kw["temb"]).permute(0, 3, 1, 2).chunk(2, dim=1)[0]
                 uncond, text = eps.chunk(2)
-                ddpm.randn_tensor = lambda *a, z=_tt(step_noise[i]).permute(0, 3, 1, 2), **k: z
+                z = _tt(step_noise[i]).permute(0, 3, 1, 2)
+                ddpm.randn_tensor = lambda *a, z=z, **k: z
                 x = sched.step(uncond + SCALE * (text - uncond), t, x).prev_sample
     finally:
         ddpm.randn_tensor = original
