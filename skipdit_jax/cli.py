@@ -27,7 +27,7 @@ COMMANDS = {
     "convert-i3d": "convert the I3D (Kinetics-400) weight file used for FVD into a safetensors copy for evaluation",
     "convert-inception": "convert the pytorch-fid Inception weight file into a safetensors copy for evaluation",
     "plot-curves": "plot a logged metric (e.g. FID) against training steps for one or more runs",
-    "encode-text": "encode prompts with the T5 v1.1 text encoder into an embedding file for text-to-video models",
+    "encode-text": "encode prompts into an embedding file: T5 v1.1 for text-to-video models, or Hunyuan-DiT's CLIP + mT5 (--family hunyuan)",
     "calibrate": "fit TeaCache's rescaling polynomial for a DiT (a cache baseline)",
 }
 

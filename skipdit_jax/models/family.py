@@ -178,6 +178,9 @@ class ModelFamily(abc.ABC):
     # Units are what `depth_units` counts; the hidden state between units has the shape
     # `hidden_shape(batch)`; `index` is a unit's global position (0 = the first unit).
     attention_kinds: ClassVar[tuple[str, ...]] = ()
+    # True when the hidden state between units also carries the long-skip features, so
+    # run_units / unit_* honour the skip fusion and the unit-based cache baselines apply.
+    units_carry_skips: ClassVar[bool] = False
 
     def _no_pieces(self, what: str):
         raise ConfigError(f"the {self.name} family does not provide {what}, which this cache strategy needs")

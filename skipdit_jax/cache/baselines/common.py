@@ -38,7 +38,10 @@ class Baseline:
 
     def check_model(self, model) -> None:
         """Raise `ConfigError` unless the strategy fits `model` (a model config or family)."""
-        if as_family(model).has_long_skips:
+        family = as_family(model)
+        # Hunyuan-DiT's skips are native (no skip-free variant exists) and its unit pieces carry
+        # the encoder outputs in the hidden state, so the unit-based baselines apply to it.
+        if family.has_long_skips and not family.units_carry_skips:
             raise ConfigError(
                 f"{self.name} is a baseline for models without long skips; on a model with them (Skip-DiT, "
                 "Latte-skip) use Skip-Cache (method 'skip-cache'), or give a DiT / Latte checkpoint"
