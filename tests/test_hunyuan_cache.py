@@ -368,7 +368,6 @@ def test_teacache_step_and_probe_equal_hand_built_ones(model, one_step):
     np.testing.assert_allclose(ran, _unit_state(fresh[-1], fresh[:2]), **TOL)
 
 
-@pytest.mark.xfail(reason="Baseline.check_model does not yet honour the family's units_carry_skips", raises=ConfigError)
 def test_check_model_accepts_the_baselines_on_hunyuan(model):
     """`sample()` and the CLI validate a cache with check_model before sampling."""
     family = model[2]
