@@ -2,11 +2,16 @@
 checkpoints (set aside) vs a changed config (an error that touches nothing), 1 vs 8
 devices, 2 processes vs 1 (with sample grids), the profiler, gradient accumulation, config
 errors; and, in-process, restore failures and `load_trained`'s partial restore. Tiny models
-(8x8 MNIST, depth 2, width 16)."""
+(8x8 MNIST, depth 2, width 16).
+
+The training processes share one persistent XLA compilation cache (per test worker), so
+the tiny train step is compiled once rather than in each of the ~20 processes; a process
+that finds it runs the very same executable."""
 
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -40,7 +45,7 @@ def train_cmd(workdir, *extra):
 
 
 def run_train(workdir, *extra, env=None, timeout=600):
-    res = subprocess.run(train_cmd(workdir, *extra), capture_output=True, text=True, env=env, timeout=timeout)
+    res = subprocess.run(train_cmd(workdir, *extra), capture_output=True, text=True, env=env or _env(), timeout=timeout)
     assert res.returncode == 0, res.stderr[-3000:]
     return res
 
@@ -51,24 +56,40 @@ def losses(workdir):
     return {r["step"]: r["loss"] for r in rows if "loss" in r}
 
 
+_CACHE_ENV = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+    _CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    yield
+    _CACHE_ENV.clear()
+
+
 def _env(devices=None):
-    env = dict(os.environ)
+    env = dict(os.environ, **_CACHE_ENV)
     if devices:
         env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}").strip()
     return env
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
-    """An uninterrupted 40-step run, the baseline of the resume tests."""
+def reference_workdir(tmp_path_factory):
+    """An uninterrupted 40-step run, the baseline of the resume tests (read-only: copy it)."""
     workdir = tmp_path_factory.mktemp("reference")
     run_train(workdir, "--config.train.steps=40")
-    return losses(workdir)
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def reference_run(reference_workdir):
+    """step -> loss of the reference run."""
+    return losses(reference_workdir)
 
 
 def test_sigkill_then_restart_gives_the_same_losses(tmp_path, reference_run):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(workdir, "--config.train.steps=40"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(train_cmd(workdir, "--config.train.steps=40"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -87,7 +108,9 @@ def test_sigkill_then_restart_gives_the_same_losses(tmp_path, reference_run):
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(workdir, "--config.train.steps=100000", "--config.checkpoint.every=100000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        train_cmd(workdir, "--config.train.steps=100000", "--config.checkpoint.every=100000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
+    )
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -106,7 +129,7 @@ def test_sigterm_on_a_checkpoint_step_saves_once_and_writes_the_partial_metrics(
     the partial interval's, written at the stop."""
     workdir = tmp_path / "run"
     cmd = train_cmd(workdir, "--config.train.steps=100000", "--config.checkpoint.every=1", "--config.train.log_every=100000")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not _checkpoint_steps(workdir):
         time.sleep(0.05)
@@ -140,27 +163,35 @@ def _delete_array_data(step_dir):
         f.unlink()
 
 
-def test_damaged_newest_checkpoint_is_set_aside_and_falls_back(tmp_path, reference_run):
+def test_damaged_newest_checkpoint_is_set_aside_and_falls_back(tmp_path, reference_workdir, reference_run):
     """The subtle damage (metadata intact, array bytes gone); wholly garbled files are the
-    two-process test's case."""
-    workdir, steps = tmp_path / "run", 16
-    run_train(workdir, "--config.train.steps=12")
-    _delete_array_data(workdir / "checkpoints" / "12")
-    res = run_train(workdir, f"--config.train.steps={steps}")
-    assert "unreadable" in res.stdout and "falling back to step 8" in res.stdout
-    assert (workdir / "checkpoints" / "12.damaged").is_dir()
-    resumed = losses(workdir)
-    assert sorted(resumed) == list(range(1, steps + 1))
-    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)], [reference_run[s] for s in range(1, steps + 1)], rtol=1e-6)
-
-
-def test_changed_config_on_resume_is_one_error_and_touches_nothing(tmp_path):
-    """A good checkpoint that no longer fits (the width changed) is not "damaged": exit 2
-    with one line naming the mismatch; no directory renamed, metrics.jsonl untouched."""
+    two-process test's case. The run is a copy of the reference run (checkpoints 36 and 40),
+    restarted after its newest checkpoint was damaged: it must redo steps 37-40 from step 36.
+    Their rows in the copy are first spoiled, so only redone steps can match the reference."""
     workdir = tmp_path / "run"
-    run_train(workdir, "--config.train.steps=8")
+    shutil.copytree(reference_workdir, workdir)
+    assert sorted(_checkpoint_steps(workdir)) == [36, 40]
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    spoiled = [dict(r, loss=1e6) if r["step"] > 36 and "loss" in r else r for r in rows]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spoiled))
+    _delete_array_data(workdir / "checkpoints" / "40")
+    res = run_train(workdir, "--config.train.steps=40")
+    assert "unreadable" in res.stdout and "falling back to step 36" in res.stdout
+    assert (workdir / "checkpoints" / "40.damaged").is_dir()
+    resumed = losses(workdir)
+    assert sorted(resumed) == list(range(1, 41))
+    np.testing.assert_allclose([resumed[s] for s in range(1, 41)], [reference_run[s] for s in range(1, 41)], rtol=1e-6)
+
+
+def test_changed_config_on_resume_is_one_error_and_touches_nothing(tmp_path, reference_workdir):
+    """A good checkpoint that no longer fits (the width changed) is not "damaged": exit 2
+    with one line naming the mismatch; no directory renamed, metrics.jsonl untouched. (The
+    good checkpoint is a copy of the reference run's.)"""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_workdir, workdir)
     before = sorted(os.listdir(workdir / "checkpoints")), (workdir / "metrics.jsonl").read_text()
-    res = subprocess.run(train_cmd(workdir, "--config.train.steps=12", "--config.model.hidden_size=32"), capture_output=True, text=True, timeout=300)
+    assert before[0] and before[1]
+    res = subprocess.run(train_cmd(workdir, "--config.train.steps=44", "--config.model.hidden_size=32"), capture_output=True, text=True, env=_env(), timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
     assert len(lines) == 1 and lines[0].startswith("skipdit: error:"), res.stderr[-2000:]
@@ -241,26 +272,72 @@ def test_profiler_trace_and_gradient_accumulation(tmp_path):
     assert sorted(losses(workdir)) == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize(
-    "overrides,needle",
-    [
-        (["--config.model.depth=3"], "depth must be even"),
-        (["--config.data.image_size=10", "--config.model.patch_size=4"], "not divisible by patch_size"),
-        (["--config.train.global_batch_size=6", "--config.mesh.data=4"], "not divisible by the 4"),
-        (["--config.data.name=folder", "--config.data.path=/nonexistent/folder"], "data folder not found"),
-        (["--config.train.stpes=3"], "stpes"),
-        (["--config.mesh.data=3"], "does not match the 4 devices"),
-        (["--config.train.grad_accum_steps=4"], "not divisible by train.grad_accum_steps 4 x 4 devices"),
-        (["--config.train.profile_steps=-1"], "profile_steps must be >= 0"),
-        (["--config.evals.grid.every=-1"], "evals.grid.every must be an integer >= 0 (0 = off), got -1"),
-    ],
-)
-def test_config_errors_are_one_line_before_compiling(tmp_path, overrides, needle):
-    res = subprocess.run(train_cmd(tmp_path / "w", *overrides), capture_output=True, text=True, env=_env(4), timeout=300)
-    assert res.returncode == 2, res.stderr[-2000:]
-    lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
-    assert len(lines) == 1 and lines[0].startswith("skipdit: error:") and needle in lines[0], res.stderr[-2000:]
-    assert "compiled" not in res.stdout
+CONFIG_ERRORS = [
+    (["--config.model.depth=3"], "depth must be even"),
+    (["--config.data.image_size=10", "--config.model.patch_size=4"], "not divisible by patch_size"),
+    (["--config.train.global_batch_size=6", "--config.mesh.data=4"], "not divisible by the 4"),
+    (["--config.data.name=folder", "--config.data.path=/nonexistent/folder"], "data folder not found"),
+    (["--config.train.stpes=3"], "stpes"),
+    (["--config.mesh.data=3"], "does not match the 4 devices"),
+    (["--config.train.grad_accum_steps=4"], "not divisible by train.grad_accum_steps 4 x 4 devices"),
+    (["--config.train.profile_steps=-1"], "profile_steps must be >= 0"),
+    (["--config.evals.grid.every=-1"], "evals.grid.every must be an integer >= 0 (0 = off), got -1"),
+]
+
+# Runs `skipdit train` as `skipdit_jax.cli.run` does (XLA flag tuning, then main) for each
+# argv of the JSON list sys.argv[1], each with its own stdout/stderr files under sys.argv[2]
+# (i.out, i.err) bound to file descriptors 1 and 2, so that output from C++ is caught too;
+# prints the exit statuses as JSON. The first run's capture starts before anything is
+# imported, so it sees everything a fresh `skipdit` process would print.
+_CLI_DRIVER = """
+import json, os, sys, traceback
+runs, out_dir = json.loads(sys.argv[1]), sys.argv[2]
+codes = []
+for i, argv in enumerate(runs):
+    sys.stdout.flush(); sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with open(f"{out_dir}/{i}.out", "w") as out, open(f"{out_dir}/{i}.err", "w") as err:
+        os.dup2(out.fileno(), 1); os.dup2(err.fileno(), 2)
+        try:
+            from skipdit_jax.cli import main
+            from skipdit_jax.xla_tuning import tune_xla_cpu_flags
+            tune_xla_cpu_flags()
+            sys.argv = ["skipdit", *argv]  # config_flags reads the --config.* overrides from sys.argv
+            code = main(sys.argv)
+        except SystemExit as e:
+            code = e.code
+        except Exception:
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush(); sys.stderr.flush()
+            os.dup2(saved[0], 1); os.dup2(saved[1], 2)
+    codes.append(code)
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def config_error_runs(tmp_path_factory):
+    """(exit status, stdout, stderr) of `skipdit train` with each of CONFIG_ERRORS (each its
+    own workdir), all run one after another by one process with 4 devices: one start-up
+    instead of nine."""
+    out = tmp_path_factory.mktemp("config_errors")
+    runs = [train_cmd(out / f"w{i}", *overrides)[3:] for i, (overrides, _) in enumerate(CONFIG_ERRORS)]
+    res = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(runs), str(out)], capture_output=True, text=True, env=_env(4), timeout=600)
+    assert res.returncode == 0 and not res.stderr.strip(), res.stderr[-3000:]
+    codes = json.loads(res.stdout)
+    assert len(codes) == len(CONFIG_ERRORS)
+    return [(code, (out / f"{i}.out").read_text(), (out / f"{i}.err").read_text()) for i, code in enumerate(codes)]
+
+
+@pytest.mark.parametrize("overrides,needle", CONFIG_ERRORS)
+def test_config_errors_are_one_line_before_compiling(config_error_runs, overrides, needle):
+    returncode, stdout, stderr = config_error_runs[CONFIG_ERRORS.index((overrides, needle))]
+    assert returncode == 2, stderr[-2000:]
+    lines = [line for line in stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
+    assert len(lines) == 1 and lines[0].startswith("skipdit: error:") and needle in lines[0], stderr[-2000:]
+    assert "compiled" not in stdout
 
 
 def test_gs_workdir_trains_resumes_and_samples(tmp_path):
@@ -277,14 +354,14 @@ def test_gs_workdir_trains_resumes_and_samples(tmp_path):
     )
     for steps in (4, 6):
         cmd = [sys.executable, "-c", script, *train_cmd("gs://bucket/run", f"--config.train.steps={steps}", "--config.sample.every=4", "--config.sample.num_steps=2")[3:]]
-        res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, timeout=600)
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=cwd, env=_env(), timeout=600)
         assert res.returncode == 0, res.stderr[-3000:]
     run = root / "bucket" / "run"
     assert sorted(losses(run)) == [1, 2, 3, 4, 5, 6]
     assert (run / "samples" / "step_0000004.png").exists() and {"4", "6"} <= set(os.listdir(run / "checkpoints"))
     # ...and the trained workdir samples from gs:// to gs://.
     sample = ["sample", "gs://bucket/run", "--out=gs://bucket/out", "--sampler=ddim", "--steps=2", "--labels=0,1,2", "--cfg_scale=2"]
-    res = subprocess.run([sys.executable, "-c", script, *sample], capture_output=True, text=True, cwd=cwd, timeout=600)
+    res = subprocess.run([sys.executable, "-c", script, *sample], capture_output=True, text=True, cwd=cwd, env=_env(), timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     out = root / "bucket" / "out"
     assert np.load(out / "samples.npy").shape == (3, 8, 8, 1)
@@ -330,9 +407,18 @@ def _iterator(config):
 
 
 @pytest.fixture
-def saved_workdir(tmp_path):
-    """A workdir with checkpoints at steps 1 and 2 (EMA = params + 1) and model_config.json;
-    yields (workdir, config, the saved state)."""
+def saved_workdir(saved_workdir_template, tmp_path):
+    """A workdir with checkpoints at steps 1 and 2 (EMA = params + 1) and model_config.json
+    (a fresh copy for each test); yields (workdir, config, the saved state)."""
+    template, config, state = saved_workdir_template
+    workdir = tmp_path / "saved"
+    shutil.copytree(template, workdir)
+    return workdir, config, state
+
+
+@pytest.fixture(scope="module")
+def saved_workdir_template(tmp_path_factory):
+    """What `saved_workdir` copies: written once per module."""
     import jax
     import jax.numpy as jnp
 
@@ -344,12 +430,14 @@ def saved_workdir(tmp_path):
     family, tx, shardings, _ = _abstract_state(config)
     state = create_train_state(family, config, tx, jax.random.key(0), shardings)
     state = state.replace(ema_params=jax.tree.map(lambda p: p + 1.0, state.params))
-    mngr = checkpoints.checkpoint_manager(tmp_path, config)
+    workdir = tmp_path_factory.mktemp("saved")
+    mngr = checkpoints.checkpoint_manager(workdir, config)
     for step in (1, 2):
         checkpoints.save(mngr, step, state.replace(step=jnp.int32(step)), jax.random.key(1), _iterator(config), config)
     mngr.wait_until_finished()
-    (tmp_path / checkpoints.MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(family.config)))
-    return tmp_path, config, state
+    mngr.close()
+    (workdir / checkpoints.MODEL_CONFIG_FILE).write_text(json.dumps(config_to_dict(family.config)))
+    return workdir, config, state
 
 
 @pytest.mark.parametrize("error", [OSError("Connection reset by peer"), MemoryError(), ValueError("RESOURCE_EXHAUSTED: out of memory")])
