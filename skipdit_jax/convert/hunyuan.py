@@ -222,26 +222,51 @@ def hunyuan_expected_shapes(config: HunyuanConfig) -> dict[str, tuple[int, ...]]
     return shapes
 
 
-def hunyuan_from_torch(state_dict: dict, input_size: int = 128, **overrides) -> tuple[HunyuanConfig, dict]:
+def hunyuan_from_torch(state_dict: dict, input_size: int = 128, *, mesh=None, **overrides) -> tuple[HunyuanConfig, dict]:
     """(config, params) of a Hunyuan-DiT state dict in the diffusers or the official layout
     (numpy or torch arrays); every key and shape is checked first (one CheckpointError).
-    `input_size` is the latent side (not stored in the weights); overrides replace config fields."""
+    `input_size` is the latent side (not stored in the weights); overrides replace config fields.
+
+    With `mesh`, each parameter goes straight onto its FSDP sharding
+    (`models.hunyuan_sharding.PARAM_AXES`) as soon as it is built: a device only ever receives
+    its shard, and the host never holds a second whole copy of the converted weights."""
     state = {k: np.asarray(v.detach().float().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
     if is_official_layout(state):
         state = official_to_diffusers(state)
     config = infer_hunyuan_config(state, input_size, **overrides)
     check_keys_and_shapes(state, hunyuan_expected_shapes(config), "the Hunyuan-DiT checkpoint")
+    put = _placer(config, mesh)
     params: dict = {}
     stacks: dict = {}
     for key, path, index, fwd, _ in _entries(config):
         value = fwd(state[key]) if fwd else state[key]
         if index is None:
-            _put(params, path, np.ascontiguousarray(value, np.float32))
+            _put(params, path, put(path, np.ascontiguousarray(value, np.float32)))
         else:
             stacks.setdefault(path, []).append(value)
-    for path, values in stacks.items():
-        _put(params, path, np.stack(values).astype(np.float32))
+    for path in list(stacks):  # pop: each stack's layers are freed once it is placed
+        _put(params, path, put(path, np.stack(stacks.pop(path)).astype(np.float32)))
     return config, params
+
+
+def _placer(config: HunyuanConfig, mesh):
+    """path, numpy array -> the array itself (no mesh) or a jax.Array on its FSDP sharding
+    (built shard by shard, so it also works across processes)."""
+    if mesh is None:
+        return lambda path, a: a
+    from skipdit_jax import sharding
+    from skipdit_jax.models.hunyuan_sharding import PARAM_AXES
+
+    abstract = jax.eval_shape(lambda: init_hunyuan_params(config, jax.random.key(0)))
+    shardings = sharding.param_shardings(abstract, mesh, param_axes=PARAM_AXES)
+
+    def put(path, a):
+        s = shardings
+        for part in path:
+            s = s[part]
+        return jax.make_array_from_callback(a.shape, s, lambda idx: a[idx])
+
+    return put
 
 
 def hunyuan_to_torch(config: HunyuanConfig, params) -> dict[str, np.ndarray]:
