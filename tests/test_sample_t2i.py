@@ -19,7 +19,11 @@ STEPS, SCALE = 10, 6.0
 SEEDS = [3, 11]
 LATENT = (8, 6, 4)  # 64x48 images
 HUNYUAN_DDPM = dict(
-    beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction", steps_offset=1,
+    beta_start=0.00085,
+    beta_end=0.02,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    steps_offset=1,
     clip_sample=False,
 )
 
@@ -29,9 +33,20 @@ def _tiny_diffusers(text_len=5, text_len_t5=7, clip_dim=32, t5_dim=48, seed=0):
 
     torch.manual_seed(seed)
     ref = HunyuanDiT2DModel(
-        num_attention_heads=2, attention_head_dim=32, in_channels=4, patch_size=2, sample_size=8, hidden_size=64,
-        num_layers=6, mlp_ratio=2.5, cross_attention_dim=clip_dim, cross_attention_dim_t5=t5_dim, pooled_projection_dim=40,
-        text_len=text_len, text_len_t5=text_len_t5, use_style_cond_and_image_meta_size=False,
+        num_attention_heads=2,
+        attention_head_dim=32,
+        in_channels=4,
+        patch_size=2,
+        sample_size=8,
+        hidden_size=64,
+        num_layers=6,
+        mlp_ratio=2.5,
+        cross_attention_dim=clip_dim,
+        cross_attention_dim_t5=t5_dim,
+        pooled_projection_dim=40,
+        text_len=text_len,
+        text_len_t5=text_len_t5,
+        use_style_cond_and_image_meta_size=False,
     )
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # every weight non-zero; norm weights near 1
@@ -59,10 +74,18 @@ def model(folders):
     rng = np.random.default_rng(7)
     b = len(SEEDS)
     masks = lambda n, lens: np.array([[1] * m + [0] * (n - m) for m in lens])  # noqa: E731
-    cond = {"clip_emb": rng.standard_normal((b, 77, 32)), "t5_emb": rng.standard_normal((b, 256, 24)),
-            "clip_mask": masks(77, [3, 77]), "t5_mask": masks(256, [2, 30])}
-    cond |= {"null_clip_emb": rng.standard_normal((b, 77, 32)), "null_t5_emb": rng.standard_normal((b, 256, 24)),
-             "null_clip_mask": masks(77, [2, 2]), "null_t5_mask": masks(256, [3, 3])}
+    cond = {
+        "clip_emb": rng.standard_normal((b, 77, 32)),
+        "t5_emb": rng.standard_normal((b, 256, 24)),
+        "clip_mask": masks(77, [3, 77]),
+        "t5_mask": masks(256, [2, 30]),
+    }
+    cond |= {
+        "null_clip_emb": rng.standard_normal((b, 77, 32)),
+        "null_t5_emb": rng.standard_normal((b, 256, 24)),
+        "null_clip_mask": masks(77, [2, 2]),
+        "null_t5_mask": masks(256, [3, 3]),
+    }
     cond = {k: v.astype(np.int32 if k.endswith("mask") else np.float32) for k, v in cond.items()}
     return ref, config, params, cond
 
@@ -113,8 +136,9 @@ def _step_noise(seeds, shape, steps):
     """The sampler's step noise: sample b at scan index i (counting down) is
     normal(fold_in(key(seed_b), i))."""
     keys = jax.vmap(jax.random.key)(np.asarray(seeds, np.uint32))
-    return [np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), shape)) for k in keys]) for i in
-            range(steps - 1, -1, -1)]
+    return [
+        np.stack([np.asarray(jax.random.normal(jax.random.fold_in(k, i), shape)) for k in keys]) for i in range(steps - 1, -1, -1)
+    ]
 
 
 def _reference_latents(ref, cond, seeds, steps, scale, monkeypatch, cache=None):
@@ -141,8 +165,15 @@ def _reference_latents(ref, cond, seeds, steps, scale, monkeypatch, cache=None):
             t_exp = torch.full((inp.shape[0],), float(t), dtype=torch.float32)
             args = (inp, t_exp, pair["clip_emb"], pair["clip_mask"], pair["t5_emb"], pair["t5_mask"])
             if cache is None:
-                out = ref(*args[:2], encoder_hidden_states=args[2], text_embedding_mask=args[3], encoder_hidden_states_t5=args[4],
-                          text_embedding_mask_t5=args[5], image_rotary_emb=rope, return_dict=False)[0]
+                out = ref(
+                    *args[:2],
+                    encoder_hidden_states=args[2],
+                    text_embedding_mask=args[3],
+                    encoder_hidden_states_t5=args[4],
+                    text_embedding_mask_t5=args[5],
+                    image_rotary_emb=rope,
+                    return_dict=False,
+                )[0]
             else:
                 out = _cached_forward(ref, *args, rope, state, *cache)
             out = out.chunk(2, dim=1)[0]
@@ -222,12 +253,21 @@ def folders(tmp_path_factory):
     ref.save_pretrained(diff / "transformer")
     state = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     (t2i_dir / "model").mkdir(parents=True)
-    torch.save({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _official_layout(state).items()},
-               t2i_dir / "model" / "pytorch_model_ema.pt")
+    torch.save(
+        {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in _official_layout(state).items()},
+        t2i_dir / "model" / "pytorch_model_ema.pt",
+    )
     torch.manual_seed(0)
-    vae = AutoencoderKL(block_out_channels=(8, 8, 8, 8), layers_per_block=1, norm_num_groups=4, latent_channels=4,
-                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        scaling_factor=0.13025, force_upcast=False)
+    vae = AutoencoderKL(
+        block_out_channels=(8, 8, 8, 8),
+        layers_per_block=1,
+        norm_num_groups=4,
+        latent_channels=4,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        scaling_factor=0.13025,
+        force_upcast=False,
+    )
     with torch.no_grad():
         for p in vae.parameters():
             p.add_(0.05 * torch.randn_like(p))
@@ -239,10 +279,28 @@ def folders(tmp_path_factory):
         tok.mkdir()
         (tok / "vocab.txt").write_text("\n".join(vocab) + "\n")
         (tok / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer", "model_max_length": 77}))
-    bert = BertModel(BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=40, max_position_embeddings=80))
-    mt5 = MT5EncoderModel(MT5Config(vocab_size=192, d_model=24, d_kv=8, d_ff=32, num_layers=1, num_heads=3,
-                                    relative_attention_num_buckets=8, relative_attention_max_distance=20))
+    bert = BertModel(
+        BertConfig(
+            vocab_size=len(vocab),
+            hidden_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=40,
+            max_position_embeddings=80,
+        )
+    )
+    mt5 = MT5EncoderModel(
+        MT5Config(
+            vocab_size=192,
+            d_model=24,
+            d_kv=8,
+            d_ff=32,
+            num_layers=1,
+            num_heads=3,
+            relative_attention_num_buckets=8,
+            relative_attention_max_distance=20,
+        )
+    )
     bert.save_pretrained(diff / "text_encoder")
     bert.save_pretrained(t2i_dir / "clip_text_encoder")
     mt5.save_pretrained(diff / "text_encoder_2")
@@ -252,10 +310,18 @@ def folders(tmp_path_factory):
     lines.append(DEFAULT_NEGATIVE_PROMPT)
     (root / "lines.txt").write_text("\n".join(lines))
     (diff / "tokenizer_2").mkdir()
-    spm.SentencePieceTrainer.train(input=str(root / "lines.txt"), model_prefix=str(diff / "tokenizer_2" / "spiece"),
-                                   vocab_size=80,
-                                   model_type="unigram", pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0,
-                                   minloglevel=2)
+    spm.SentencePieceTrainer.train(
+        input=str(root / "lines.txt"),
+        model_prefix=str(diff / "tokenizer_2" / "spiece"),
+        vocab_size=80,
+        model_type="unigram",
+        pad_id=0,
+        eos_id=1,
+        unk_id=2,
+        bos_id=-1,
+        character_coverage=1.0,
+        minloglevel=2,
+    )
     shutil.copy(diff / "tokenizer_2" / "spiece.model", t2i_dir / "mt5" / "spiece.model")
     (diff / "model_index.json").write_text(json.dumps({"_class_name": "HunyuanDiTPipeline"}))
     return diff, t2i_dir.parent, ref
@@ -286,8 +352,9 @@ def _api_images(diff, prompts, seeds, cache):
     folder = t2i.find_hunyuan_folder(diff)
     config, params = t2i.load_transformer(diff, 64, 48)
     cond = hunyuan_condition(load_hunyuan_text_encoders(diff), prompts)
-    latents = t2i.sample_latents(config, params, cond, seeds, scheduler=t2i.load_scheduler(folder), num_steps=STEPS,
-                                 cache=cache, compiled=True)
+    latents = t2i.sample_latents(
+        config, params, cond, seeds, scheduler=t2i.load_scheduler(folder), num_steps=STEPS, cache=cache, compiled=True
+    )
     return np.asarray(latents), t2i.decode_images(t2i.load_image_vae(folder), latents, len(seeds))
 
 
@@ -298,8 +365,25 @@ def test_cli_prompts_cache_and_speedup(folders, tmp_path):
 
     diff = folders[0]
     out = tmp_path / "out"
-    assert _cli(diff, "--prompt", PROMPTS[0], "--prompt", PROMPTS[1], "--cache", 2, "--seed", 5, "--batch_size", 2, *SMALL,
-                "--out", out) == 0
+    assert (
+        _cli(
+            diff,
+            "--prompt",
+            PROMPTS[0],
+            "--prompt",
+            PROMPTS[1],
+            "--cache",
+            2,
+            "--seed",
+            5,
+            "--batch_size",
+            2,
+            *SMALL,
+            "--out",
+            out,
+        )
+        == 0
+    )
     report = json.loads((out / "samples.json").read_text())
     cache = t2i.hunyuan_skip_cache(2, 1)
     plan = cache.plan(t2i.load_scheduler().timesteps(STEPS), 6)
@@ -344,8 +428,12 @@ def test_cli_captions_mode_official_layout(folders, tmp_path, capsys):
     np.testing.assert_array_equal(np.asarray(Image.open(out / "00001.png")), first[1])
     _fails(capsys, "holds images of other settings (steps)", *args[:-1], 4, "--out", out)
     # Prompt embeddings from a file (skipdit encode-text) give the same images as the encoders.
-    from skipdit_jax.encoders.hunyuan_text import DEFAULT_NEGATIVE_PROMPT, encode_hunyuan_prompts, load_hunyuan_text_encoders
-    from skipdit_jax.encoders.hunyuan_text import save_hunyuan_embeddings
+    from skipdit_jax.encoders.hunyuan_text import (
+        DEFAULT_NEGATIVE_PROMPT,
+        encode_hunyuan_prompts,
+        load_hunyuan_text_encoders,
+        save_hunyuan_embeddings,
+    )
 
     texts = [*PROMPTS, DEFAULT_NEGATIVE_PROMPT]
     save_hunyuan_embeddings(tmp_path / "emb.npz", texts, encode_hunyuan_prompts(load_hunyuan_text_encoders(diff), texts))
@@ -376,8 +464,17 @@ def test_cli_errors(folders, tmp_path, capsys, monkeypatch):
     from torch_reference import numpy_state_dict as torch_numpy_state_dict
 
     diff, official = folders[:2]
-    _fails(capsys, "unsupported resolution 1000x1000 (height x width); Hunyuan-DiT v1.2 supports 1024x1024",
-           diff, "--prompt", "a cat", "--height", 1000, "--width", 1000)
+    _fails(
+        capsys,
+        "unsupported resolution 1000x1000 (height x width); Hunyuan-DiT v1.2 supports 1024x1024",
+        diff,
+        "--prompt",
+        "a cat",
+        "--height",
+        1000,
+        "--width",
+        1000,
+    )
     _fails(capsys, "Hunyuan-DiT needs prompts", "--model", "hunyuan", "--pipeline", official)
     _fails(capsys, "--labels is not a text-to-image setting", diff, "--prompt", "a cat", "--labels", "1")
     _fails(capsys, "give --cache N too", diff, "--prompt", "a cat", "--cache_at_branch", 2)
@@ -388,8 +485,18 @@ def test_cli_errors(folders, tmp_path, capsys, monkeypatch):
     dit = tmp_path / "dit.pt"
     dit_state = torch_numpy_state_dict(TorchDiT(8, 2, 4, 32, 4, 4, num_classes=5))
     torch.save({k: torch.from_numpy(v) for k, v in dit_state.items()}, dit)
-    _fails(capsys, "not a hunyuan checkpoint (it looks like a dit", dit, "--model", "hunyuan", "--pipeline", diff,
-           "--prompt", "a cat", *SMALL)
+    _fails(
+        capsys,
+        "not a hunyuan checkpoint (it looks like a dit",
+        dit,
+        "--model",
+        "hunyuan",
+        "--pipeline",
+        diff,
+        "--prompt",
+        "a cat",
+        *SMALL,
+    )
     _fails(capsys, "--height is for text-to-image models", dit, "--height", 1024, "--num_heads", 4)
     import huggingface_hub
     from huggingface_hub.errors import LocalEntryNotFoundError

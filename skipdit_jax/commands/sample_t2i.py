@@ -49,17 +49,23 @@ CLASS_FLAGS = ("labels", "num", "cfg_channels", "clip_denoised", "temporal_vae")
 
 def define_t2i_flags(fv: flags.FlagValues) -> None:
     """The text-to-image flags `sample` does not already have."""
-    flags.DEFINE_enum("model", None, ["hunyuan"], "text-to-image: the model family when MODEL is not given (with --pipeline)",
-                      flag_values=fv)
+    flags.DEFINE_enum(
+        "model", None, ["hunyuan"], "text-to-image: the model family when MODEL is not given (with --pipeline)", flag_values=fv
+    )
     flags.DEFINE_integer("height", 1024, "text-to-image: image height (an official Hunyuan-DiT resolution)", flag_values=fv)
     flags.DEFINE_integer("width", 1024, "text-to-image: image width (an official Hunyuan-DiT resolution)", flag_values=fv)
-    flags.DEFINE_bool("any_resolution", False, "text-to-image: allow any height/width divisible by 16 (small test models)",
-                      flag_values=fv)
+    flags.DEFINE_bool(
+        "any_resolution", False, "text-to-image: allow any height/width divisible by 16 (small test models)", flag_values=fv
+    )
     flags.DEFINE_integer("cache_at_branch", 1, "text-to-image: blocks a cached step runs at each end (k)", flag_values=fv)
     flags.DEFINE_string("clip", None, "text-to-image: CLIP text encoder folder (default: from --pipeline)", flag_values=fv)
     flags.DEFINE_string("clip_tokenizer", None, "text-to-image: CLIP tokenizer folder (default: from --pipeline)", flag_values=fv)
-    flags.DEFINE_bool("folder_scheduler", False, "text-to-image: the diffusers folder's scheduler config instead of the "
-                      "official sampler's settings (beta_end 0.02)", flag_values=fv)
+    flags.DEFINE_bool(
+        "folder_scheduler",
+        False,
+        "text-to-image: the diffusers folder's scheduler config instead of the official sampler's settings (beta_end 0.02)",
+        flag_values=fv,
+    )
 
 
 def wants_t2i(args: list[str], fv: flags.FlagValues) -> bool:
@@ -90,7 +96,7 @@ def read_captions(path) -> list[str]:
         items = data if isinstance(data, list) else None
         captions = [c.get("caption") if isinstance(c, dict) else c for c in (items or [])]
         if items is None or not all(isinstance(c, str) for c in captions):
-            raise UserError(f"{p} must hold a JSON list of captions (strings, or objects with a \"caption\")")
+            raise UserError(f'{p} must hold a JSON list of captions (strings, or objects with a "caption")')
     else:
         captions = [line.strip() for line in text.splitlines() if line.strip()]
     if not captions:
@@ -148,8 +154,12 @@ class _Text:
                     "--clip, --clip_tokenizer, --t5 (mT5) and --tokenizer (mT5's), or --embeddings FILE"
                 )
             self.encoders = hunyuan_text.load_hunyuan_text_encoders(
-                folder.text_root if folder is not None else None, clip=fv.clip, mt5=fv.t5, clip_tokenizer=fv.clip_tokenizer,
-                t5_tokenizer=fv.tokenizer, dtype=fv.t5_dtype,
+                folder.text_root if folder is not None else None,
+                clip=fv.clip,
+                mt5=fv.t5,
+                clip_tokenizer=fv.clip_tokenizer,
+                t5_tokenizer=fv.tokenizer,
+                dtype=fv.t5_dtype,
             )
 
     def widths(self) -> tuple[int, int] | None:
@@ -232,9 +242,16 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
             raise UserError(f"{spec} is a {family_of(config).name} model, not a Hunyuan-DiT")
         t2i.build_t2i_sampler(config.replace(**t2i.latent_size(height, width)), scheduler, steps, cfg_scale, cache)
     settings = {
-        "model": spec, "pipeline": None if folder is None else str(folder.root), "height": height, "width": width,
-        "steps": steps, "cfg_scale": cfg_scale, "scheduler": dataclasses.asdict(scheduler) | {"kind": scheduler.kind},
-        "cache": None if cache is None else dataclasses.asdict(cache), "seed": fv.seed, "dtype": fv.dtype,
+        "model": spec,
+        "pipeline": None if folder is None else str(folder.root),
+        "height": height,
+        "width": width,
+        "steps": steps,
+        "cfg_scale": cfg_scale,
+        "scheduler": dataclasses.asdict(scheduler) | {"kind": scheduler.kind},
+        "cache": None if cache is None else dataclasses.asdict(cache),
+        "seed": fv.seed,
+        "dtype": fv.dtype,
     }
     pi = jax.process_index() if process_index is None else process_index
     pc = jax.process_count() if process_count is None else process_count
@@ -268,13 +285,17 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
     for i in range(0, len(prompts), bs):
         rows = list(range(i, min(i + bs, len(prompts))))
         rows += [rows[-1]] * (bs - len(rows))  # one compiled batch shape
-        batches.append((rows, _batch_args(config, params, {k: v[rows] for k, v in cond.items()}, [seeds[r] for r in rows],
-                                          cfg_scale, sharding)))
+        batches.append(
+            (
+                rows,
+                _batch_args(config, params, {k: v[rows] for k, v in cond.items()}, [seeds[r] for r in rows], cfg_scale, sharding),
+            )
+        )
     t0 = time.perf_counter()
     compiled = compiled_for(fn, *batches[0][1])
     compile_s = time.perf_counter() - t0
     latents, sample_s, first_s = [], 0.0, None
-    for rows, batch in batches:
+    for _, batch in batches:
         x, dt = _timed(compiled, *batch)
         n_real = min(bs, len(prompts) - len(latents))
         latents.extend(np.asarray(x, np.float32)[:n_real])
@@ -282,8 +303,13 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
         first_s = dt if first_s is None else first_s
     latents = np.stack(latents)
     print(f"sampled {len(prompts)} images of {height}x{width} in {sample_s:.2f} s ({compile_s:.1f} s compiling)")
-    report = settings | {"prompts": prompts, "negative_prompt": text.negative, "seeds": seeds,
-                         "compile_seconds": round(compile_s, 3), "sampling_seconds": round(sample_s, 3)}
+    report = settings | {
+        "prompts": prompts,
+        "negative_prompt": text.negative,
+        "seeds": seeds,
+        "compile_seconds": round(compile_s, 3),
+        "sampling_seconds": round(sample_s, 3),
+    }
     if cache is not None:
         report.update(_speedup(cache, scheduler, steps, config, cfg_scale, batches[0][1], first_s, fv.compare))
     pictures = t2i.decode_images(vae, latents, bs)
@@ -303,13 +329,18 @@ def _speedup(cache, scheduler, steps, config, cfg_scale, batch, cached_s, compar
     first batch (the uncached sampler compiled and timed on the same inputs)."""
     plan = cache.plan(scheduler.timesteps(steps), family_of(config).depth_units)
     report = dict(full_steps=plan.num_full, cached_steps=plan.num_cached, predicted_speedup=round(plan.predicted_speedup, 3))
-    line = (f"Skip-Cache N={cache.interval} k={cache.shallow_blocks}: {plan.num_full} full / {plan.num_cached} cached steps, "
-            f"predicted speedup {plan.predicted_speedup:.2f}x")
+    line = (
+        f"Skip-Cache N={cache.interval} k={cache.shallow_blocks}: {plan.num_full} full / {plan.num_cached} cached steps, "
+        f"predicted speedup {plan.predicted_speedup:.2f}x"
+    )
     if compare:
         full = compiled_for(t2i.build_t2i_sampler(config, scheduler, steps, cfg_scale, None), *batch)
         _, t_full = _timed(full, *batch)
-        report.update(measured_speedup=round(t_full / cached_s, 3), full_seconds_first_batch=round(t_full, 3),
-                      cached_seconds_first_batch=round(cached_s, 3))
+        report.update(
+            measured_speedup=round(t_full / cached_s, 3),
+            full_seconds_first_batch=round(t_full, 3),
+            cached_seconds_first_batch=round(cached_s, 3),
+        )
         line += f", measured {t_full / cached_s:.2f}x ({t_full:.2f} s full vs {cached_s:.2f} s cached, first batch)"
     print(line)
     return report
@@ -350,8 +381,9 @@ def _captions_mode(out, captions, todo, text, config, params, fn, vae, bs, cfg_s
     for i in range(0, len(todo), bs):
         rows = todo[i : i + bs]
         padded = rows + [rows[-1]] * (bs - len(rows))
-        batch = _batch_args(config, params, text.condition([captions[r] for r in padded]), [seed + r for r in padded],
-                            cfg_scale, sharding)
+        batch = _batch_args(
+            config, params, text.condition([captions[r] for r in padded]), [seed + r for r in padded], cfg_scale, sharding
+        )
         compiled = compiled or compiled_for(fn, *batch)
         latents = np.asarray(jax.block_until_ready(compiled(*batch)), np.float32)
         for r, picture in zip(rows, t2i.decode_images(vae, latents, bs), strict=False):

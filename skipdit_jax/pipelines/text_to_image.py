@@ -52,9 +52,14 @@ from skipdit_jax.pipelines.text_to_video import build_t2v_sampler, compiled_for,
 # (height, width) of the official ResolutionGroup (hydit/inference.py), which lists them as
 # Resolution(width, height): 1:1, 4:3, 3:4, 16:9, 9:16.
 RESOLUTIONS: tuple[tuple[int, int], ...] = (
-    (1024, 1024), (1280, 1280),
-    (768, 1024), (864, 1152), (960, 1280),
-    (1024, 768), (1152, 864), (1280, 960),
+    (1024, 1024),
+    (1280, 1280),
+    (768, 1024),
+    (864, 1152),
+    (960, 1280),
+    (1024, 768),
+    (1152, 864),
+    (1280, 960),
     (768, 1280),
     (1280, 768),
 )
@@ -135,8 +140,18 @@ def _official_root(p):
 
 # What sampling reads from a Hub repo of either layout (the official one also holds other models).
 _HUB_PATTERNS = (
-    "model_index.json", "transformer/*", "vae/*", "scheduler/*", "text_encoder/*", "text_encoder_2/*", "tokenizer/*",
-    "tokenizer_2/*", f"t2i/model/{OFFICIAL_WEIGHTS}", "t2i/sdxl-vae-fp16-fix/*", "t2i/clip_text_encoder/*", "t2i/tokenizer/*",
+    "model_index.json",
+    "transformer/*",
+    "vae/*",
+    "scheduler/*",
+    "text_encoder/*",
+    "text_encoder_2/*",
+    "tokenizer/*",
+    "tokenizer_2/*",
+    f"t2i/model/{OFFICIAL_WEIGHTS}",
+    "t2i/sdxl-vae-fp16-fix/*",
+    "t2i/clip_text_encoder/*",
+    "t2i/tokenizer/*",
     "t2i/mt5/*",
 )
 
@@ -252,8 +267,12 @@ def load_transformer(spec: paths.PathLike, height: int = 1024, width: int = 1024
 
 # ---- scheduler, VAE ------------------------------------------------------------------------
 _HUNYUAN_SCHEDULER = dict(
-    beta_start=0.00085, beta_end=0.02, beta_schedule="scaled_linear", prediction_type="v_prediction",
-    steps_offset=1, clip_sample=False,
+    beta_start=0.00085,
+    beta_end=0.02,
+    beta_schedule="scaled_linear",
+    prediction_type="v_prediction",
+    steps_offset=1,
+    clip_sample=False,
 )
 
 
@@ -335,9 +354,19 @@ def build_t2i_sampler(config, scheduler=None, num_steps: int = HUNYUAN_STEPS, cf
     return build_t2v_sampler(config, scheduler, num_steps, cfg_scale, cache)
 
 
-def sample_latents(config, params, condition: dict, seeds: Sequence[int], *, scheduler=None,
-                   num_steps: int = HUNYUAN_STEPS, cfg_scale: float = HUNYUAN_CFG, cache=None, sharding=None,
-                   compiled: bool = False) -> jax.Array:
+def sample_latents(
+    config,
+    params,
+    condition: dict,
+    seeds: Sequence[int],
+    *,
+    scheduler=None,
+    num_steps: int = HUNYUAN_STEPS,
+    cfg_scale: float = HUNYUAN_CFG,
+    cache=None,
+    sharding=None,
+    compiled: bool = False,
+) -> jax.Array:
     """Latents (B, h, w, 4) for the 8-key condition (`hunyuan_condition`) and one seed per
     image: image j starts from `normal(key(seeds[j]))` and draws its step noise from that key.
     `sharding` places the batch (the parameters must already be placed); `compiled` reuses
@@ -376,8 +405,15 @@ def generate_images(
     Skip-Cache (`hunyuan_skip_cache`), decoded by `vae` ((VAEConfig, params); None: latent
     channels shown, not decoded)."""
     latents = sample_latents(
-        model_config, params, condition, seeds, scheduler=scheduler, num_steps=num_steps, cfg_scale=cfg_scale,
-        cache=cache, sharding=sharding,
+        model_config,
+        params,
+        condition,
+        seeds,
+        scheduler=scheduler,
+        num_steps=num_steps,
+        cfg_scale=cfg_scale,
+        cache=cache,
+        sharding=sharding,
     )
     latents = np.asarray(latents, np.float32)
     return latents, decode_images(vae, latents, decode_batch)
