@@ -448,6 +448,10 @@ def test_cli_captions_mode_official_layout(folders, tmp_path, capsys):
     assert _cli(tmp_path / "model", *md_args, *SMALL, "--out", tmp_path / "md") == 0
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "md" / "1.png")), first[1])
     _fails(capsys, "the text encoders come from --pipeline DIR", tmp_path / "model", "--prompt", "a cat", *SMALL)
+    # The official weight file as MODEL (its family read from the keys), the diffusers folder's parts.
+    pt_args = (official / "t2i" / "model" / "pytorch_model_ema.pt", "--pipeline", diff, *md_args[2:])
+    assert _cli(*pt_args, *SMALL, "--out", tmp_path / "pt") == 0
+    np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "pt" / "1.png")), first[1])
     # Process 1 of 2 takes the odd indices, with the same seeds.
     fv = sample_cmd.flags.FlagValues()
     sample_cmd.define_flags(fv)
