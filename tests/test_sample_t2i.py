@@ -511,6 +511,15 @@ def test_cli_errors(folders, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
     repo = "hf://Tencent-Hunyuan/HunyuanDiT-v1.2"
     _fails(capsys, f"could not fetch {repo} from the Hugging Face Hub", repo, "--prompt", "a cat")
+    # FSDP placement: straight from the conversion, and for a model directory.
+    from skipdit_jax import model_store, sharding
+
+    mesh = sharding.make_mesh(data=1, fsdp=1, devices=jax.devices()[:1])
+    config, params = t2i.load_transformer(official, 64, 48, mesh=mesh)
+    model_store.save_model(tmp_path / "model", config, params)
+    for source in (params, t2i.load_transformer(tmp_path / "model", 64, 48, mesh=mesh)[1]):
+        assert all(isinstance(a.sharding, jax.sharding.NamedSharding) for a in jax.tree.leaves(source))
+    _fails(capsys, "does not cover the 1 available devices", diff, "--prompt", "a cat", "--fsdp", 3)
     # The official sampler's scheduler unless the diffusers folder's is asked for.
     import dataclasses
     import json

@@ -43,7 +43,7 @@ USAGE = (
     "[--height 1024 --width 1024] [--cache N [--cache_at_branch k]] [--steps 100] [--cfg_scale 6] [--negative_prompt TEXT] "
     "[--seed S] [--out DIR]"
 )
-T2I_FLAGS = ("height", "width", "any_resolution", "cache_at_branch", "clip", "clip_tokenizer", "folder_scheduler")
+T2I_FLAGS = ("height", "width", "any_resolution", "cache_at_branch", "clip", "clip_tokenizer", "folder_scheduler", "fsdp")
 
 
 def define_flags(fv: flags.FlagValues) -> None:

@@ -22,9 +22,12 @@ seeds, settings, timings and, with --cache, the schedule's predicted and the mea
 --prompts FILE (a JSON list of captions, or of objects with a "caption", or one caption per line)
 is the COCO-captions mode of the official `sample_t2i_ddp.py`: one image per caption,
 OUT/<index:05d>.png, and OUT/manifest.json (settings; index, file, seed and caption of every
-image). Captions go round-robin to the processes (index % process_count), each batch split
-over the local devices; resumable (an existing PNG is skipped; a manifest of other settings is
-refused) and every file is written to a temporary name and renamed.
+image). Captions go round-robin to the processes (index % process_count); resumable (an
+existing PNG is skipped; a manifest of other settings is refused) and every file is written to
+a temporary name and renamed.
+
+In both modes a batch is split over the process's devices when it divides them; --fsdp N
+shards the DiT's parameters over N of them (FSDP) and the batch over the rest.
 """
 
 from __future__ import annotations
@@ -60,6 +63,9 @@ def define_t2i_flags(fv: flags.FlagValues) -> None:
     flags.DEFINE_integer("cache_at_branch", 1, "text-to-image: blocks a cached step runs at each end (k)", flag_values=fv)
     flags.DEFINE_string("clip", None, "text-to-image: CLIP text encoder folder (default: from --pipeline)", flag_values=fv)
     flags.DEFINE_string("clip_tokenizer", None, "text-to-image: CLIP tokenizer folder (default: from --pipeline)", flag_values=fv)
+    flags.DEFINE_integer(
+        "fsdp", 1, "text-to-image: shard the DiT's parameters over N local devices (the batch over the others)", flag_values=fv
+    )
     flags.DEFINE_bool(
         "folder_scheduler",
         False,
@@ -185,14 +191,27 @@ def _check_widths(config, widths) -> None:
         )
 
 
-def _placement(params, bs: int):
-    """(params, batch sharding or None): the batch split over the local devices when it divides."""
+def _mesh(fv):
+    """The ('data', 'fsdp') mesh over this process's devices, or None (one device, or --fsdp 1
+    with a batch that does not divide them)."""
+    from skipdit_jax import sharding
+
+    if fv.fsdp < 1:
+        raise UserError(f"--fsdp must be >= 1, got {fv.fsdp}")
     devices = jax.local_devices()
-    if len(devices) < 2 or bs % len(devices):
-        return jax.device_put(params), None  # once, not at every call
-    mesh = jax.sharding.Mesh(np.asarray(devices), ("batch",))
-    params = jax.device_put(params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-    return params, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    if fv.fsdp == 1 and len(devices) == 1:
+        return None
+    return sharding.make_mesh(data=-1, fsdp=fv.fsdp, devices=devices)
+
+
+def _placement(config, params, mesh, bs: int):
+    """(params, batch sharding or None): the parameters FSDP-sharded over the mesh's fsdp
+    axis (replicated with --fsdp 1), the batch split over the data axis when it divides."""
+    params = t2i.place_params(config, params, mesh)  # once, not at every call
+    if mesh is None:
+        return params, None
+    spec = jax.sharding.PartitionSpec("data") if bs % mesh.shape["data"] == 0 else jax.sharding.PartitionSpec()
+    return params, jax.sharding.NamedSharding(mesh, spec)
 
 
 def _timed(fn, *args):
@@ -226,6 +245,7 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
     if fv["cache_at_branch"].present and not fv.cache:
         raise UserError("--cache_at_branch sets the blocks a cached step computes: give --cache N too")
     cache = t2i.parse_t2i_cache(fv.cache, fv.cache_at_branch)
+    mesh = _mesh(fv)
     folder, spec = _folder_and_spec(args, fv)
     scheduler, steps, cfg_scale = _settings(fv, folder)
     out = paths.as_path(fv.out)
@@ -267,7 +287,7 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
         config, params = loaded
         config = config.replace(**t2i.latent_size(height, width), **({"dtype": fv.dtype} if fv.dtype else {}))
     else:
-        config, params = t2i.load_transformer(spec, height, width, dtype=fv.dtype)
+        config, params = t2i.load_transformer(spec, height, width, dtype=fv.dtype, mesh=mesh)
     _check_widths(config, text.widths())
     fn = t2i.build_t2i_sampler(config, scheduler, steps, cfg_scale, cache)
     vae = t2i.load_image_vae(folder, fv.vae, family_of(config).eps_channels)
@@ -275,7 +295,7 @@ def main_t2i(args: list[str], fv, loaded=None, process_index: int | None = None,
     # matrix of the guided batch is 2 GB per image and block).
     bs = fv.batch_size if fv["batch_size"].present else 1
     bs = bs if captions is not None else min(bs, len(prompts))
-    params, sharding = _placement(params, bs)
+    params, sharding = _placement(config, params, mesh, bs)
     if captions is not None:
         return _captions_mode(out, captions, todo, text, config, params, fn, vae, bs, cfg_scale, sharding, fv.seed)
 

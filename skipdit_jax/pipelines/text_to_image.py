@@ -244,11 +244,12 @@ def _transformer_state(spec: str) -> dict[str, np.ndarray]:
     return load_torch_checkpoint(spec)
 
 
-def load_transformer(spec: paths.PathLike, height: int = 1024, width: int = 1024, *, dtype: str | None = None):
+def load_transformer(spec: paths.PathLike, height: int = 1024, width: int = 1024, *, dtype: str | None = None, mesh=None):
     """(config, params) of a Hunyuan-DiT v1.2 for images of height x width: a model directory
     (`skipdit convert`), a folder in either layout (or its transformer/ folder), or a weight
     file (`pytorch_model_ema.pt`, .safetensors; local, gs:// or hf://org/repo/file). Weights of
-    another family: one CheckpointError line."""
+    another family: one CheckpointError line. With `mesh` (`sharding.make_mesh`) the parameters
+    are placed on their FSDP shardings (a weight file's straight from the conversion)."""
     from skipdit_jax.convert.hunyuan import hunyuan_from_torch
 
     spec = str(spec)
@@ -258,11 +259,21 @@ def load_transformer(spec: paths.PathLike, height: int = 1024, width: int = 1024
         if family_of(config).name != "hunyuan":
             raise CheckpointError(f"{spec} is a {family_of(config).name} model, not a Hunyuan-DiT")
         config = config.replace(**sizes)
+        params = place_params(config, params, mesh)
     else:
-        config, params = hunyuan_from_torch(_transformer_state(spec), **sizes)
+        config, params = hunyuan_from_torch(_transformer_state(spec), mesh=mesh, **sizes)
     if dtype:
         config = config.replace(dtype=dtype)
     return config, params
+
+
+def place_params(config, params, mesh=None):
+    """`params` on the family's FSDP shardings over `mesh`; on the default device without one."""
+    if mesh is None:
+        return jax.device_put(params)
+    from skipdit_jax import sharding
+
+    return jax.device_put(params, sharding.param_shardings(params, mesh, param_axes=family_of(config).param_axes))
 
 
 # ---- scheduler, VAE ------------------------------------------------------------------------
