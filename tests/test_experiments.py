@@ -28,8 +28,24 @@ TINY = ",".join(
 )
 
 
+_CACHE_ENV = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _shared_compilation_cache(tmp_path_factory):
+    """The experiments' processes share one persistent XLA compilation cache (per test
+    worker): the tiny models' programs that several scripts compile (training steps, the
+    classifier, samplers) are compiled once; a hit runs the very same executable."""
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    cache.mkdir(exist_ok=True)
+    _CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    yield
+    _CACHE_ENV.clear()
+
+
 def run(script, *args, timeout=600, expect_ok=True):
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True, timeout=timeout, env=dict(os.environ))
+    env = dict(os.environ, **_CACHE_ENV)
+    res = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if expect_ok:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -114,26 +130,82 @@ def test_convergence(tmp_path_factory):
     assert (tmp_path / "convergence.png").stat().st_size > 0
 
 
-@pytest.mark.parametrize(
-    "script,args,match",
-    [
-        ("cache_tradeoff.py", ["--fora=0"], "interval"),
-        ("cache_tradeoff.py", ["--teacache=-1"], "threshold"),
-        ("cache_tradeoff.py", ["--pab=two"], "bad setting"),
-        ("spectral.py", ["--timesteps=5000"], "0..999"),
-        ("perturbation.py", ["--radius=0"], "radius"),
-        ("feature_similarity.py", ["--interval=1"], "interval"),
-        ("convergence.py", ["--eval_every=0"], "eval_every"),
-    ],
-)
-def test_bad_flags_one_line(script, args, match, models):
+BAD_FLAGS = [
+    ("cache_tradeoff.py", ["--fora=0"], "interval"),
+    ("cache_tradeoff.py", ["--teacache=-1"], "threshold"),
+    ("cache_tradeoff.py", ["--pab=two"], "bad setting"),
+    ("spectral.py", ["--timesteps=5000"], "0..999"),
+    ("perturbation.py", ["--radius=0"], "radius"),
+    ("feature_similarity.py", ["--interval=1"], "interval"),
+    ("convergence.py", ["--eval_every=0"], "eval_every"),
+]
+
+# Runs `python experiments/SCRIPT ARGS...` for each [script, args] of the JSON list
+# sys.argv[1], each in a child forked from this process once the modules every script
+# imports are loaded (no JAX backend has started, so forking is safe): the child is the
+# script's process from there on (sys.path[0] = experiments/, sys.argv, uncaught
+# exceptions, exit status and interpreter shutdown as usual), with stdout and stderr in
+# files i.out and i.err under sys.argv[2] (file descriptors 1 and 2). What the shared
+# imports print goes to import.err. Prints the exit statuses as JSON.
+_SCRIPT_DRIVER = """
+import json, os, runpy, sys
+runs, out_dir, experiments = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
+sys.path[0] = experiments
+def redirect(fd, name):
+    f = os.open(os.path.join(out_dir, name), os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.dup2(f, fd)
+    os.close(f)
+saved = os.dup(2)
+redirect(2, "import.err")
+import jax, numpy, absl.flags, _common  # noqa: F401
+sys.stderr.flush()
+os.dup2(saved, 2)
+codes = []
+for i, (script, args) in enumerate(runs):
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        redirect(1, f"{i}.out")
+        redirect(2, f"{i}.err")
+        sys.argv = [os.path.join(experiments, script), *args]
+        runpy.run_path(sys.argv[0], run_name="__main__")
+        sys.exit(0)
+    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+print(json.dumps(codes))
+"""
+
+
+@pytest.fixture(scope="module")
+def bad_flag_runs(models):
+    """(exit status, stderr) of each of BAD_FLAGS (the models' paths given where the script
+    takes them), all from one process that loads the shared modules once."""
     skip, dit, out = models
-    model_flags = [] if script == "convergence.py" else [f"--skipdit={skip}", f"--dit={dit}"]
-    res = run(script, f"--out={out / 'bad'}", *model_flags, *args, expect_ok=False, timeout=300)
-    assert res.returncode != 0
-    lines = [line for line in res.stderr.strip().splitlines() if line.strip() and "libtpu" not in line and "xla_bridge" not in line]
-    assert len(lines) == 1 and match in lines[0], res.stderr[-2000:]
-    assert "Traceback" not in res.stderr
+    runs = []
+    for script, args, _ in BAD_FLAGS:
+        model_flags = [] if script == "convergence.py" else [f"--skipdit={skip}", f"--dit={dit}"]
+        runs.append([script, [f"--out={out / 'bad'}", *model_flags, *args]])
+    logs = out / "bad_flag_logs"
+    logs.mkdir()
+    res = subprocess.run(
+        [sys.executable, "-c", _SCRIPT_DRIVER, json.dumps(runs), str(logs), str(ROOT / "experiments")],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ, **_CACHE_ENV),
+    )
+    assert res.returncode == 0 and not res.stderr.strip(), res.stderr[-3000:]
+    codes = json.loads(res.stdout)
+    assert len(codes) == len(BAD_FLAGS)
+    # A script's own process would print what the shared imports printed, then its own output.
+    imports = (logs / "import.err").read_text()
+    return [(code, imports + (logs / f"{i}.err").read_text()) for i, code in enumerate(codes)]
+
+
+@pytest.mark.parametrize("script,args,match", BAD_FLAGS)
+def test_bad_flags_one_line(script, args, match, bad_flag_runs):
+    returncode, stderr = bad_flag_runs[BAD_FLAGS.index((script, args, match))]
+    assert returncode != 0
+    lines = [line for line in stderr.strip().splitlines() if line.strip() and "libtpu" not in line and "xla_bridge" not in line]
+    assert len(lines) == 1 and match in lines[0], stderr[-2000:]
+    assert "Traceback" not in stderr
 
 
 def _make_results():
