@@ -45,7 +45,7 @@ from skipdit_jax import model_store, paths
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.families import family_of
 from skipdit_jax.pipelines import text_to_image as t2i
-from skipdit_jax.pipelines.text_to_video import compiled_for, make_noise
+from skipdit_jax.pipelines.common import compiled_for, make_noise
 
 CLASS_FLAGS = ("labels", "num", "cfg_channels", "clip_denoised", "temporal_vae")
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from skipdit_jax import hub, paths
 from skipdit_jax.convert.dit import _count, _dense, _stack
-from skipdit_jax.convert.torch_io import check_keys_and_shapes, load_torch_checkpoint
+from skipdit_jax.convert.torch_io import check_keys_and_shapes, load_torch_checkpoint, read_diffusers_folder_state
 from skipdit_jax.errors import CheckpointError
 from skipdit_jax.models.latte import get_1d_sincos_temp_embed
 from skipdit_jax.models.latte_t2v import LatteT2VConfig, latte_t2v_preset
@@ -393,26 +393,6 @@ def _hints_from_diffusers_config(cfg: dict, where: str) -> dict:
     return {k: v for k, v in hints.items() if v is not None}
 
 
-def _read_folder_state(folder) -> dict[str, np.ndarray]:
-    """Weights of a diffusers model folder: sharded safetensors (index), one safetensors or .bin."""
-    folder = paths.as_path(folder)
-    for index_name in ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json"):
-        index = folder / index_name
-        if index.exists():
-            try:
-                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (ValueError, KeyError, TypeError, AttributeError):
-                raise CheckpointError(f"{index} is not a valid shard index (a JSON object with a weight_map)") from None
-            state: dict[str, np.ndarray] = {}
-            for name in files:
-                state.update(load_torch_checkpoint(folder / name))
-            return state
-    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
-        if (folder / name).exists():
-            return load_torch_checkpoint(folder / name)
-    raise CheckpointError(f"no diffusion_pytorch_model weights (.safetensors, .bin or a sharded index) in {folder}")
-
-
 def load_latte_t2v(spec, num_heads: int | None = None, preset: str | None = None, strict: bool = False, **sizes):
     """(config, params) of a Latte-T2V checkpoint: a diffusers folder (a pipeline root with a
     `transformer/` subfolder, or the transformer folder: config.json + weights, sharded or
@@ -441,7 +421,7 @@ def load_latte_t2v(spec, num_heads: int | None = None, preset: str | None = None
             except ValueError:
                 raise CheckpointError(f"{cfg_file} is not valid JSON") from None
             hints = _hints_from_diffusers_config(cfg if isinstance(cfg, dict) else {}, str(cfg_file))
-        state = _read_folder_state(p)
+        state = read_diffusers_folder_state(p)
     else:
         state = load_torch_checkpoint(spec)  # a file: local, gs:// or hf://org/repo/file
     if num_heads is not None:

@@ -12,6 +12,7 @@ temporary local copy, as torch and safetensors only open local files) or `hf://`
 from __future__ import annotations
 
 import argparse
+import json
 import pickle
 import re
 from typing import Any
@@ -174,3 +175,22 @@ def check_keys_and_shapes(state: dict[str, np.ndarray], want: dict[str, tuple[in
     if problems:
         raise CheckpointError(f"{what} does not fit the inferred architecture: " + "; ".join(problems))
 
+
+def read_diffusers_folder_state(folder) -> dict[str, np.ndarray]:
+    """Weights of a diffusers model folder: sharded safetensors (index), one safetensors or .bin."""
+    folder = paths.as_path(folder)
+    for index_name in ("diffusion_pytorch_model.safetensors.index.json", "diffusion_pytorch_model.bin.index.json"):
+        index = folder / index_name
+        if index.exists():
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise CheckpointError(f"{index} is not a valid shard index (a JSON object with a weight_map)") from None
+            state: dict[str, np.ndarray] = {}
+            for name in files:
+                state.update(load_torch_checkpoint(folder / name))
+            return state
+    for name in ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin"):
+        if (folder / name).exists():
+            return load_torch_checkpoint(folder / name)
+    raise CheckpointError(f"no diffusion_pytorch_model weights (.safetensors, .bin or a sharded index) in {folder}")

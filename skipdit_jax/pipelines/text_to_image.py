@@ -47,7 +47,7 @@ from skipdit_jax.cache import SkipCache
 from skipdit_jax.diffusion.diffusers_schedulers import DiffusersDDIM, DiffusersDDPM
 from skipdit_jax.errors import CheckpointError, ConfigError, UserError
 from skipdit_jax.models.families import family_of
-from skipdit_jax.pipelines.text_to_video import build_t2v_sampler, compiled_for, make_noise
+from skipdit_jax.pipelines.common import build_text_sampler, compiled_for, make_noise
 
 # (height, width) of the official ResolutionGroup (hydit/inference.py), which lists them as
 # Resolution(width, height): 1:1, 4:3, 3:4, 16:9, 9:16.
@@ -220,8 +220,10 @@ def is_hunyuan_folder(spec: str) -> bool:
 
 # ---- the transformer -----------------------------------------------------------------------
 def _transformer_state(spec: str) -> dict[str, np.ndarray]:
-    from skipdit_jax.convert.latte_t2v import _read_folder_state  # diffusers folder weights, sharded or not
-    from skipdit_jax.convert.torch_io import load_torch_checkpoint
+    from skipdit_jax.convert.torch_io import (
+        load_torch_checkpoint,
+        read_diffusers_folder_state,  # diffusers folder weights, sharded or not
+    )
 
     p = None if spec.startswith("hf://") else paths.as_path(spec)
     if p is not None and p.is_dir():
@@ -240,7 +242,7 @@ def _transformer_state(spec: str) -> dict[str, np.ndarray]:
             raise CheckpointError(f"{cfg} is not a JSON object") from None
         if name not in (None, "HunyuanDiT2DModel"):
             raise CheckpointError(f"{where} holds a {name}, not a Hunyuan-DiT (HunyuanDiT2DModel)")
-        return _read_folder_state(where)
+        return read_diffusers_folder_state(where)
     return load_torch_checkpoint(spec)
 
 
@@ -362,7 +364,7 @@ def build_t2i_sampler(config, scheduler=None, num_steps: int = HUNYUAN_STEPS, cf
     if family_of(config).name != "hunyuan":
         raise UserError(f"this is a {family_of(config).name} model, not a Hunyuan-DiT")
     scheduler = scheduler if scheduler is not None else DiffusersDDPM.hunyuan()
-    return build_t2v_sampler(config, scheduler, num_steps, cfg_scale, cache)
+    return build_text_sampler(config, scheduler, num_steps, cfg_scale, cache)
 
 
 def sample_latents(
