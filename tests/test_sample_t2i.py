@@ -530,3 +530,22 @@ def test_cli_errors(folders, tmp_path, capsys, monkeypatch):
     assert t2i.load_scheduler(folder).beta_end == 0.02 and t2i.load_scheduler(folder, from_folder=True).beta_end == 0.018
     with pytest.raises(UserError, match="has no scheduler/scheduler_config.json"):
         t2i.load_scheduler(t2i.find_hunyuan_folder(official), from_folder=True)
+
+
+def test_convert_either_layout_to_one_model_directory(folders, tmp_path, capsys):
+    """`skipdit convert` takes both HunyuanDiT-v1.2 layouts to the same model directory, and a
+    family other than hunyuan for such a folder is one line."""
+    from skipdit_jax import cli, model_store
+
+    diff, official, _ = folders
+    loaded = []
+    for name, src in (("diffusers", diff), ("official", official)):
+        assert cli.main(["skipdit", "convert", str(src), str(tmp_path / name)]) == 0
+        config, params = model_store.load_model(str(tmp_path / name))
+        assert config.family == "hunyuan" and config.latent_hw == (128, 128)
+        loaded.append(params)
+    jax.tree.map(np.testing.assert_array_equal, *loaded)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["skipdit", "convert", str(diff), str(tmp_path / "x"), "--family", "latte_t2v"])
+    err = capsys.readouterr().err.strip()
+    assert e.value.code == 2 and len(err.splitlines()) == 1 and "hunyuan" in err, err

@@ -1,8 +1,11 @@
 """`skipdit convert SRC OUT_DIR`: an official checkpoint -> an Orbax model directory.
 
 SRC is a checkpoint file (.pt, .safetensors; local, gs:// or hf://org/repo/file) of any
-family, or a diffusers model folder (local or hf://org/repo[/subfolder]), which holds a
-Latte-T2V `transformer/` (e.g. hf://maxin-cn/Latte-0).
+family, or a model folder (local or hf://org/repo[/subfolder]): a diffusers folder holding a
+Latte-T2V `transformer/` (e.g. hf://maxin-cn/Latte-0), or a HunyuanDiT-v1.2 download in either
+layout (the -Diffusers repo, or the official one with `t2i/model/pytorch_model_ema.pt`). A
+Hunyuan-DiT is stored for 1024x1024 images (128x128 latents); `skipdit sample --height/--width`
+picks another resolution of the official list.
 """
 
 from __future__ import annotations
@@ -31,7 +34,13 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     src, out_dir = args
     start = time.perf_counter()
     kwargs = {k: v for k, v in (("num_heads", fv.num_heads), ("preset", fv.preset)) if v is not None}
-    if _is_folder(src):  # a diffusers folder: only the text-to-video Latte comes in that layout
+    if _is_hunyuan_folder(src):
+        if fv.family not in (None, "hunyuan"):
+            raise UserError(f"{src} is a HunyuanDiT-v1.2 folder, which holds a hunyuan model, not a {fv.family} one")
+        from skipdit_jax.pipelines.text_to_image import load_transformer
+
+        config, params = load_transformer(src)
+    elif _is_folder(src):  # any other diffusers folder holds a text-to-video Latte
         if fv.family not in (None, "latte_t2v"):
             raise UserError(f"{src} is a diffusers model folder, which holds a latte_t2v model, not a {fv.family} one")
         config, params = convert.load_latte_t2v(src, **kwargs)
@@ -41,6 +50,15 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     model_store.save_model(out_dir, config, params, overwrite=fv.overwrite, extra={"converted_from": str(src)})
     print(f"converted {src} -> {out_dir}: {family_of(config).describe()} ({time.perf_counter() - start:.1f} s)")
     return 0
+
+
+def _is_hunyuan_folder(src: str) -> bool:
+    from skipdit_jax.pipelines.text_to_image import is_hunyuan_folder
+
+    try:
+        return is_hunyuan_folder(src)
+    except OSError:
+        return False
 
 
 def _is_folder(src: str) -> bool:
