@@ -75,9 +75,11 @@ def _env(devices=None):
 
 @pytest.fixture(scope="module")
 def reference_workdir(tmp_path_factory):
-    """An uninterrupted 40-step run, the baseline of the resume tests (read-only: copy it)."""
+    """An uninterrupted 40-step run, the baseline of the resume tests (read-only: copy it).
+    It keeps all its checkpoints (4, 8, ..., 40), so a copy can stand for the run as it
+    stood at any of them."""
     workdir = tmp_path_factory.mktemp("reference")
-    run_train(workdir, "--config.train.steps=40")
+    run_train(workdir, "--config.train.steps=40", "--config.checkpoint.keep=10")
     return workdir
 
 
@@ -165,22 +167,26 @@ def _delete_array_data(step_dir):
 
 def test_damaged_newest_checkpoint_is_set_aside_and_falls_back(tmp_path, reference_workdir, reference_run):
     """The subtle damage (metadata intact, array bytes gone); wholly garbled files are the
-    two-process test's case. The run is a copy of the reference run (checkpoints 36 and 40),
-    restarted after its newest checkpoint was damaged: it must redo steps 37-40 from step 36.
-    Their rows in the copy are first spoiled, so only redone steps can match the reference."""
-    workdir = tmp_path / "run"
+    two-process test's case. A run stopped after step 12 (a copy of the reference run as it
+    stood then: checkpoints up to 12, metrics rows up to 12) whose newest checkpoint is
+    damaged, continued to step 16: it must fall back to step 8 and redo steps 9-12. Their
+    rows in the copy are spoiled first, so only redone steps can match the reference."""
+    workdir, steps = tmp_path / "run", 16
     shutil.copytree(reference_workdir, workdir)
-    assert sorted(_checkpoint_steps(workdir)) == [36, 40]
+    for step in _checkpoint_steps(workdir):
+        if step > 12:
+            shutil.rmtree(workdir / "checkpoints" / str(step))
+    assert sorted(_checkpoint_steps(workdir)) == [4, 8, 12]
     rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
-    spoiled = [dict(r, loss=1e6) if r["step"] > 36 and "loss" in r else r for r in rows]
-    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in spoiled))
-    _delete_array_data(workdir / "checkpoints" / "40")
-    res = run_train(workdir, "--config.train.steps=40")
-    assert "unreadable" in res.stdout and "falling back to step 36" in res.stdout
-    assert (workdir / "checkpoints" / "40.damaged").is_dir()
+    rows = [dict(r, loss=1e6) if r["step"] > 8 and "loss" in r else r for r in rows if r["step"] <= 12]
+    (workdir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _delete_array_data(workdir / "checkpoints" / "12")
+    res = run_train(workdir, f"--config.train.steps={steps}")
+    assert "unreadable" in res.stdout and "falling back to step 8" in res.stdout
+    assert (workdir / "checkpoints" / "12.damaged").is_dir()
     resumed = losses(workdir)
-    assert sorted(resumed) == list(range(1, 41))
-    np.testing.assert_allclose([resumed[s] for s in range(1, 41)], [reference_run[s] for s in range(1, 41)], rtol=1e-6)
+    assert sorted(resumed) == list(range(1, steps + 1))
+    np.testing.assert_allclose([resumed[s] for s in range(1, steps + 1)], [reference_run[s] for s in range(1, steps + 1)], rtol=1e-6)
 
 
 def test_changed_config_on_resume_is_one_error_and_touches_nothing(tmp_path, reference_workdir):
