@@ -54,12 +54,19 @@ def installed(tmp_path_factory):
     return target
 
 
+def _cache_dir(tmp_path_factory):
+    """The persistent XLA compilation cache the tests' subprocesses share (per test worker)."""
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    cache.mkdir(exist_ok=True)
+    return cache
+
+
 def _metric_rows(workdir, key):
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return [(r["step"], r[key]) for r in rows if key in r]
 
 
-def test_demo_end_to_end_from_an_installed_package(tmp_path, installed):
+def test_demo_end_to_end_from_an_installed_package(tmp_path, tmp_path_factory, installed):
     # Then, in the same process (compilations shared), the demo with --compare-dit.
     script = textwrap.dedent(
         f"""
@@ -72,6 +79,9 @@ def test_demo_end_to_end_from_an_installed_package(tmp_path, installed):
         """
     )
     env = dict(os.environ, PYTHONPATH=str(installed))
+    # A persistent compilation cache: the --compare-dit demo compiles the programs of the
+    # first one again (new function objects), and finds them there.
+    env.update(JAX_COMPILATION_CACHE_DIR=str(_cache_dir(tmp_path_factory)), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     res = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=900)
     assert res.returncode == 0, res.stderr[-3000:]
     report_train = json.loads(res.stdout.strip().splitlines()[-1])
