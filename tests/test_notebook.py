@@ -121,7 +121,7 @@ def _table(text: str) -> dict[str, list[str]]:
     return rows
 
 
-def _execute(tmp_path, params: dict, then: list[str] = ()):
+def _execute(tmp_path, params: dict, then: list[str] = (), cache_dir=None):
     """Execute the notebook in a fresh kernel (working directory tmp_path) with the
     parameters cell replaced by `params`, then, in the same kernel, the extra code cells
     `then`; returns (the executed notebook, the number of its own cells). The kernel is
@@ -132,6 +132,8 @@ def _execute(tmp_path, params: dict, then: list[str] = ()):
     nb.cells += [nbformat.v4.new_code_cell(src) for src in then]
     env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
     env["HF_HUB_OFFLINE"] = "1"  # nothing here may reach the Hub
+    if cache_dir is not None:  # a persistent XLA compilation cache, shared with the other tests' subprocesses
+        env.update(JAX_COMPILATION_CACHE_DIR=str(cache_dir), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     km = _kernel_manager(tmp_path)
     client = nbclient.NotebookClient(nb, km=km, timeout=240, resources={"metadata": {"path": str(tmp_path)}})
     try:
@@ -180,7 +182,7 @@ def _tiny_vae_folder(path: Path) -> None:
     save_file(weights, str(path / "diffusion_pytorch_model.safetensors"))
 
 
-def test_notebook_runs_offline_then_its_imagenet_section_on_stand_ins(tmp_path):
+def test_notebook_runs_offline_then_its_imagenet_section_on_stand_ins(tmp_path, tmp_path_factory):
     """1. The whole notebook offline (USE_NETWORK=False): install skipped, backend,
     training, the MNIST table and grids, the ImageNet section skipped with its reason.
     2. Then, in the same kernel, the ImageNet section's cells again as if online, past the
@@ -200,7 +202,9 @@ def test_notebook_runs_offline_then_its_imagenet_section_on_stand_ins(tmp_path):
     section = [c.source for c in _read().cells if c.cell_type == "code" and "RUN_XL" in c.source]
     assert len(section) == 3 and "RUN_XL, why" in section[0]
     online = f"NETWORK, XL_ON_CPU, XL_VAE = True, True, {str(tmp_path / 'vae')!r}"
-    nb, own = _execute(tmp_path, dict(PARAMS, WORKDIR=str(work)), then=[online, *section])
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"  # per test worker
+    cache.mkdir(exist_ok=True)
+    nb, own = _execute(tmp_path, dict(PARAMS, WORKDIR=str(work)), then=[online, *section], cache_dir=cache)
 
     # 1. offline
     text, pngs = _outputs(nb.cells[:own])
