@@ -148,7 +148,7 @@ BAD_FLAGS = [
 # files i.out and i.err under sys.argv[2] (file descriptors 1 and 2). What the shared
 # imports print goes to import.err. Prints the exit statuses as JSON.
 _SCRIPT_DRIVER = """
-import json, os, runpy, sys
+import json, os, runpy, sys, warnings
 runs, out_dir, experiments = json.loads(sys.argv[1]), sys.argv[2], sys.argv[3]
 sys.path[0] = experiments
 def redirect(fd, name):
@@ -164,7 +164,10 @@ codes = []
 for i, (script, args) in enumerate(runs):
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
+    with warnings.catch_warnings():  # (parent and child leave it: the child's filters are the usual ones)
+        # Python >= 3.12 warns about forking a process with threads (numpy's BLAS pool is one).
+        warnings.filterwarnings("ignore", message=".*fork.*", category=DeprecationWarning)
+        pid = os.fork()
     if pid == 0:
         redirect(1, f"{i}.out")
         redirect(2, f"{i}.err")
