@@ -104,9 +104,12 @@ def test_feature_similarity(models):
 
 def test_perturbation(models):
     skip, dit, out = models
-    for target in ("input", "weights"):
+    targets = ("input", "weights")
+    runs = [["perturbation.py", [f"--out={out / f'pert_{t}'}", f"--skipdit={skip}", f"--dit={dit}", f"--target={t}", "--grid=3", "--samples=2"]] for t in targets]
+    for code, stderr in _run_scripts(runs, out / "pert_logs"):
+        assert code == 0, stderr[-3000:]
+    for target in targets:
         d = out / f"pert_{target}"
-        run("perturbation.py", f"--out={d}", f"--skipdit={skip}", f"--dit={dit}", f"--target={target}", "--grid=3", "--samples=2")
         res = json.loads((d / "results.json").read_text())
         for s in res["surfaces"].values():
             assert abs(s[1][1] - 1.0) < 1e-5  # alpha = beta = 0 is the unperturbed model
@@ -188,7 +191,12 @@ def bad_flag_runs(models):
     for script, args, _ in BAD_FLAGS:
         model_flags = [] if script == "convergence.py" else [f"--skipdit={skip}", f"--dit={dit}"]
         runs.append([script, [f"--out={out / 'bad'}", *model_flags, *args]])
-    logs = out / "bad_flag_logs"
+    return _run_scripts(runs, out / "bad_flag_logs")
+
+
+def _run_scripts(runs, logs):
+    """(exit status, stderr) of `python experiments/SCRIPT ARGS...` for each [script, args]
+    of `runs`, one after another, from one process that loads the shared modules once."""
     logs.mkdir()
     res = subprocess.run(
         [sys.executable, "-c", _SCRIPT_DRIVER, json.dumps(runs), str(logs), str(ROOT / "experiments")],
@@ -196,7 +204,7 @@ def bad_flag_runs(models):
     )
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr[-3000:]
     codes = json.loads(res.stdout)
-    assert len(codes) == len(BAD_FLAGS)
+    assert len(codes) == len(runs)
     # A script's own process would print what the shared imports printed, then its own output.
     imports = (logs / "import.err").read_text()
     return [(code, imports + (logs / f"{i}.err").read_text()) for i, code in enumerate(codes)]
