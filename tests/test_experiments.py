@@ -45,7 +45,8 @@ def _shared_compilation_cache(tmp_path_factory):
 
 def run(script, *args, timeout=600, expect_ok=True):
     env = dict(os.environ, **_CACHE_ENV)
-    res = subprocess.run([sys.executable, str(ROOT / "experiments" / script), *args], capture_output=True, text=True, timeout=timeout, env=env)
+    cmd = [sys.executable, str(ROOT / "experiments" / script), *args]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     if expect_ok:
         assert res.returncode == 0, res.stderr[-3000:]
     return res
@@ -105,7 +106,8 @@ def test_feature_similarity(models):
 def test_perturbation(models):
     skip, dit, out = models
     targets = ("input", "weights")
-    runs = [["perturbation.py", [f"--out={out / f'pert_{t}'}", f"--skipdit={skip}", f"--dit={dit}", f"--target={t}", "--grid=3", "--samples=2"]] for t in targets]
+    flags = [f"--skipdit={skip}", f"--dit={dit}", "--grid=3", "--samples=2"]
+    runs = [["perturbation.py", [f"--out={out / f'pert_{t}'}", *flags, f"--target={t}"]] for t in targets]
     for code, stderr in _run_scripts(runs, out / "pert_logs"):
         assert code == 0, stderr[-3000:]
     for target in targets:

@@ -61,7 +61,8 @@ _CACHE_ENV = {}
 
 @pytest.fixture(scope="module", autouse=True)
 def _shared_compilation_cache(tmp_path_factory):
-    _CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    cache = tmp_path_factory.mktemp("jax_cache")
+    _CACHE_ENV.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     yield
     _CACHE_ENV.clear()
 
@@ -91,7 +92,8 @@ def reference_run(reference_workdir):
 
 def test_sigkill_then_restart_gives_the_same_losses(tmp_path, reference_run):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(train_cmd(workdir, "--config.train.steps=40"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    cmd = train_cmd(workdir, "--config.train.steps=40")
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -110,9 +112,8 @@ def test_sigkill_then_restart_gives_the_same_losses(tmp_path, reference_run):
 
 def test_sigterm_saves_a_checkpoint_and_stops(tmp_path):
     workdir = tmp_path / "run"
-    proc = subprocess.Popen(
-        train_cmd(workdir, "--config.train.steps=100000", "--config.checkpoint.every=100000"), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env()
-    )
+    cmd = train_cmd(workdir, "--config.train.steps=100000", "--config.checkpoint.every=100000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
     metrics = workdir / "metrics.jsonl"
     deadline = time.time() + 300
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text().splitlines()) >= 3):
@@ -197,7 +198,8 @@ def test_changed_config_on_resume_is_one_error_and_touches_nothing(tmp_path, ref
     shutil.copytree(reference_workdir, workdir)
     before = sorted(os.listdir(workdir / "checkpoints")), (workdir / "metrics.jsonl").read_text()
     assert before[0] and before[1]
-    res = subprocess.run(train_cmd(workdir, "--config.train.steps=44", "--config.model.hidden_size=32"), capture_output=True, text=True, env=_env(), timeout=300)
+    cmd = train_cmd(workdir, "--config.train.steps=44", "--config.model.hidden_size=32")
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=300)
     assert res.returncode == 2, res.stderr[-2000:]
     lines = [line for line in res.stderr.splitlines() if line.strip() and not line.startswith(("I1", "W1"))]
     assert len(lines) == 1 and lines[0].startswith("skipdit: error:"), res.stderr[-2000:]
@@ -330,7 +332,8 @@ def config_error_runs(tmp_path_factory):
     instead of nine."""
     out = tmp_path_factory.mktemp("config_errors")
     runs = [train_cmd(out / f"w{i}", *overrides)[3:] for i, (overrides, _) in enumerate(CONFIG_ERRORS)]
-    res = subprocess.run([sys.executable, "-c", _CLI_DRIVER, json.dumps(runs), str(out)], capture_output=True, text=True, env=_env(4), timeout=600)
+    cmd = [sys.executable, "-c", _CLI_DRIVER, json.dumps(runs), str(out)]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=_env(4), timeout=600)
     assert res.returncode == 0 and not res.stderr.strip(), res.stderr[-3000:]
     codes = json.loads(res.stdout)
     assert len(codes) == len(CONFIG_ERRORS)
