@@ -7,8 +7,9 @@ Speed: times guided sampling of a DiT-g/2 at reduced width (--depth blocks with 
 long skips, width --width, MLP ratio 4.3637) on --size x --size x 4 latents, patch 2, captions of
 the official lengths (CLIP 77, T5 256 tokens) at reduced widths (random embeddings: the cost does
 not depend on their values; narrow, because the caption embedders run once per step outside the
-blocks and cost <1% of a full DiT-g/2 step, which wide captions on a narrow model would not keep), batch 1 with classifier-free guidance (scale 6, the official
-default; a negative caption as the unconditional half: model batch 2), with Hunyuan's sampler:
+blocks and cost <1% of a full DiT-g/2 step, which wide captions on a narrow model would not
+keep), batch 1 with classifier-free guidance (scale 6, the official default; a negative caption
+as the unconditional half: model batch 2), with Hunyuan's sampler:
 diffusers DDPM-100, v-prediction, timesteps 991, 981, ..., 1 (`DiffusersDDPM.hunyuan()`). It
 compares the full pass with Skip-Cache N = --intervals (`SkipCache(N, k, 700, 50)`, the official
 `--cache --cache-step N --cache-at-branch k`: blocks 0..k-1 and D-k..D-1 on cached steps) beside
@@ -57,8 +58,12 @@ flags.DEFINE_integer("cache_at_branch", 1, "k: blocks computed at each end on a 
 flags.DEFINE_integer("repeats", 3, "timed rounds (median reported)")
 flags.DEFINE_integer("warmup", 1, "untimed rounds before the timed ones")
 flags.DEFINE_integer("memory_devices", 8, "simulated CPU devices of the measured memory (0: skip it)")
-flags.DEFINE_bool("quick", False, "a smoke test: 4 blocks of width 32, 8x8 latents, short captions, 10 steps, one round, "
-                  "Skip-Cache N=2 only, no compiled memory plan")
+flags.DEFINE_bool(
+    "quick",
+    False,
+    "a smoke test: 4 blocks of width 32, 8x8 latents, short captions, 10 steps, one round, "
+    "Skip-Cache N=2 only, no compiled memory plan",
+)
 flags.DEFINE_bool("xla_tuning", True, "set skipdit_jax.xla_tuning's XLA CPU flags (as the skipdit command does)")
 flags.DEFINE_bool("memory_child", False, "internal: print the measured memory as JSON (run with simulated devices)")
 flags.DEFINE_string("out", None, "also write the markdown section here (atomically)")
@@ -66,8 +71,9 @@ FLAGS = flags.FLAGS
 
 OFFICIAL_DDPM100 = {2: (67, 33), 3: (56, 44), 4: (50, 50)}  # at 40 blocks, k = 1
 PAPER = "1.5x without quality loss, up to 2.0x"
-QUICK = dict(depth=4, width=32, heads=2, size=8, text_len=8, text_len_t5=16, clip_dim=32, t5_dim=64, steps=10,
-             repeats=1, warmup=0)
+QUICK = dict(
+    depth=4, width=32, heads=2, size=8, text_len=8, text_len_t5=16, clip_dim=32, t5_dim=64, steps=10, repeats=1, warmup=0
+)
 DEVICE_COUNTS = (1, 2, 4, 8)
 
 
@@ -103,9 +109,16 @@ def model_config(s: dict):
     from skipdit_jax.models.hunyuan import HunyuanConfig
 
     return HunyuanConfig(
-        input_size=s["size"], hidden_size=s["width"], depth=s["depth"], num_heads=s["heads"], mlp_ratio=4.3637,
-        text_len=s["text_len"], text_len_t5=s["text_len_t5"], cross_attention_dim=s["clip_dim"],
-        cross_attention_dim_t5=s["t5_dim"], pooled_projection_dim=s["clip_dim"],
+        input_size=s["size"],
+        hidden_size=s["width"],
+        depth=s["depth"],
+        num_heads=s["heads"],
+        mlp_ratio=4.3637,
+        text_len=s["text_len"],
+        text_len_t5=s["text_len_t5"],
+        cross_attention_dim=s["clip_dim"],
+        cross_attention_dim_t5=s["t5_dim"],
+        pooled_projection_dim=s["clip_dim"],
     )
 
 
@@ -133,10 +146,15 @@ def per_device_bytes(abstract, n: int, itemsize: int | None = None) -> int:
     from skipdit_jax.sharding import param_partition_specs
 
     mesh = AbstractMesh((1, n), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-    specs = jax.tree.leaves(param_partition_specs(abstract, mesh, param_axes=PARAM_AXES), is_leaf=lambda x: isinstance(x, PartitionSpec))
+    specs = jax.tree.leaves(
+        param_partition_specs(abstract, mesh, param_axes=PARAM_AXES), is_leaf=lambda x: isinstance(x, PartitionSpec)
+    )
     total = 0
     for leaf, spec in zip(jax.tree.leaves(abstract), specs, strict=True):
-        shard = [d // (n if ax == "fsdp" else 1) for d, ax in zip(leaf.shape, tuple(spec) + (None,) * leaf.ndim)]
+        shard = [
+            d // (n if ax == "fsdp" else 1)
+            for d, ax in zip(leaf.shape, (tuple(spec) + (None,) * leaf.ndim)[: leaf.ndim], strict=True)
+        ]
         total += int(np.prod(shard)) * (itemsize or leaf.dtype.itemsize)
     return total
 
@@ -145,8 +163,9 @@ def sampler(config, cache, steps: int):
     from skipdit_jax.diffusion.diffusers_schedulers import DiffusersDDPM
     from skipdit_jax.sampling import build_sampler
 
-    return build_sampler(config, "ddpm", str(steps), True, None, cache, 0.0, False, return_schedule=True,
-                         scheduler=DiffusersDDPM.hunyuan())
+    return build_sampler(
+        config, "ddpm", str(steps), True, None, cache, 0.0, False, return_schedule=True, scheduler=DiffusersDDPM.hunyuan()
+    )
 
 
 def full_size_plan(n: int, dtype: str) -> dict:
@@ -166,13 +185,20 @@ def full_size_plan(n: int, dtype: str) -> dict:
     mesh = sharding.make_mesh(data=1, fsdp=n, devices=jax.devices()[:n])
     shardings = sharding.param_shardings(abstract, mesh, param_axes=family.param_axes)
     params = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, jnp.dtype(dtype), sharding=sh), abstract, shardings)
-    cond = {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.replicated(mesh))
-            for k, v in family.example_condition(1).items()}
+    cond = {
+        k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=sharding.replicated(mesh))
+        for k, v in family.example_condition(1).items()
+    }
     noise = jax.ShapeDtypeStruct((1, *family.sample_shape), jnp.float32, sharding=sharding.replicated(mesh))
     start = time.perf_counter()
     mem = sampler(config, None, 100).lower(params, noise, cond, jnp.float32(6.0), jax.random.key(0)).compile().memory_analysis()
-    return dict(devices=n, dtype=dtype, argument=mem.argument_size_in_bytes / 2**30, temp=mem.temp_size_in_bytes / 2**30,
-                compile_s=time.perf_counter() - start)
+    return dict(
+        devices=n,
+        dtype=dtype,
+        argument=mem.argument_size_in_bytes / 2**30,
+        temp=mem.temp_size_in_bytes / 2**30,
+        compile_s=time.perf_counter() - start,
+    )
 
 
 def memory_child(s: dict) -> None:
@@ -200,19 +226,38 @@ def memory_child(s: dict) -> None:
     for name, p in () if FLAGS.quick else (("1", jax.device_put(params, jax.devices()[0])), (str(n), placed)):
         start = time.perf_counter()
         mem = fn.lower(p, noise, cond, jnp.float32(FLAGS.cfg_scale), jax.random.key(0)).compile().memory_analysis()
-        plans[name] = dict(argument=mem.argument_size_in_bytes, temp=mem.temp_size_in_bytes, output=mem.output_size_in_bytes,
-                           compile_s=time.perf_counter() - start)
+        plans[name] = dict(
+            argument=mem.argument_size_in_bytes,
+            temp=mem.temp_size_in_bytes,
+            output=mem.output_size_in_bytes,
+            compile_s=time.perf_counter() - start,
+        )
     full = [] if FLAGS.quick else [full_size_plan(d, dt) for d, dt in ((1, "float32"), (n, "float32"), (n, "bfloat16"))]
-    print(json.dumps(dict(devices=n, total=int(sum(a.nbytes for a in jax.tree.leaves(params))), held=sorted(held.values()),
-                          computed=per_device_bytes(family.abstract_params(), n), plans=plans, full_size=full)))
+    print(
+        json.dumps(
+            dict(
+                devices=n,
+                total=int(sum(a.nbytes for a in jax.tree.leaves(params))),
+                held=sorted(held.values()),
+                computed=per_device_bytes(family.abstract_params(), n),
+                plans=plans,
+                full_size=full,
+            )
+        )
+    )
 
 
 def measure_memory(n: int) -> dict:
     env = dict(os.environ)
     env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
     args = [a for a in sys.argv[1:] if not a.startswith("--out")]
-    res = subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--memory_child"], env=env,
-                         capture_output=True, text=True, timeout=3600)
+    res = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), *args, "--memory_child"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3600,
+    )
     if res.returncode:
         raise RuntimeError(f"the {n}-device memory measurement failed:\n{res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -294,7 +339,9 @@ def main(_):
     compile_s = time.perf_counter() - compile_start
     wall, cpu = rounds(runs, s["warmup"], s["repeats"])
     for name, (x, full) in results.items():  # what ran is what was planned
-        assert (int(full.sum()), int((~full).sum())) == counts[name], f"{name}: ran {full.sum()} full steps, planned {counts[name]}"
+        assert (int(full.sum()), int((~full).sum())) == counts[name], (
+            f"{name}: ran {full.sum()} full steps, planned {counts[name]}"
+        )
         assert np.isfinite(x).all(), f"{name}: non-finite samples"
     med = {key: float(np.median(v)) for key, v in wall.items()}
     med_cpu = {key: float(np.median(v)) for key, v in cpu.items()}
@@ -305,39 +352,48 @@ def main(_):
 
     m = machine()
     cmd = " ".join(["python experiments/bench_hunyuan.py", *sys.argv[1:]])
-    text_desc = (f"captions CLIP {config.text_len}x{config.cross_attention_dim} and T5 {config.text_len_t5}x"
-                 f"{config.cross_attention_dim_t5} (random embeddings, 3/4 of the tokens unmasked; the negative caption 1/2)")
+    text_desc = (
+        f"captions CLIP {config.text_len}x{config.cross_attention_dim} and T5 {config.text_len_t5}x"
+        f"{config.cross_attention_dim_t5} (random embeddings, 3/4 of the tokens unmasked; the negative caption 1/2)"
+    )
     lines = [
         f"## Hunyuan-DiT text-to-image sampling: DDPM-{s['steps']} full vs Skip-Cache, and FSDP memory",
         "",
         f"Settings: a DiT-g/2 at reduced width: {config.depth} blocks with the native long skips, width {config.hidden_size}, "
         f"{config.num_heads} heads, MLP {config.mlp_hidden}, patch 2, {n_params:,} parameters (random, non-zero), float32; "
         f"{config.input_size}x{config.input_size}x4 latents ({config.num_patches} tokens); {text_desc}; batch 1 + guidance "
-        f"(scale {FLAGS.cfg_scale:g}; model batch 2); diffusers DDPM-{s['steps']}, v-prediction ({timesteps[0]}..{timesteps[-1]}); "
-        f"Skip-Cache N, k={k}, full while t >= 700, dropped after t <= 50; predicted = block-count speedup ({config.depth} blocks "
+        f"(scale {FLAGS.cfg_scale:g}; model batch 2); diffusers DDPM-{s['steps']}, v-prediction "
+        f"({timesteps[0]}..{timesteps[-1]}); Skip-Cache N, k={k}, full while t >= 700, dropped after t <= 50; "
+        f"predicted = block-count speedup ({config.depth} blocks "
         f"per full step, {2 * k} per cached step); paper: the Skip-DiT authors' figure for Hunyuan-DiT ({PAPER}); median of "
         f"{s['repeats']} interleaved round(s) after {s['warmup']} warm-up round(s), compiled ahead ({compile_s:.1f} s for all "
         f"settings, not timed); {m['cpu']}, {m['cpu_cores']} CPU cores (shared with other jobs: CPU time is the steadier "
         f"measure), JAX {m['jax']} on {m['device']}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; {m['date']}, commit "
         f"{m['git_commit']}{' (modified)' if m['git_dirty'] else ''}; command: `{cmd}`.",
         "",
-        "| method | full/cached steps | predicted | paper | wall s | wall speedup | CPU s | CPU speedup | max abs diff vs full / max abs |",
+        "| method | full/cached steps | predicted | paper | wall s | wall speedup | CPU s | CPU speedup "
+        "| max abs diff vs full / max abs |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for name in caches:
         rel = float(np.abs(results[name][0] - ref).max() / max(np.abs(ref).max(), 1e-12))
         lines.append(
             f"| {'full' if name == 'full' else 'Skip-Cache ' + name} | {counts[name][0]}/{counts[name][1]} | "
-            f"{predicted[name]:.2f}x | {'' if name == 'full' else '1.5x-2.0x'} | {_s(med[name])} | {med['full'] / med[name]:.2f}x | "
+            f"{predicted[name]:.2f}x | {'' if name == 'full' else '1.5x-2.0x'} | {_s(med[name])} | "
+            f"{med['full'] / med[name]:.2f}x | "
             f"{_s(med_cpu[name])} | {med_cpu['full'] / med_cpu[name]:.2f}x | {rel:.1e} |"
         )
 
-    lines += [] if len(caches) < 3 else [  # two settings fit exactly: no information
-        "",
-        f"Fit of the CPU times to steps x a + blocks x b: a = {1e3 * a:.2f} ms per step outside the blocks, b = "
-        f"{1e3 * b:.3f} ms per block; the work outside the blocks is {a / (a + config.depth * b):.1%} of a full step here "
-        "(the block-count prediction takes it as 0).",
-    ]
+    lines += (
+        []
+        if len(caches) < 3
+        else [  # two settings fit exactly: no information
+            "",
+            f"Fit of the CPU times to steps x a + blocks x b: a = {1e3 * a:.2f} ms per step outside the blocks, b = "
+            f"{1e3 * b:.3f} ms per block; the work outside the blocks is {a / (a + config.depth * b):.1%} of a full step here "
+            "(the block-count prediction takes it as 0).",
+        ]
+    )
     full = family_of(hunyuan_preset("DiT-g/2")).abstract_params()
     total = sum(int(np.prod(a.shape)) for a in jax.tree.leaves(full))
     lines += [
@@ -364,7 +420,8 @@ def main(_):
             "onto the FSDP shardings, and XLA's per-device memory plan of the guided full sampler (batch 1 + guidance, "
             f"replicated latents) compiled for one device and for FSDP over {n} (MiB):",
             "",
-            "| devices | parameter bytes held per device (max) | computed from the shardings | sampler arguments | sampler temp |",
+            "| devices | parameter bytes held per device (max) | computed from the shardings | sampler arguments "
+            "| sampler temp |",
             "|---|---|---|---|---|",
             f"| 1 | {_mib(mem['total'])} | {_mib(mem['total'])} | {_mib(one['argument'])} | {_mib(one['temp'])} |",
             f"| {n} | {_mib(max(mem['held']))} (min {_mib(min(mem['held']))}) | {_mib(mem['computed'])} | "
@@ -375,7 +432,7 @@ def main(_):
                 "",
                 "XLA's per-device memory plan of the guided full DDPM sampler of the full DiT-g/2 at 1024 px (128x128x4 latents, "
                 "4,096 tokens, model batch 2), parameters stored and computed in the given dtype, compiled from shapes for the "
-                f"simulated devices (nothing allocated or run; arguments: the parameter shards and the inputs; temp: XLA's "
+                "simulated devices (nothing allocated or run; arguments: the parameter shards and the inputs; temp: XLA's "
                 "scratch at its peak: activations, which GSPMD also splits over the model width, and the weights gathered for a "
                 "block; GiB):",
                 "",

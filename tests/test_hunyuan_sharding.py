@@ -21,8 +21,16 @@ from skipdit_jax.models.hunyuan_sharding import PARAM_AXES
 from skipdit_jax.sharding import _path_str, param_partition_specs
 
 TINY = dict(
-    input_size=8, hidden_size=64, depth=6, num_heads=2, mlp_ratio=2.5, text_len=5, text_len_t5=7,
-    cross_attention_dim=32, cross_attention_dim_t5=48, pooled_projection_dim=40,
+    input_size=8,
+    hidden_size=64,
+    depth=6,
+    num_heads=2,
+    mlp_ratio=2.5,
+    text_len=5,
+    text_len_t5=7,
+    cross_attention_dim=32,
+    cross_attention_dim_t5=48,
+    pooled_projection_dim=40,
 )
 
 
@@ -47,8 +55,9 @@ def test_full_dit_g_splits_eightfold():
     family = family_of(hunyuan_preset("DiT-g/2"))
     abstract = family.abstract_params()
     mesh = AbstractMesh((1, 8), ("data", "fsdp"), axis_types=(AxisType.Auto,) * 2)
-    specs = jax.tree.leaves(param_partition_specs(abstract, mesh, param_axes=PARAM_AXES),
-                            is_leaf=lambda s: isinstance(s, PartitionSpec))
+    specs = jax.tree.leaves(
+        param_partition_specs(abstract, mesh, param_axes=PARAM_AXES), is_leaf=lambda s: isinstance(s, PartitionSpec)
+    )
     total = per_device = 0
     for (path, shape), spec in zip(_leaves(family), specs, strict=True):
         n = int(np.prod(shape))
