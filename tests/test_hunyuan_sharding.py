@@ -108,7 +108,16 @@ SCRIPT = textwrap.dedent(
     kw["condition"] = jax.device_put(cond, batch)
     out = sample(cfg, placed, noise=jax.device_put(noise, batch), **kw)
     total = sum(np.asarray(a).nbytes for a in jax.tree.leaves(params))
+
+    # The converter's mesh= path builds every parameter straight on its FSDP sharding.
+    from skipdit_jax.convert.hunyuan import hunyuan_from_torch, hunyuan_to_torch
+    _, converted = hunyuan_from_torch(hunyuan_to_torch(cfg, params), input_size=cfg.input_size, mesh=mesh)
+    want = sharding.param_shardings(params, mesh, param_axes=family.param_axes)
+    converted_ok = all(jax.tree.leaves(jax.tree.map(
+        lambda a, b, s: a.sharding == s and np.array_equal(np.asarray(a), b), converted, params, want)))
+    converted_sharded = sum(not a.sharding.is_fully_replicated for a in jax.tree.leaves(converted))
     print(json.dumps(dict(total=int(total), per_device=sorted(per_device.values()), devices=len(out.sharding.device_set),
+                          converted_ok=converted_ok, converted_sharded=int(converted_sharded),
                           max_diff=float(np.abs(np.asarray(out) - ref).max()), max_ref=float(np.abs(ref).max()),
                           finite=bool(np.isfinite(ref).all()))))
     """
@@ -127,3 +136,4 @@ def test_fsdp_over_eight_devices_samples_like_one():
     assert sum(m["per_device"]) < 1.3 * m["total"], m
     assert m["finite"] and m["max_ref"] > 0.1, m
     assert m["max_diff"] <= 1e-4 * m["max_ref"], m
+    assert m["converted_ok"] and m["converted_sharded"] > 0, m
