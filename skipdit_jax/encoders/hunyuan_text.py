@@ -43,7 +43,9 @@ from absl import logging
 from etils import epath
 
 from skipdit_jax import hub, paths
+from skipdit_jax.encoders.text import read_prompt_arrays, write_prompt_arrays
 from skipdit_jax.errors import HubUnavailableError, UserError
+from skipdit_jax.models.hunyuan_family import TEXT_KEYS
 
 # hydit/constants.py NEGATIVE_PROMPT (Skip-DiT text-to-image and Tencent HunyuanDiT): "wrong
 # eyes, bad faces, disfigurement, bad art, deformation, extra limbs, blurry colours, blur,
@@ -105,8 +107,9 @@ def _hub_folders(spec: str, revision, cache_dir) -> tuple[dict[str, str], str]:
         small += [f"{base}clip_text_encoder/config.json", f"{base}tokenizer/*", f"{base}mt5/*.json", f"{base}mt5/spiece.model"]
     prefix = f"{sub}/" if sub else ""
     try:
-        root = paths.as_path(snapshot_download(repo, revision=revision, cache_dir=cache_dir,
-                                               allow_patterns=[prefix + p for p in small]))
+        root = paths.as_path(
+            snapshot_download(repo, revision=revision, cache_dir=cache_dir, allow_patterns=[prefix + p for p in small])
+        )
     except Exception as e:
         if hub.is_network_error(e):
             raise HubUnavailableError(
@@ -160,8 +163,14 @@ def tokenize_hunyuan(prompts: Sequence[str], tokenizer, max_length: int, name: s
     """(ids, mask), both (N, max_length) int32, as the official pipeline tokenizes: padded to
     max_length, truncated, special tokens added. One warning line per cut prompt, naming the
     encoder (`name`) and its limit."""
-    enc = tokenizer(list(prompts), padding="max_length", max_length=max_length, truncation=True,
-                    return_attention_mask=True, add_special_tokens=True)
+    enc = tokenizer(
+        list(prompts),
+        padding="max_length",
+        max_length=max_length,
+        truncation=True,
+        return_attention_mask=True,
+        add_special_tokens=True,
+    )
     full = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     for prompt, ids in zip(prompts, full, strict=True):
         if len(ids) > max_length:
@@ -332,56 +341,17 @@ class HunyuanEmbeddings:
         return {**cond, **{f"null_{k}": np.repeat(v, len(prompts), axis=0) for k, v in null.items()}}
 
 
-def save_hunyuan_embeddings(path: paths.PathLike, prompts: Sequence[str], arrays: dict[str, np.ndarray],
-                            metadata: dict | None = None) -> None:
+def save_hunyuan_embeddings(
+    path: paths.PathLike, prompts: Sequence[str], arrays: dict[str, np.ndarray], metadata: dict | None = None
+) -> None:
     """Writes prompts + the four arrays atomically (.safetensors or .npz by suffix, no pickles)."""
-    import io
-    import json
-
-    path = paths.as_path(path)
-    keys = ("clip_emb", "clip_mask", "t5_emb", "t5_mask")
-    data = {k: np.ascontiguousarray(arrays[k], np.float32 if k.endswith("emb") else np.int32) for k in keys}
-    if any(len(v) != len(prompts) for v in data.values()):
-        raise UserError(f"{len(prompts)} prompts but arrays of {', '.join(str(len(v)) for v in data.values())} rows")
-    meta = {"prompts": json.dumps(list(prompts), ensure_ascii=False), "info": json.dumps(metadata or {}, ensure_ascii=False)}
-    if path.name.endswith(".safetensors"):
-        from safetensors.numpy import save
-
-        raw = save(data, metadata=meta)
-    elif path.name.endswith(".npz"):
-        buf = io.BytesIO()
-        as_bytes = lambda t: np.frombuffer(t.encode("utf-8"), np.uint8)  # noqa: E731
-        np.savez(buf, **data, prompts=as_bytes(meta["prompts"]), info=as_bytes(meta["info"]))
-        raw = buf.getvalue()
-    else:
-        raise UserError(f"embedding file {path} must end in .safetensors or .npz")
-    paths.atomic_write_bytes(path, raw)
+    data = {k: np.asarray(arrays[k], np.float32 if k.endswith("emb") else np.int32) for k in TEXT_KEYS}
+    write_prompt_arrays(path, prompts, data, metadata, what="Hunyuan-DiT embedding file")
 
 
 def load_hunyuan_embeddings(path: paths.PathLike) -> HunyuanEmbeddings:
     """Reads a file written by `save_hunyuan_embeddings` (one UserError line if it is not one)."""
-    import io
-    import json
-
-    path = paths.as_path(path)
-    if not path.exists():
-        raise UserError(f"embedding file {path} does not exist (make it with skipdit encode-text --family hunyuan)")
-    try:
-        raw = path.read_bytes()
-        if path.name.endswith(".safetensors"):
-            from safetensors.numpy import load
-
-            arrays = load(raw)
-            meta = json.loads(raw[8 : 8 + int.from_bytes(raw[:8], "little")]).get("__metadata__") or {}
-        else:
-            with np.load(io.BytesIO(raw), allow_pickle=False) as z:
-                arrays = {k: z[k] for k in z.files}
-            meta = {k: arrays.pop(k).tobytes().decode("utf-8") for k in ("prompts", "info")}
-        prompts, info = json.loads(meta["prompts"]), json.loads(meta.get("info", "{}"))
-        arrays = {k: arrays[k] for k in ("clip_emb", "clip_mask", "t5_emb", "t5_mask")}
-    except Exception as e:  # also safetensors' own error type
-        why = str(e).splitlines()[0] if str(e) else ""
-        raise UserError(f"{path} is not a Hunyuan-DiT embedding file: {type(e).__name__}: {why}") from None
-    if any(len(v) != len(prompts) for v in arrays.values()):
-        raise UserError(f"{path}: {len(prompts)} prompts but arrays of other lengths")
+    prompts, arrays, info = read_prompt_arrays(
+        path, TEXT_KEYS, what="Hunyuan-DiT embedding file", make_it="skipdit encode-text --family hunyuan"
+    )
     return HunyuanEmbeddings(list(prompts), arrays, info)

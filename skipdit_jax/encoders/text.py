@@ -184,38 +184,43 @@ class TextEmbeddings:
         return {"text_emb": self.text_emb[rows], "text_mask": self.text_mask[rows]}
 
 
-def save_text_embeddings(path: paths.PathLike, prompts: Sequence[str], emb, mask, metadata: dict | None = None) -> None:
-    """Writes the cache file atomically; .safetensors or .npz by suffix. Repeated prompts
-    are stored once (the first occurrence)."""
+def write_prompt_arrays(
+    path: paths.PathLike,
+    prompts: Sequence[str],
+    arrays: dict[str, np.ndarray],
+    metadata: dict | None = None,
+    what: str = "text embedding file",
+) -> None:
+    """The prompt-keyed array file every text encoder here writes: `arrays` (row i <-> prompts[i])
+    plus the prompts and `metadata` as JSON, atomically; .safetensors or .npz by suffix (no
+    pickled objects either way)."""
     path = paths.as_path(path)
-    emb, mask = np.asarray(emb, np.float32), np.asarray(mask, np.int32)
-    if emb.ndim != 3 or mask.shape != emb.shape[:2] or len(prompts) != emb.shape[0]:
-        raise UserError(f"embeddings {emb.shape}, mask {mask.shape} and {len(prompts)} prompts do not match")
-    first = {}
-    for i, p in enumerate(prompts):
-        first.setdefault(str(p), i)
-    keep = sorted(first.values())
-    emb, mask, prompts = emb[keep], mask[keep], [str(prompts[i]) for i in keep]
-    meta = {"prompts": json.dumps(prompts), "info": json.dumps(metadata or {})}
+    if any(len(v) != len(prompts) for v in arrays.values()):
+        raise UserError(f"{len(prompts)} prompts but arrays of {', '.join(str(len(v)) for v in arrays.values())} rows")
+    arrays = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+    meta = {"prompts": json.dumps([str(p) for p in prompts], ensure_ascii=False), "info": json.dumps(metadata or {})}
     if path.name.endswith(".safetensors"):
         from safetensors.numpy import save
 
-        data = save({"text_emb": emb, "text_mask": mask}, metadata=meta)
+        data = save(arrays, metadata=meta)
     elif path.name.endswith(".npz"):
         buf = io.BytesIO()
-        as_bytes = lambda s: np.frombuffer(s.encode("utf-8"), np.uint8)  # noqa: E731  (no pickled objects)
-        np.savez(buf, text_emb=emb, text_mask=mask, prompts=as_bytes(meta["prompts"]), info=as_bytes(meta["info"]))
+        as_bytes = lambda s: np.frombuffer(s.encode("utf-8"), np.uint8)  # noqa: E731
+        np.savez(buf, **arrays, prompts=as_bytes(meta["prompts"]), info=as_bytes(meta["info"]))
         data = buf.getvalue()
     else:
-        raise UserError(f"text embedding file {path} must end in .safetensors or .npz")
+        raise UserError(f"{what} {path} must end in .safetensors or .npz")
     paths.atomic_write_bytes(path, data)
 
 
-def load_text_embeddings(path: paths.PathLike) -> TextEmbeddings:
-    """Reads a file written by `save_text_embeddings` (one UserError line if it is not one)."""
+def read_prompt_arrays(
+    path: paths.PathLike, keys: Sequence[str], what: str = "text embedding file", make_it: str = "skipdit encode-text"
+) -> tuple[list[str], dict[str, np.ndarray], dict]:
+    """(prompts, {key: array}, metadata) of a `write_prompt_arrays` file; anything else (a
+    missing key, rows that do not match the prompts) is one UserError line."""
     path = paths.as_path(path)
     if not path.exists():
-        raise UserError(f"text embedding file {path} does not exist (make it with skipdit encode-text)")
+        raise UserError(f"{what} {path} does not exist (make it with {make_it})")
     try:
         raw = path.read_bytes()
         if path.name.endswith(".safetensors"):
@@ -229,18 +234,35 @@ def load_text_embeddings(path: paths.PathLike) -> TextEmbeddings:
                 arrays = {k: z[k] for k in z.files}
             meta = {k: arrays.pop(k).tobytes().decode("utf-8") for k in ("prompts", "info")}
         prompts = json.loads(meta["prompts"])
-        emb, mask = arrays["text_emb"], arrays["text_mask"]
         info = json.loads(meta.get("info", "{}"))
-    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(
-            f"{path} is not a text embedding file: {str(e).splitlines()[0] if str(e) else type(e).__name__}"
-        ) from None
-    except Exception as e:  # safetensors' own error type
-        raise UserError(
-            f"{path} is not a text embedding file: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-        ) from None
+        arrays = {k: arrays[k] for k in keys}
+    except Exception as e:  # OSError, ValueError, KeyError, ... and safetensors' own error type
+        why = str(e).splitlines()[0] if str(e) else ""
+        raise UserError(f"{path} is not a {what}: {type(e).__name__}: {why}") from None
+    if not isinstance(prompts, list) or any(len(v) != len(prompts) for v in arrays.values()):
+        raise UserError(f"{path}: {len(prompts)} prompts but arrays of {', '.join(str(len(v)) for v in arrays.values())} rows")
+    return prompts, arrays, info
+
+
+def save_text_embeddings(path: paths.PathLike, prompts: Sequence[str], emb, mask, metadata: dict | None = None) -> None:
+    """Writes the cache file atomically; .safetensors or .npz by suffix. Repeated prompts
+    are stored once (the first occurrence)."""
+    emb, mask = np.asarray(emb, np.float32), np.asarray(mask, np.int32)
     if emb.ndim != 3 or mask.shape != emb.shape[:2] or len(prompts) != emb.shape[0]:
-        raise UserError(f"{path}: text_emb {emb.shape}, text_mask {mask.shape} and {len(prompts)} prompts do not match")
+        raise UserError(f"embeddings {emb.shape}, mask {mask.shape} and {len(prompts)} prompts do not match")
+    first = {}
+    for i, p in enumerate(prompts):
+        first.setdefault(str(p), i)
+    keep = sorted(first.values())
+    write_prompt_arrays(path, [str(prompts[i]) for i in keep], {"text_emb": emb[keep], "text_mask": mask[keep]}, metadata)
+
+
+def load_text_embeddings(path: paths.PathLike) -> TextEmbeddings:
+    """Reads a file written by `save_text_embeddings` (one UserError line if it is not one)."""
+    prompts, arrays, info = read_prompt_arrays(path, ("text_emb", "text_mask"))
+    emb, mask = arrays["text_emb"], arrays["text_mask"]
+    if emb.ndim != 3 or mask.shape != emb.shape[:2]:
+        raise UserError(f"{path}: text_emb {emb.shape} and text_mask {mask.shape} do not match")
     return TextEmbeddings(list(prompts), emb.astype(np.float32), mask.astype(np.int32), info)
 
 
