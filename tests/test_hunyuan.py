@@ -1,6 +1,7 @@
 """Hunyuan-DiT v1.2 (text-to-image): forward parity with diffusers' `HunyuanDiT2DModel`, the
 cached (shallow) pass against a PyTorch loop over diffusers' own modules written from the
-reference's cache semantics, the family contract, the converter both ways and its errors.
+reference's cache semantics, the family contract, the converter both ways and its errors;
+v1.0/v1.1 (style and image-size conditions): parity through every pass, converter, errors.
 Tiny model: 6 blocks of width 64 (2 heads), 8x8x4 latents (non-square RoPE grids checked alone),
 CLIP 5x32 and T5 7x48 captions, random non-zero weights. Passes are compiled once and shared."""
 
@@ -25,15 +26,16 @@ TINY = dict(
 B = 2
 
 
-@pytest.fixture(scope="module")
-def model():
+def _reference(v11=False):
+    """A tiny diffusers HunyuanDiT2DModel with random non-zero weights, its numpy state dict,
+    and our converted config and parameters."""
     from diffusers import HunyuanDiT2DModel
 
     torch.manual_seed(0)
     ref = HunyuanDiT2DModel(
         num_attention_heads=2, attention_head_dim=32, in_channels=4, patch_size=2, sample_size=8, hidden_size=64,
         num_layers=6, mlp_ratio=2.5, cross_attention_dim=32, cross_attention_dim_t5=48, pooled_projection_dim=40,
-        text_len=5, text_len_t5=7, use_style_cond_and_image_meta_size=False,
+        text_len=5, text_len_t5=7, use_style_cond_and_image_meta_size=v11,
     )
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # every weight non-zero; norm weights near 1
@@ -43,6 +45,11 @@ def model():
     state = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
     config, params = hunyuan_from_torch(state, input_size=8)
     return ref.eval(), state, config, params
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _reference()
 
 
 @pytest.fixture(scope="module")
@@ -205,7 +212,8 @@ def _official_layout(state):
     top = {"pos_embed.proj": "x_embedder.proj", "time_extra_emb.timestep_embedder.linear_1": "t_embedder.mlp.0",
            "time_extra_emb.timestep_embedder.linear_2": "t_embedder.mlp.2", "text_embedder.linear_1": "mlp_t5.0",
            "text_embedder.linear_2": "mlp_t5.2", "time_extra_emb.extra_embedder.linear_1": "extra_embedder.0",
-           "time_extra_emb.extra_embedder.linear_2": "extra_embedder.2", "proj_out": "final_layer.linear"}
+           "time_extra_emb.extra_embedder.linear_2": "extra_embedder.2", "proj_out": "final_layer.linear",
+           "time_extra_emb.style_embedder": "style_embedder"}
     block = {"norm1.linear": "default_modulation.1", "norm1.norm": "norm1", "norm2": "norm3", "norm3": "norm2",
              "ff.net.0.proj": "mlp.fc1", "ff.net.2": "mlp.fc2", "attn1.to_out.0": "attn1.out_proj",
              "attn2.to_out.0": "attn2.out_proj", "attn2.to_q": "attn2.q_proj"}
@@ -254,9 +262,8 @@ def test_presets_config_and_converter_errors(model):
         hunyuan_preset("DiT-S/2")
     with pytest.raises(ConfigError, match="depth must be even"):
         HunyuanConfig(**{**TINY, "depth": 5})
-    with pytest.raises(ConfigError, match="v1.0/v1.1"):
-        HunyuanConfig(**TINY, use_style_cond_and_image_meta_size=True)
-    with pytest.raises(CheckpointError, match="v1.0/v1.1"):
+    # A style table makes it v1.0/v1.1, whose extra embedder reads pooled + 6 * 256 + D features.
+    with pytest.raises(CheckpointError, match=r"wrong shapes: time_extra_emb.extra_embedder.linear_1.weight \(256, 40\)"):
         hunyuan_from_torch({**state, "time_extra_emb.style_embedder.weight": np.ones((1, 64), np.float32)})
     bad = {**state, "blocks.4.skip_linear.weight": state["blocks.4.skip_linear.weight"][:, :-1]}
     with pytest.raises(CheckpointError, match=r"wrong shapes: blocks.4.skip_linear.weight \(64, 127\)"):
@@ -279,3 +286,98 @@ def test_presets_config_and_converter_errors(model):
         jax.eval_shape(lambda: HunyuanDiT(config).apply({"params": params}, *inputs[:2], np.zeros((B, 4, 32)), *inputs[3:]))
     with pytest.raises(UserError, match="sides divisible by 2"):
         jax.eval_shape(lambda: HunyuanDiT(config).apply({"params": params}, np.zeros((B, 7, 8, 4)), *inputs[1:]))
+
+
+# ---- v1.0/v1.1: style and image-size conditions -------------------------------------------
+META = np.array([[64, 64, 64, 64, 0, 0], [48, 80, 64, 96, 8, 3]], np.float32)  # (h, w, target h, target w, top, left)
+
+
+@pytest.fixture(scope="module")
+def model_v11():
+    return _reference(v11=True)
+
+
+def test_v11_style_and_size_conditions_match_diffusers_through_every_pass(model_v11):
+    ref, state, config, params = model_v11
+    assert config == HunyuanConfig(**TINY, use_style_cond_and_image_meta_size=True)
+    assert params["style_embedder"]["embedding"].shape == (1, 64)
+    assert params["extra_embedder"]["linear_1"]["kernel"].shape == (40 + 6 * 256 + 64, 256)
+    family = family_of(config)
+    inputs = _inputs(6)
+    style = np.zeros(B, np.int32)
+    cond = {**_cond(inputs), "image_meta_size": META, "style": style, "null_image_meta_size": META, "null_style": style}
+    family.check_condition(cond, B)
+    assert sorted(family.batch_spec(B)) == sorted(["image", *cond]) and family.batch_spec(B)["style"].dtype == jnp.int32
+    family.check_condition(family.example_condition(3), 3)
+    np.testing.assert_array_equal(family.example_condition(1)["null_image_meta_size"], [[64, 64, 64, 64, 0, 0]])
+
+    @jax.jit
+    def passes(params, x, t, cond):  # the plain forward and the unit pieces' embedding temb
+        return family.apply(params, x, t, cond), family.embed(params, x, t, cond)[1][0]
+
+    tt = [torch.from_numpy(a) for a in inputs[1:]]
+    meta, style_t = torch.from_numpy(META), torch.from_numpy(style).long()
+    with torch.no_grad():
+        want = ref(torch.from_numpy(inputs[0].transpose(0, 3, 1, 2)), *tt, image_meta_size=meta, style=style_t,
+                   image_rotary_emb=_rope((4, 4)), return_dict=False)[0].numpy().transpose(0, 2, 3, 1)
+        want_temb = ref.time_extra_emb(tt[0], tt[3], meta, style_t, hidden_dtype=torch.float32).numpy()
+    got = passes(params, *inputs[:2], cond)
+    np.testing.assert_allclose(got[0], want, atol=2e-4, rtol=1e-4)
+    np.testing.assert_allclose(got[1], want_temb, atol=2e-5, rtol=1e-5)  # diffusers' time_extra_emb
+    resized = passes(params, *inputs[:2], {**cond, "image_meta_size": META[::-1].copy()})
+    for a, b in zip(resized, got, strict=True):
+        assert float(jnp.abs(a - b).max()) > 1e-3
+    # Skip-Cache's passes build the same embedding from the keywords they pass on (their block
+    # numerics are the v1.2 tests'): a mis-shaped size reaches the model's check from each.
+    bad = {**cond, "image_meta_size": META[:, :5]}
+    deep = np.zeros(family.deep_feature_shape(B), np.float32)
+    for run in (lambda: family.forward_full(params, *inputs[:2], bad, 1),
+                lambda: family.forward_shallow(params, *inputs[:2], bad, deep, 1)):
+        with pytest.raises(UserError, match=r"image_meta_size must have shape \(2, 6\)"):
+            jax.eval_shape(run)
+    np.testing.assert_array_equal(family.drop_condition(cond, jnp.array([True, False]))["style"], style)
+
+
+def test_v11_converter_round_trip_and_official_layout(model_v11):
+    _, state, config, params = model_v11
+    assert "time_extra_emb.style_embedder.weight" in state
+    back = hunyuan_to_torch(config, params)
+    assert set(back) == set(state)
+    for key in state:
+        np.testing.assert_array_equal(back[key], state[key], err_msg=key)
+    official = _official_layout(state)
+    assert official["style_embedder.weight"].shape == (1, 64)
+    got_config, got = hunyuan_from_torch(official, input_size=8)
+    assert got_config == config
+    jax.tree.map(np.testing.assert_array_equal, got, params)
+    with pytest.raises(CheckpointError, match=r"wrong shapes: time_extra_emb.style_embedder.weight \(2, 64\)"):
+        hunyuan_from_torch({**state, "time_extra_emb.style_embedder.weight": np.ones((2, 64), np.float32)})
+    no_style = {k: v for k, v in state.items() if "style_embedder" not in k}  # sizes without style: no model of ours
+    with pytest.raises(CheckpointError, match="wrong shapes: time_extra_emb.extra_embedder.linear_1.weight"):
+        hunyuan_from_torch(no_style)
+
+
+def test_v11_keyword_conditions_are_checked(model, model_v11):
+    config, params = model_v11[2:]
+    inputs = _inputs()
+    style = np.zeros(B, np.int32)
+    run = lambda cfg, p, **kw: jax.eval_shape(lambda: HunyuanDiT(cfg).apply({"params": p}, *inputs, **kw))  # noqa: E731
+    with pytest.raises(UserError, match=r"needs the keyword arguments image_meta_size \(2, 6\) float and style "
+                                        r"\(2,\) int; missing image_meta_size, style"):
+        run(config, params)
+    with pytest.raises(UserError, match="missing style"):
+        run(config, params, image_meta_size=META)
+    with pytest.raises(UserError, match=r"image_meta_size must have shape \(2, 6\)"):
+        run(config, params, image_meta_size=META[:, :4], style=style)
+    with pytest.raises(UserError, match=r"style must be \(2,\) integers"):
+        run(config, params, image_meta_size=META, style=np.zeros(B, np.float32))
+    v12_config, v12_params = model[2:]
+    with pytest.raises(UserError, match=r"use_style_cond_and_image_meta_size=False, v1.2\) takes no style"):
+        run(v12_config, v12_params, style=style)
+    family = family_of(config)
+    cond = {**_cond(inputs), "image_meta_size": META, "style": style}
+    with pytest.raises(UserError, match="lacks null_image_meta_size, null_style"):
+        family.check_condition(cond, B)
+    with pytest.raises(UserError, match=r"holds image_meta_size, style, which this Hunyuan-DiT"):
+        family_of(v12_config).check_condition(cond, B)
+    assert sorted(family_of(v12_config).batch_spec(1)) == sorted(["image", *_cond(inputs)])  # v1.2: the 8 keys

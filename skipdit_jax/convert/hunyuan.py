@@ -7,7 +7,11 @@ linear_{1,2}`, `time_extra_emb.pooler.{positional_embedding,q_proj,k_proj,v_proj
 `time_extra_emb.extra_embedder.linear_{1,2}`, `text_embedder.linear_{1,2}`,
 `text_embedding_padding`, `blocks.N.{norm1.linear, norm1.norm, attn1, norm2, attn2, norm3,
 ff.net.0.proj, ff.net.2}` (attention: to_q, to_k, to_v, norm_q, norm_k, to_out.0), blocks
-N > depth/2 also `skip_norm`, `skip_linear`; `norm_out.linear` (scale | shift), `proj_out`.
+N > depth/2 also `skip_norm`, `skip_linear`; `norm_out.linear` (scale | shift), `proj_out`;
+v1.0/v1.1 (`use_style_cond_and_image_meta_size`, inferred from the key
+`time_extra_emb.style_embedder.weight`) also the style table
+`time_extra_emb.style_embedder.weight` (1, D) -> `style_embedder/embedding`, and their
+extra embedder reads pooled + 6*256 + D features.
 Blocks are stacked into `encoder_blocks` (0..D/2-2), `middle_blocks` (D/2-1, D/2) and
 `decoder_blocks` (D/2+1..D-1).
 
@@ -19,8 +23,10 @@ The official HunyuanDiT / Skip-DiT layout (`hydit/modules/models.py`, e.g. the r
 (q | k | v) and `attn2.kv_proj` (k | v) split, `q_norm`/`k_norm`/`out_proj` renamed, the
 official `norm3` (before the cross-attention) is diffusers' `norm2` and its `norm2` (before
 the MLP) diffusers' `norm3`, `mlp.fc{1,2}` -> `ff.net.{0.proj,2}`; `final_layer.
-adaLN_modulation.1` (shift | scale) -> `norm_out.linear` (scale | shift). Version 1.0/1.1
-weights (style and image-size conditions) are refused.
+adaLN_modulation.1` (shift | scale) -> `norm_out.linear` (scale | shift), and v1.0/v1.1's
+`style_embedder.weight` -> `time_extra_emb.style_embedder.weight` (the official model may
+enable the size and style conditions separately; this one takes both or neither, and the
+extra embedder's shape check names a checkpoint with only one).
 """
 
 from __future__ import annotations
@@ -70,7 +76,8 @@ _BLOCK = [
     )
 ]
 _SKIP = [("skip_norm", ("skip_norm",), "norm"), ("skip_linear", ("skip_linear",), "dense")]
-_V11_KEY = "time_extra_emb.style_embedder.weight"
+_STYLE = [("time_extra_emb.style_embedder.weight", ("style_embedder", "embedding"), "raw")]
+_V11_KEY = _STYLE[0][0]
 
 
 def _leaves(kind: str):
@@ -88,7 +95,7 @@ def _entries(config: HunyuanConfig):
     """(torch key, our path, stack index or None, transform to ours, transform back)."""
     back = {"dense": lambda a: a.T, "conv": lambda a: a.transpose(3, 2, 0, 1)}
     d, n_enc = config.depth, config.num_encoder_blocks
-    groups = [((), None, _TOP)]
+    groups = [((), None, _TOP + (_STYLE if config.use_style_cond_and_image_meta_size else []))]
     for layer in range(d):
         if layer < n_enc:
             stack, i, table = "encoder_blocks", layer, _BLOCK
@@ -171,9 +178,8 @@ def official_to_diffusers(state: dict) -> dict:
 
 def infer_hunyuan_config(state: dict, input_size: int = 128, **overrides) -> HunyuanConfig:
     """Architecture from a diffusers-layout state dict's key names and shapes; the latent
-    side (not stored in the weights) from `input_size` (128: 1024 px)."""
-    if _V11_KEY in state:
-        raise CheckpointError("Hunyuan-DiT v1.0/v1.1 weights (style and image-size conditions) are not supported; use v1.2")
+    side (not stored in the weights) from `input_size` (128: 1024 px). A style table
+    (`time_extra_emb.style_embedder.weight`) means v1.0/v1.1: use_style_cond_and_image_meta_size."""
     from skipdit_jax.models.families import family_for_state_dict
 
     family_for_state_dict(state, "hunyuan")  # another family's checkpoint: say which
@@ -205,6 +211,7 @@ def infer_hunyuan_config(state: dict, input_size: int = 128, **overrides) -> Hun
         cross_attention_dim_t5=state["text_embedder.linear_1.weight"].shape[1],
         pooled_projection_dim=state["time_extra_emb.pooler.c_proj.weight"].shape[0],
         learn_sigma=out_ch == 2 * in_ch,
+        use_style_cond_and_image_meta_size=_V11_KEY in state,
     )
     return HunyuanConfig(**{**sizes, **overrides})
 

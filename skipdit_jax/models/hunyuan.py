@@ -1,12 +1,14 @@
-"""Hunyuan-DiT (v1.2), the text-to-image transformer whose native long skips Skip-DiT
-caches, channels-last.
+"""Hunyuan-DiT (v1.2, and v1.0/v1.1 with their style and image-size conditions), the
+text-to-image transformer whose native long skips Skip-DiT caches, channels-last.
 
 Conditioning: the timestep embedding plus a projection of the attention-pooled T5
-caption gives one vector `temb` (B, D) per sample; each block only *shifts* its first
-normed input by a Linear of it. Every block runs self-attention (2-D RoPE on q and k,
-LayerNorm on q and k per head), cross-attention to the concatenated [CLIP; projected T5]
-caption (RoPE on q only; masked caption tokens are replaced by a learned padding table,
-there is no attention mask) and a tanh-GELU MLP, with float32 affine LayerNorms.
+caption (v1.0/v1.1: concatenated with the sinusoidal features of the six image-size
+numbers and a learned style embedding) gives one vector `temb` (B, D) per sample; each
+block only *shifts* its first normed input by a Linear of it. Every block runs
+self-attention (2-D RoPE on q and k, LayerNorm on q and k per head), cross-attention to
+the concatenated [CLIP; projected T5] caption (RoPE on q only; masked caption tokens are
+replaced by a learned padding table, there is no attention mask) and a tanh-GELU MLP,
+with float32 affine LayerNorms.
 
 Native long skips over an even depth D: blocks 0..D/2-2 ("encoder") keep their outputs,
 blocks D/2-1 and D/2 ("middle") neither keep nor fuse, and block l > D/2 ("decoder")
@@ -42,6 +44,9 @@ NORM_EPS = 1e-6
 POOLER_HEADS = 8  # fixed in the reference's attention pooler
 ROPE_BASE_PIXELS = 512  # the pipelines place the RoPE grid in a 512 px (64 latent) frame
 LATENT_DOWNSCALE = 8
+NUM_STYLES = 1  # the style table of v1.0/v1.1 (official `nn.Embedding(1, hidden_size)`, diffusers alike)
+META_SIZE_NUMBERS = 6  # image_meta_size: (height, width, target height, target width, crop top, crop left)
+META_SIZE_FEATURES = 256  # sinusoidal features per number
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +65,13 @@ class HunyuanConfig(ArchitectureConfig):
         table and the pooler's position table have these lengths, so inputs must too.
       cross_attention_dim, cross_attention_dim_t5: CLIP and T5 widths (1024, 2048).
       pooled_projection_dim: width of the pooled T5 caption (1024).
-      use_style_cond_and_image_meta_size: True only for v1.0/v1.1, which this model does
-        not implement (v1.2 dropped the style and image-size conditions).
+      use_style_cond_and_image_meta_size: True for v1.0/v1.1 (False for v1.2, which
+        dropped these conditions): the model then also takes the keyword arguments
+        `image_meta_size` (B, 6) float, the pixel (height, width, target height, target
+        width, crop top, crop left), and `style` (B,) int in 0..NUM_STYLES-1 (the released
+        table has one entry, so 0), and its extra embedder reads [pooled T5 (pooled_
+        projection_dim); 256 sinusoidal features of each of the six sizes; style embedding
+        (hidden_size)] as diffusers' `HunyuanCombinedTimestepTextSizeStyleEmbedding`.
       dtype, remat_policy, scan_unroll: as `ModelConfig`.
     """
 
@@ -127,15 +137,15 @@ class HunyuanConfig(ArchitectureConfig):
 
     def validate_layout(self) -> None:
         if self.input_width < 0 or self.input_width % self.patch_size:
-            self._invalid(f"input_width {self.input_width} must be 0 (square) or a positive multiple of patch_size {self.patch_size}")
+            self._invalid(
+                f"input_width {self.input_width} must be 0 (square) or a positive multiple of patch_size {self.patch_size}"
+            )
         if self.depth < 4 or self.depth % 2:
             self._invalid(f"depth must be even and >= 4 (block l > depth/2 fuses block depth-1-l), got {self.depth}")
         if self.head_dim % 4:
             self._invalid(f"the head width hidden_size/num_heads = {self.head_dim} must be divisible by 4 (2-D RoPE)")
         if self.cross_attention_dim_t5 % POOLER_HEADS:
             self._invalid(f"cross_attention_dim_t5 {self.cross_attention_dim_t5} must be divisible by {POOLER_HEADS}")
-        if self.use_style_cond_and_image_meta_size:
-            self._invalid("use_style_cond_and_image_meta_size (Hunyuan-DiT v1.0/v1.1) is not supported; v1.2 has it False")
 
 
 _PRESETS = {
@@ -350,6 +360,10 @@ class HunyuanDiT(nn.Module):
     (0..999 scale); clip_emb (B, text_len, cross_attention_dim) and t5_emb (B, text_len_t5,
     cross_attention_dim_t5) the two encoders' outputs; clip_mask / t5_mask (B, len) 1 for
     real tokens, 0 for padding (replaced by the learned padding table).
+
+    With `config.use_style_cond_and_image_meta_size` (v1.0/v1.1) every pass also takes
+    the keyword arguments `image_meta_size` (B, 6) float and `style` (B,) int (see
+    `HunyuanConfig`); without it they must be left out.
     """
 
     config: HunyuanConfig
@@ -361,6 +375,8 @@ class HunyuanDiT(nn.Module):
         self.timestep_embedder = _Projection(d, d, dt, name="timestep_embedder")
         self.pooler = _Pooler(cfg.text_len_t5, cfg.pooled_projection_dim, dt, name="pooler")
         self.extra_embedder = _Projection(4 * d, d, dt, name="extra_embedder")
+        if cfg.use_style_cond_and_image_meta_size:
+            self.style_embedder = nn.Embed(NUM_STYLES, d, dtype=dt, embedding_init=nn.initializers.normal(1.0))
         self.text_embedder = _Projection(4 * cfg.cross_attention_dim_t5, cfg.cross_attention_dim, dt, name="text_embedder")
         self.text_embedding_padding = self.param(
             "text_embedding_padding", nn.initializers.normal(1.0), (cfg.text_len + cfg.text_len_t5, cfg.cross_attention_dim)
@@ -382,7 +398,7 @@ class HunyuanDiT(nn.Module):
         self.proj_out = nn.Dense(p * p * cfg.out_channels, dtype=dt, name="proj_out")
 
     # ---- pieces ------------------------------------------------------------------------
-    def check_inputs(self, x, clip_emb, clip_mask, t5_emb, t5_mask):
+    def check_inputs(self, x, clip_emb, clip_mask, t5_emb, t5_mask, image_meta_size=None, style=None):
         cfg = self.config
         if x.ndim != 4 or x.shape[-1] != cfg.in_channels or x.shape[1] % cfg.patch_size or x.shape[2] % cfg.patch_size:
             raise UserError(
@@ -398,16 +414,49 @@ class HunyuanDiT(nn.Module):
                 raise UserError(f"{name}_emb must have shape ({b}, {n}, {c}), got {tuple(emb.shape)}")
             if tuple(mask.shape) != (b, n):
                 raise UserError(f"{name}_mask must have shape ({b}, {n}) (one 0/1 flag per token), got {tuple(mask.shape)}")
+        self.check_extra_conditions(b, image_meta_size, style)
 
-    def embed(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask):
+    def check_extra_conditions(self, b: int, image_meta_size, style):
+        """v1.0/v1.1's keyword conditions: both required with the flag, both absent without."""
+        given = [n for n, v in (("image_meta_size", image_meta_size), ("style", style)) if v is not None]
+        if not self.config.use_style_cond_and_image_meta_size:
+            if given:
+                raise UserError(
+                    f"this Hunyuan-DiT (use_style_cond_and_image_meta_size=False, v1.2) takes no {' or '.join(given)}; "
+                    "leave it out"
+                )
+            return
+        missing = [n for n in ("image_meta_size", "style") if n not in given]
+        if missing:
+            raise UserError(
+                f"this Hunyuan-DiT (use_style_cond_and_image_meta_size=True, v1.0/v1.1) needs the keyword arguments "
+                f"image_meta_size ({b}, {META_SIZE_NUMBERS}) float and style ({b},) int; missing {', '.join(missing)}"
+            )
+        if tuple(np.shape(image_meta_size)) != (b, META_SIZE_NUMBERS):
+            raise UserError(
+                f"image_meta_size must have shape ({b}, {META_SIZE_NUMBERS}) (height, width, target height, target width, "
+                f"crop top, crop left per sample), got {tuple(np.shape(image_meta_size))}"
+            )
+        if tuple(np.shape(style)) != (b,) or not jnp.issubdtype(jnp.result_type(style), jnp.integer):
+            raise UserError(
+                f"style must be ({b},) integers in 0..{NUM_STYLES - 1}, got shape {tuple(np.shape(style))} "
+                f"dtype {jnp.result_type(style)}"
+            )
+
+    def embed(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask, image_meta_size=None, style=None):
         """(tokens (B, T, D), cond): cond = (temb (B, D), context (B, Lc+Lt, Dc), cos, sin)."""
         cfg = self.config
-        self.check_inputs(x, clip_emb, clip_mask, t5_emb, t5_mask)
+        self.check_inputs(x, clip_emb, clip_mask, t5_emb, t5_mask, image_meta_size, style)
         dt = cfg.compute_dtype
         b, gh, gw = x.shape[0], x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size
         h = self.patch_embed(x.astype(dt)).reshape(b, gh * gw, cfg.hidden_size)
         t5 = t5_emb.astype(dt)
-        temb = self.timestep_embedder(timestep_features(t).astype(dt)) + self.extra_embedder(self.pooler(t5))
+        extra = self.pooler(t5)
+        if cfg.use_style_cond_and_image_meta_size:  # [pooled; sizes' features; style], diffusers' order
+            sizes = timestep_features(jnp.reshape(image_meta_size, (-1,)), META_SIZE_FEATURES).astype(dt)
+            sizes = sizes.reshape(b, META_SIZE_NUMBERS * META_SIZE_FEATURES)
+            extra = jnp.concatenate([extra, sizes, self.style_embedder(style).astype(dt)], axis=1)
+        temb = self.timestep_embedder(timestep_features(t).astype(dt)) + self.extra_embedder(extra)
         context = jnp.concatenate([clip_emb.astype(dt), self.text_embedder(t5)], axis=1)
         keep = jnp.concatenate([clip_mask, t5_mask], axis=1).astype(bool)[..., None]
         context = jnp.where(keep, context, self.text_embedding_padding.astype(dt))
@@ -452,16 +501,18 @@ class HunyuanDiT(nn.Module):
         return scan_blocks(step, h, self.decoder_blocks, lo, hi, extra_xs=skips[::-1], unroll=self.config.scan_unroll)[0]
 
     # ---- passes ------------------------------------------------------------------------
-    def __call__(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask):
-        out, _ = self.forward_full(x, t, clip_emb, clip_mask, t5_emb, t5_mask, 0)
+    def __call__(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask, *, image_meta_size=None, style=None):
+        out, _ = self.forward_full(x, t, clip_emb, clip_mask, t5_emb, t5_mask, 0, image_meta_size=image_meta_size, style=style)
         return out
 
-    def forward_full(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask, shallow_units: int):
+    def forward_full(
+        self, x, t, clip_emb, clip_mask, t5_emb, t5_mask, shallow_units: int, *, image_meta_size=None, style=None
+    ):
         """Full pass; also returns the deep feature (B, T, D): the input of block D-k
         (before its fusion), k = shallow_units in 0..D/2 (k = 0: the final hidden state)."""
         cfg, k = self.config, shallow_units
         n_enc = cfg.num_encoder_blocks
-        h, cond = self.embed(x, t, clip_emb, clip_mask, t5_emb, t5_mask)
+        h, cond = self.embed(x, t, clip_emb, clip_mask, t5_emb, t5_mask, image_meta_size, style)
         grid = (x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size)
         h, skips = self.run_encoder(h, cond, 0, n_enc)
         if k > n_enc:  # the deep feature enters middle block D/2, the second one
@@ -476,7 +527,9 @@ class HunyuanDiT(nn.Module):
         h = self.run_decoder(h, cond, cut, n_enc, skips[: min(k, n_enc)])
         return self.head(h, cond, grid), deep
 
-    def forward_shallow(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask, deep_feature, shallow_units: int):
+    def forward_shallow(
+        self, x, t, clip_emb, clip_mask, t5_emb, t5_mask, deep_feature, shallow_units: int, *, image_meta_size=None, style=None
+    ):
         """The cached pass: blocks 0..k-1 for their skips, then blocks D-k..D-1 from
         `deep_feature` (of `forward_full` with the same k), each fusing a fresh skip. At
         k = D/2 block D/2-1 is not run: its output would be replaced by the cache."""
@@ -484,7 +537,7 @@ class HunyuanDiT(nn.Module):
         n_enc = cfg.num_encoder_blocks
         if not 1 <= k <= cfg.depth // 2:
             raise UserError(f"shallow_units must be in 1..{cfg.depth // 2} for a depth-{cfg.depth} Hunyuan-DiT, got {k}")
-        h, cond = self.embed(x, t, clip_emb, clip_mask, t5_emb, t5_mask)
+        h, cond = self.embed(x, t, clip_emb, clip_mask, t5_emb, t5_mask, image_meta_size, style)
         grid = (x.shape[1] // cfg.patch_size, x.shape[2] // cfg.patch_size)
         _, skips = self.run_encoder(h, cond, 0, min(k, n_enc))
         h = deep_feature.astype(h.dtype)
@@ -497,9 +550,9 @@ class HunyuanDiT(nn.Module):
     # The baselines run any contiguous range of blocks, so the state between blocks must
     # carry the long-skip features: a "unit state" (E + 1, B, T, D), E = D/2 - 1, holds the
     # hidden state in row 0 and the output of encoder block i in row 1 + i (zeros until run).
-    def unit_embed(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask):
+    def unit_embed(self, x, t, clip_emb, clip_mask, t5_emb, t5_mask, *, image_meta_size=None, style=None):
         """(unit state entering block 0, cond) as `embed`."""
-        h, cond = self.embed(x, t, clip_emb, clip_mask, t5_emb, t5_mask)
+        h, cond = self.embed(x, t, clip_emb, clip_mask, t5_emb, t5_mask, image_meta_size, style)
         state = jnp.zeros((self.config.num_encoder_blocks + 1, *h.shape), h.dtype)
         return state.at[0].set(h), cond
 
@@ -529,12 +582,15 @@ def _jitted_init(config: HunyuanConfig):
     t5 = np.zeros((1, config.text_len_t5, config.cross_attention_dim_t5), np.float32)
     masks = (np.ones((1, config.text_len), np.int32), np.ones((1, config.text_len_t5), np.int32))
     t = np.zeros((1,), np.int32)
-    return jax.jit(lambda rng: HunyuanDiT(config).init(rng, x, t, clip, masks[0], t5, masks[1])["params"])
+    extra = {}
+    if config.use_style_cond_and_image_meta_size:
+        extra = dict(image_meta_size=np.zeros((1, META_SIZE_NUMBERS), np.float32), style=np.zeros((1,), np.int32))
+    return jax.jit(lambda rng: HunyuanDiT(config).init(rng, x, t, clip, masks[0], t5, masks[1], **extra)["params"])
 
 
 def init_hunyuan_params(config: HunyuanConfig, rng: jax.Array | int = 0):
-    """Fresh parameters (flax default inits; randn padding table and pooler positions as
-    the reference). For fine-tuning start from converted released weights instead."""
+    """Fresh parameters (flax default inits; randn padding table, pooler positions and
+    style table as the reference). For fine-tuning start from converted released weights instead."""
     if isinstance(rng, int):
         rng = jax.random.key(rng)
     return _jitted_init(config)(rng)

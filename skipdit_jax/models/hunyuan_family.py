@@ -8,8 +8,16 @@ text encoders' outputs and each sample's unconditional (empty or negative prompt
      "t5_emb": (B, text_len_t5, cross_attention_dim_t5) float32, "t5_mask": (B, text_len_t5) int32,
      "null_clip_emb", "null_clip_mask", "null_t5_emb", "null_t5_mask": the same shapes}
 
-`null_condition` swaps the null caption in, so generic classifier-free guidance and
-condition dropout need no text encoder.
+With `use_style_cond_and_image_meta_size` (v1.0/v1.1) the dict also holds
+
+    {"image_meta_size": (B, 6) float32, "style": (B,) int32,
+     "null_image_meta_size", "null_style": the same shapes (and normally the same values:
+     the official sampler gives the unconditional branch the same sizes and style)}
+
+and only then: v1.2's dict is exactly the eight keys above.
+
+`null_condition` swaps the null caption (and null extras) in, so generic classifier-free
+guidance and condition dropout need no text encoder.
 
 Caches. Units are blocks (`depth_units` = depth). Skip-Cache uses the native long skips
 (`forward_full` / `forward_shallow`: a cached step runs blocks 0..k-1 and D-k..D-1). The
@@ -45,15 +53,25 @@ import numpy as np
 
 from skipdit_jax.errors import UserError
 from skipdit_jax.models.family import ModelFamily
-from skipdit_jax.models.hunyuan import HunyuanBlock, HunyuanConfig, HunyuanDiT, init_hunyuan_params
+from skipdit_jax.models.hunyuan import (
+    LATENT_DOWNSCALE,
+    META_SIZE_NUMBERS,
+    HunyuanBlock,
+    HunyuanConfig,
+    HunyuanDiT,
+    init_hunyuan_params,
+)
 
 TEXT_KEYS = ("clip_emb", "clip_mask", "t5_emb", "t5_mask")
 CONDITION_KEYS = TEXT_KEYS + tuple(f"null_{k}" for k in TEXT_KEYS)
+EXTRA_KEYS = ("image_meta_size", "style")  # v1.0/v1.1 only (use_style_cond_and_image_meta_size)
+_INT_KEYS = ("clip_mask", "t5_mask", "style")
 
 
 @dataclasses.dataclass(frozen=True)
 class HunyuanFamily(ModelFamily):
-    """Hunyuan-DiT v1.2: samples (H, W, C); the two-encoder text condition dict above."""
+    """Hunyuan-DiT: samples (H, W, C); the two-encoder text condition dict above (plus
+    the size and style conditions for v1.0/v1.1)."""
 
     config: HunyuanConfig
 
@@ -78,6 +96,19 @@ class HunyuanFamily(ModelFamily):
     def is_conditional(self) -> bool:
         return True
 
+    @property
+    def _keys(self) -> tuple[str, ...]:
+        """The condition's keys without their null_ counterparts."""
+        return TEXT_KEYS + (EXTRA_KEYS if self.config.use_style_cond_and_image_meta_size else ())
+
+    @property
+    def condition_keys(self) -> tuple[str, ...]:
+        return self._keys + tuple(f"null_{k}" for k in self._keys)
+
+    @staticmethod
+    def _dtype(key: str):
+        return jnp.int32 if key.endswith(_INT_KEYS) else jnp.float32
+
     def _shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
         c = self.config
         one = {
@@ -86,54 +117,75 @@ class HunyuanFamily(ModelFamily):
             "t5_emb": (batch, c.text_len_t5, c.cross_attention_dim_t5),
             "t5_mask": (batch, c.text_len_t5),
         }
+        if c.use_style_cond_and_image_meta_size:
+            one.update(image_meta_size=(batch, META_SIZE_NUMBERS), style=(batch,))
         return {**one, **{f"null_{k}": v for k, v in one.items()}}
 
     def check_condition(self, condition, batch: int) -> None:
+        keys = self.condition_keys
         if not isinstance(condition, dict):
             raise UserError(
-                f"a Hunyuan-DiT takes a condition dict with keys {', '.join(CONDITION_KEYS)} (encode the prompts with "
+                f"a Hunyuan-DiT takes a condition dict with keys {', '.join(keys)} (encode the prompts with "
                 f"CLIP and T5 first), got {type(condition).__name__}"
             )
-        missing = [k for k in CONDITION_KEYS if k not in condition]
+        missing = [k for k in keys if k not in condition]
         if missing:
-            raise UserError(f"the text condition lacks {', '.join(missing)}; it needs {', '.join(CONDITION_KEYS)}")
+            raise UserError(f"the text condition lacks {', '.join(missing)}; it needs {', '.join(keys)}")
+        if not self.config.use_style_cond_and_image_meta_size:
+            extra = [k for k in condition if k.removeprefix("null_") in EXTRA_KEYS]
+            if extra:
+                raise UserError(
+                    f"the text condition holds {', '.join(extra)}, which this Hunyuan-DiT "
+                    "(use_style_cond_and_image_meta_size=False, v1.2) does not take"
+                )
         for key, want in self._shapes(batch).items():
             got = tuple(np.shape(condition[key]))
             if got != want:
                 raise UserError(f"{key} must have shape {want} (batch, tokens[, width]) for this model, got {got}")
 
     def null_condition(self, condition):
-        null = {k: condition[f"null_{k}"] for k in TEXT_KEYS}
+        null = {k: condition[f"null_{k}"] for k in self._keys}
         return {**null, **{f"null_{k}": v for k, v in null.items()}}
 
     def condition_from_batch(self, batch: dict):
-        return {k: jnp.asarray(batch[k], jnp.int32 if k.endswith("_mask") else jnp.float32) for k in CONDITION_KEYS}
+        return {k: jnp.asarray(batch[k], self._dtype(k)) for k in self.condition_keys}
 
     def batch_spec(self, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
-        """ "image": (B, H, W, C) clean latents, and the eight condition arrays."""
+        """ "image": (B, H, W, C) clean latents, and the eight (v1.0/v1.1: twelve) condition arrays."""
         spec = {"image": jax.ShapeDtypeStruct((batch_size, *self.sample_shape), jnp.float32)}
         for key, shape in self._shapes(batch_size).items():
-            spec[key] = jax.ShapeDtypeStruct(shape, jnp.int32 if key.endswith("_mask") else jnp.float32)
+            spec[key] = jax.ShapeDtypeStruct(shape, self._dtype(key))
         return spec
 
     def example_condition(self, num: int):
         """A prompt-free condition for `num` previews (numpy): zero embeddings with only the
         first token of each caption unmasked, as both text and null caption (it shows the
-        unconditional model). Encode real prompts for text-conditioned previews."""
+        unconditional model); v1.0/v1.1 also get the sample's pixel size as image, target
+        and uncropped size (crop 0, 0) and style 0. Encode real prompts for text-conditioned
+        previews."""
         out = {}
+        h, w = (n * LATENT_DOWNSCALE for n in self.config.latent_hw)
         for key, shape in self._shapes(num).items():
-            arr = np.zeros(shape, np.int32 if key.endswith("_mask") else np.float32)
+            arr = np.zeros(shape, self._dtype(key))
             if key.endswith("_mask"):
                 arr[:, 0] = 1
+            if key.endswith("image_meta_size"):
+                arr[:] = (h, w, h, w, 0, 0)
             out[key] = arr
         return out
 
     def _text(self, condition):
         return tuple(condition[k] for k in TEXT_KEYS)
 
+    def _extra(self, condition) -> dict:
+        """The keyword conditions of v1.0/v1.1 ({} for v1.2)."""
+        if not self.config.use_style_cond_and_image_meta_size:
+            return {}
+        return {k: condition[k] for k in EXTRA_KEYS}
+
     # ---- passes -------------------------------------------------------------------------
     def apply(self, params, x, t, condition):
-        return self.module.apply({"params": params}, x, t, *self._text(condition))
+        return self.module.apply({"params": params}, x, t, *self._text(condition), **self._extra(condition))
 
     @property
     def has_long_skips(self) -> bool:
@@ -149,12 +201,14 @@ class HunyuanFamily(ModelFamily):
 
     def forward_full(self, params, x, t, condition, shallow_units: int):
         return self.module.apply(
-            {"params": params}, x, t, *self._text(condition), shallow_units, method=HunyuanDiT.forward_full
+            {"params": params}, x, t, *self._text(condition), shallow_units, method=HunyuanDiT.forward_full,
+            **self._extra(condition),
         )
 
     def forward_shallow(self, params, x, t, condition, deep_feature, shallow_units: int):
         return self.module.apply(
-            {"params": params}, x, t, *self._text(condition), deep_feature, shallow_units, method=HunyuanDiT.forward_shallow
+            {"params": params}, x, t, *self._text(condition), deep_feature, shallow_units, method=HunyuanDiT.forward_shallow,
+            **self._extra(condition),
         )
 
     def deep_feature_shape(self, batch: int) -> tuple[int, ...]:
@@ -164,7 +218,9 @@ class HunyuanFamily(ModelFamily):
     # ---- pieces for the other cache strategies (units = blocks; see the module docstring) --
     # h is the unit state (E + 1, B, T, D); c = (temb (B, D), caption (B, L, Dc), cos, sin).
     def embed(self, params, x, t, condition):
-        return self.module.apply({"params": params}, x, t, *self._text(condition), method=HunyuanDiT.unit_embed)
+        return self.module.apply(
+            {"params": params}, x, t, *self._text(condition), method=HunyuanDiT.unit_embed, **self._extra(condition)
+        )
 
     def _grid(self, tokens: int) -> tuple[int, int]:
         c = self.config
