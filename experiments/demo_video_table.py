@@ -17,7 +17,14 @@ def render(report: dict, source: str) -> str:
     m = s["model"]
     lines = [
         f"Settings (from `{source}`): {s['frames']} frames of {s['image_size']}x{s['image_size']} px, "
-        f"{s['digit_size']} px moving digits; Latte, {s['pairs']} (spatial, temporal) pairs, width {m['hidden_size']}, "
+        f"{s['digit_size']} px moving digits"
+        + (
+            f" (start and speed on a {s['motion_grid']} px grid), batches of {s['batch_size']} clips + "
+            f"{s['joint_images']} joint images per clip"
+            if "motion_grid" in s
+            else ""
+        )
+        + f"; Latte, {s['pairs']} (spatial, temporal) pairs, width {m['hidden_size']}, "
         f"{m['num_heads']} heads, patch {m['patch_size']}, long skips {m['long_skip']}; {s['samples_per_class']} clips per "
         f"class with guided {s['sampler']} (scale {s['cfg_scale']}), Skip-Cache k = {s['shallow_pairs']} pair(s); "
         f"device {s['device']}.",

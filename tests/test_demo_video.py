@@ -63,9 +63,29 @@ def test_moving_digits_clips():
         np.testing.assert_allclose(np.diff(com, axis=0), np.diff(traj, axis=0), atol=1e-9)
     assert moved >= 4 and len(set(speeds)) > 1
     assert motion(np.stack([src.trajectory(i) for i in range(20)]))["displacement_px"] >= 1.0
-    for bad in (dict(split="test"), dict(num_frames=0), dict(image_size=16, digit_size=20), dict(image_size=6)):
+    for bad in (dict(split="test"), dict(num_frames=0), dict(image_size=16, digit_size=20), dict(image_size=6),
+                dict(image_size=16, digit_size=12, motion_grid=5), dict(motion_grid=0)):
         with pytest.raises(ConfigError):
             moving_digits_source(**bad)
+
+
+def test_patch_aligned_motion():
+    """motion_grid g: every start and velocity is a multiple of g (so every position is), the
+    speed stays within MAX_SPEED grid steps and the span, and the clips still bounce."""
+    src = moving_digits_source(split="train", num_frames=6, image_size=16, digit_size=12, motion_grid=4, seed=3)
+    seen = set()
+    for i in range(40):
+        start, velocity = src.motion(i)
+        traj = src.trajectory(i)
+        assert np.all(start % 4 == 0) and np.all(velocity % 4 == 0) and np.all(np.abs(velocity) == 4)  # span 4: one step
+        assert np.all(traj % 4 == 0) and traj.min() >= 0 and traj.max() <= src.span
+        for axis in (0, 1):
+            assert traj[:, axis].tolist() == _bounce(int(start[axis]), int(velocity[axis]), src.span, 6)
+        seen.update(map(tuple, traj.tolist()))
+    assert seen == {(0, 0), (0, 4), (4, 0), (4, 4)}
+    wide = moving_digits_source(split="train", num_frames=6, image_size=32, digit_size=12, motion_grid=4, seed=3)
+    speeds = {int(abs(v)) for i in range(40) for v in wide.motion(i)[1]}
+    assert speeds == {4, 8}  # MAX_SPEED grid steps
 
 
 TINY = {
@@ -73,8 +93,11 @@ TINY = {
     "model.hidden_size": 32,
     "model.num_heads": 2,
     "model.scan_unroll": 1,
-    "data.image_size": 12,  # 8 px digits, 4 px of motion
+    "data.image_size": 12,  # 8 px digits moving on the 4 px patch grid (positions 0 and 4)
+    "data.digit_size": 8,
+    "data.motion_grid": 4,
     "data.num_frames": 4,
+    "data.images_per_video": 2,
     "train.steps": 4,
     "train.global_batch_size": 8,
     "train.log_every": 2,
@@ -95,10 +118,11 @@ def test_video_demo_end_to_end(tmp_path):
     s = report["settings"]
     got = (s["frames"], s["image_size"], s["digit_size"], s["pairs"], s["sampler"], s["samples_per_class"])
     assert got == (4, 12, 8, 4, "ddim4", 1)
+    assert (s["motion_grid"], s["joint_images"], s["batch_size"]) == (4, 2, 8)
     # The real clips' motion: centre of mass and trajectory agree (the digit never leaves the canvas).
     data = report["data"]
     assert data["clips"] == 1000 and data["displacement_px"] == pytest.approx(data["trajectory"]["displacement_px"], abs=1e-3)
-    assert data["displacement_px"] >= 1.0
+    assert data["displacement_px"] >= 4.0  # every step moves a whole patch along each axis
     tenths = {round(i / 10, 4) for i in range(11)}  # one clip per class
     fortieths = {round(i / 40, 4) for i in range(41)}  # 10 clips of 4 frames
     rows = [report["full"]] + report["cache"]
@@ -125,6 +149,7 @@ def test_video_demo_end_to_end(tmp_path):
     table = _table().render(report, "report.json")
     assert f"| full sampling: class accuracy per frame | **{report['full']['class_accuracy']:.2f}**" in table
     assert table.count("| Skip-Cache N=") == len(CACHE_INTERVALS) and f"{report['train']['steps']:,} steps" in table
+    assert "on a 4 px grid), batches of 8 clips + 2 joint images per clip" in table
 
 
 def test_video_demo_bad_input_is_one_line(tmp_path, capsys):

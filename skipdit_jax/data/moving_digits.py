@@ -12,7 +12,10 @@ per axis (y, x): a straight line that bounces off the canvas edges, whole pixels
 frame. The start p0 (uniform in 0..R) and the velocity v (speed 1..MAX_SPEED px/frame,
 random sign, per axis) come from `np.random.default_rng((seed, split, i))`: the same
 (seed, split, index) always gives the same clip, and the clip does not depend on which
-other clips are read. Because the digit is pasted at whole-pixel offsets and never
+other clips are read. With `motion_grid` g > 1 the start and the speed are whole
+multiples of g (speed g..min(MAX_SPEED, R // g) * g): with g = the model's patch size every
+frame cuts the digit into patches the same way, so a model sees one translated token pattern
+rather than g^2 differently cut ones (the video demo). Because the digit is pasted at whole-pixel offsets and never
 leaves the canvas, the centre of mass of the frames moves exactly as the trajectory does.
 
 Records: {"image": float32 (num_frames, image_size, image_size, 1) in [-1, 1],
@@ -87,7 +90,9 @@ class MovingDigitsSource:
     image_size, digit_size, seed, span (= image_size - digit_size, the largest offset),
     digits float32 (N, digit_size, digit_size) and labels int32 (N,)."""
 
-    def __init__(self, *, split: str, num_frames: int, image_size: int, seed: int, digit_size: int | None = None):
+    def __init__(
+        self, *, split: str, num_frames: int, image_size: int, seed: int, digit_size: int | None = None, motion_grid: int = 1
+    ):
         if split not in _SPLIT_IDS:
             raise ConfigError(f"moving digits split must be 'train', 'heldout' or 'all', got {split!r}")
         if int(num_frames) != num_frames or num_frames < 1:
@@ -98,6 +103,11 @@ class MovingDigitsSource:
         self.split, self.num_frames, self.seed = split, int(num_frames), int(seed)
         self.image_size, self.digit_size = int(image_size), int(digit_size)
         self.span = self.image_size - self.digit_size
+        if int(motion_grid) != motion_grid or not 1 <= motion_grid <= max(self.span, 1):
+            raise ConfigError(
+                f"moving digits motion_grid must be an integer in 1..{max(self.span, 1)} (image_size - digit_size), got {motion_grid}"
+            )
+        self.motion_grid = int(motion_grid)
         self.digits, self.labels = _digits(split, self.digit_size)
 
     def __len__(self) -> int:
@@ -112,8 +122,11 @@ class MovingDigitsSource:
     def motion(self, index) -> tuple[np.ndarray, np.ndarray]:
         """(start, velocity) of clip `index`: int (2,) each, (y, x) pixels and pixels per frame."""
         rng = np.random.default_rng((self.seed, _SPLIT_IDS[self.split], self._index(index)))
-        start = rng.integers(0, self.span + 1, size=2)
-        velocity = rng.integers(1, MAX_SPEED + 1, size=2) * rng.choice([-1, 1], size=2)
+        g = self.motion_grid
+        units = self.span // g
+        start = g * rng.integers(0, units + 1, size=2)
+        top_speed = MAX_SPEED if g == 1 else min(MAX_SPEED, units)
+        velocity = g * rng.integers(1, top_speed + 1, size=2) * rng.choice([-1, 1], size=2)
         return start, velocity
 
     def trajectory(self, index) -> np.ndarray:
@@ -142,13 +155,22 @@ class MovingDigitsSource:
     def __repr__(self) -> str:
         return (
             f"MovingDigitsSource({self.split}, {len(self)} clips of {self.num_frames} frames, "
-            f"{self.image_size}x{self.image_size}, digits {self.digit_size}px, seed {self.seed})"
+            f"{self.image_size}x{self.image_size}, digits {self.digit_size}px, motion grid {self.motion_grid}, seed {self.seed})"
         )
 
 
 def moving_digits_source(
-    *, split: str = "train", num_frames: int = 8, image_size: int = 32, seed: int = 0, digit_size: int | None = None
+    *,
+    split: str = "train",
+    num_frames: int = 8,
+    image_size: int = 32,
+    seed: int = 0,
+    digit_size: int | None = None,
+    motion_grid: int = 1,
 ) -> MovingDigitsSource:
     """The moving-digits clips of `split` ("train": 4,000, "heldout": 1,000, "all": 5,000
-    clips, one per digit of the split). `digit_size` defaults to `default_digit_size(image_size)`."""
-    return MovingDigitsSource(split=split, num_frames=num_frames, image_size=image_size, seed=seed, digit_size=digit_size)
+    clips, one per digit of the split). `digit_size` defaults to `default_digit_size(image_size)`;
+    `motion_grid` (module docstring) is 1 by default."""
+    return MovingDigitsSource(
+        split=split, num_frames=num_frames, image_size=image_size, seed=seed, digit_size=digit_size, motion_grid=motion_grid
+    )

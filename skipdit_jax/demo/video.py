@@ -137,8 +137,9 @@ def run_video_demo(
         SkipCache(n, s.shallow_blocks).check_model(family)
 
     # 1. The judge: the digit classifier, on frames of training clips; scored on held-out clips.
-    train_src = moving_digits_source(split="train", num_frames=d.num_frames, image_size=d.image_size, seed=config.seed)
-    held_src = moving_digits_source(split="heldout", num_frames=d.num_frames, image_size=d.image_size, seed=config.seed)
+    clips = dict(num_frames=d.num_frames, image_size=d.image_size, seed=config.seed, digit_size=d.digit_size or None, motion_grid=d.motion_grid)
+    train_src = moving_digits_source(split="train", **clips)
+    held_src = moving_digits_source(split="heldout", **clips)
     t0 = time.perf_counter()
     steps = config.demo.get("classifier_steps", classifier.DEFAULT_STEPS)
     clf = classifier.train_classifier(*clip_frames(train_src), steps=steps, seed=config.seed)
@@ -224,6 +225,9 @@ def run_video_demo(
         "frames": mc.num_frames,
         "image_size": mc.input_size,
         "digit_size": held_src.digit_size,
+        "motion_grid": held_src.motion_grid,
+        "joint_images": config.data.images_per_video,
+        "batch_size": config.train.global_batch_size,
         "model": {k: getattr(mc, k) for k in ("depth", "hidden_size", "num_heads", "patch_size", "long_skip", "learn_sigma")},
         "pairs": family.depth_units,
         "sampler": respacing,

@@ -67,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
             num_frames=16,
             frame_interval=3,
             images_per_video=0,
+            # moving_digits: the digit's side (0: the default for image_size) and the grid its
+            # start and speed snap to (1: any pixel; the patch size: patch-aligned motion).
+            digit_size=0,
+            motion_grid=1,
             # "center_crop": scale the short side to image_size, centre crop (UCFCenterCropVideo,
             # UCF-101 / FaceForensics); "center_crop_resize": centre square, then resize
             # (CenterCropResizeVideo, Sky / Taichi).
@@ -239,6 +243,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int, process_count:
     for name in ("num_frames", "frame_interval"):
         if dd[name] < 1:
             raise ConfigError(f"data.{name} must be >= 1, got {dd[name]}")
+    if dd.digit_size < 0 or dd.motion_grid < 1:
+        raise ConfigError(f"data.digit_size must be >= 0 (0: default) and data.motion_grid >= 1, got {dd.digit_size} and {dd.motion_grid}")
     if dd.images_per_video < 0:
         raise ConfigError(f"data.images_per_video must be >= 0, got {dd.images_per_video}")
     if dd.images_per_video and not is_video:

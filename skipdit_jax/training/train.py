@@ -78,7 +78,9 @@ def make_source(config: ml_collections.ConfigDict, split: str = "train", family=
     if d.name == "moving_digits":
         from skipdit_jax.data.moving_digits import moving_digits_source
 
-        return moving_digits_source(split=split, num_frames=d.num_frames, image_size=d.image_size)
+        return moving_digits_source(
+            split=split, num_frames=d.num_frames, image_size=d.image_size, digit_size=d.digit_size or None, motion_grid=d.motion_grid
+        )
     if d.name == "video_folder":
         return data_lib.VideoFolderSource(
             d.path, image_size=d.image_size, num_frames=d.num_frames, frame_interval=d.frame_interval,
