@@ -26,22 +26,28 @@ TINY = dict(
 B = 2
 
 
-def _reference(v11=False):
-    """A tiny diffusers HunyuanDiT2DModel with random non-zero weights, its numpy state dict,
-    and our converted config and parameters."""
+def tiny_diffusers(v11=False, *, text_len=5, text_len_t5=7, clip_dim=32, t5_dim=48, seed=0, weight_scale=0.15):
+    """A tiny diffusers HunyuanDiT2DModel (6 blocks, width 64, 8x8 latents) with random non-zero
+    weights (norm weights near 1); the reference every Hunyuan-DiT test file builds on."""
     from diffusers import HunyuanDiT2DModel
 
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     ref = HunyuanDiT2DModel(
         num_attention_heads=2, attention_head_dim=32, in_channels=4, patch_size=2, sample_size=8, hidden_size=64,
-        num_layers=6, mlp_ratio=2.5, cross_attention_dim=32, cross_attention_dim_t5=48, pooled_projection_dim=40,
-        text_len=5, text_len_t5=7, use_style_cond_and_image_meta_size=v11,
+        num_layers=6, mlp_ratio=2.5, cross_attention_dim=clip_dim, cross_attention_dim_t5=t5_dim, pooled_projection_dim=40,
+        text_len=text_len, text_len_t5=text_len_t5, use_style_cond_and_image_meta_size=v11,
     )
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every weight non-zero; norm weights near 1
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
         for name, p in ref.named_parameters():
             noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.15 * noise)
+            p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else weight_scale * noise)
+    return ref.eval()
+
+
+def _reference(v11=False):
+    """`tiny_diffusers`, its numpy state dict, and our converted config and parameters."""
+    ref = tiny_diffusers(v11)
     state = {k: v.detach().numpy().copy() for k, v in ref.state_dict().items()}
     config, params = hunyuan_from_torch(state, input_size=8)
     return ref.eval(), state, config, params

@@ -70,21 +70,11 @@ def test_skip_cache_schedule_at_ddpm100(n, full, cached, speedup):
 # ---- the tiny model ---------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def model():
-    from diffusers import HunyuanDiT2DModel
+    from test_hunyuan import tiny_diffusers
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # a tiny model: threads only contend (10x slower on a busy machine)
-    torch.manual_seed(0)
-    ref = HunyuanDiT2DModel(
-        num_attention_heads=2, attention_head_dim=32, in_channels=4, patch_size=2, sample_size=8, hidden_size=64,
-        num_layers=6, mlp_ratio=2.5, cross_attention_dim=32, cross_attention_dim_t5=48, pooled_projection_dim=40,
-        text_len=5, text_len_t5=7, use_style_cond_and_image_meta_size=False,
-    )
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # every weight non-zero; norm weights near 1
-        for name, p in ref.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.15 * noise)
+    ref = tiny_diffusers()
     config, params = hunyuan_from_torch({k: v.detach().numpy() for k, v in ref.state_dict().items()}, input_size=8)
     rng = np.random.default_rng(7)
     cond = {

@@ -29,31 +29,11 @@ HUNYUAN_DDPM = dict(
 
 
 def _tiny_diffusers(text_len=5, text_len_t5=7, clip_dim=32, t5_dim=48, seed=0):
-    from diffusers import HunyuanDiT2DModel
+    from test_hunyuan import tiny_diffusers
 
-    torch.manual_seed(seed)
-    ref = HunyuanDiT2DModel(
-        num_attention_heads=2,
-        attention_head_dim=32,
-        in_channels=4,
-        patch_size=2,
-        sample_size=8,
-        hidden_size=64,
-        num_layers=6,
-        mlp_ratio=2.5,
-        cross_attention_dim=clip_dim,
-        cross_attention_dim_t5=t5_dim,
-        pooled_projection_dim=40,
-        text_len=text_len,
-        text_len_t5=text_len_t5,
-        use_style_cond_and_image_meta_size=False,
+    return tiny_diffusers(
+        text_len=text_len, text_len_t5=text_len_t5, clip_dim=clip_dim, t5_dim=t5_dim, seed=seed, weight_scale=0.08
     )
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():  # every weight non-zero; norm weights near 1
-        for name, p in ref.named_parameters():
-            noise = torch.randn(p.shape, generator=g)
-            p.copy_(1.0 + 0.1 * noise if "norm" in name and name.endswith("weight") else 0.08 * noise)
-    return ref.eval()
 
 
 @pytest.fixture(scope="module", autouse=True)
