@@ -9,10 +9,25 @@ section is one command's output and nothing is copied by hand.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 
-def render(report: dict, source: str) -> str:
+def recipe(report_path: str) -> str:
+    """The training recipe from the run's own config (OUT/train/config.json beside OUT/report.json), or ""."""
+    path = os.path.join(os.path.dirname(os.path.abspath(report_path)), "train", "config.json")
+    if not os.path.exists(path):
+        return ""
+    with open(path) as f:
+        c = json.load(f)
+    o, t = c["optimizer"], c["train"]
+    return (
+        f"; {o['name']} lr {o['lr']:g}, {o['warmup_steps']} warm-up steps, {o['decay']} decay to {o['end_lr_factor']:g}x, "
+        f"EMA {t['ema_decay']:g}, at most {t['steps']:,} steps (from `{path}`)"
+    )
+
+
+def render(report: dict, source: str, training: str = "") -> str:
     s, t, full, data = report["settings"], report["train"], report["full"], report["data"]
     m = s["model"]
     lines = [
@@ -27,7 +42,7 @@ def render(report: dict, source: str) -> str:
         + f"; Latte, {s['pairs']} (spatial, temporal) pairs, width {m['hidden_size']}, "
         f"{m['num_heads']} heads, patch {m['patch_size']}, long skips {m['long_skip']}; {s['samples_per_class']} clips per "
         f"class with guided {s['sampler']} (scale {s['cfg_scale']}), Skip-Cache k = {s['shallow_pairs']} pair(s); "
-        f"device {s['device']}.",
+        f"device {s['device']}{training}.",
         "",
         "| | result | target |",
         "|---|---|---|",
@@ -54,4 +69,4 @@ if __name__ == "__main__":
     if len(sys.argv) != 2:
         sys.exit("usage: python experiments/demo_video_table.py REPORT.json")
     with open(sys.argv[1]) as f:
-        print(render(json.load(f), sys.argv[1]))
+        print(render(json.load(f), sys.argv[1], recipe(sys.argv[1])))

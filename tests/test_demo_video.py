@@ -150,12 +150,19 @@ def test_video_demo_end_to_end(tmp_path):
     assert f"| full sampling: class accuracy per frame | **{report['full']['class_accuracy']:.2f}**" in table
     assert table.count("| Skip-Cache N=") == len(CACHE_INTERVALS) and f"{report['train']['steps']:,} steps" in table
     assert "on a 4 px grid), batches of 8 clips + 2 joint images per clip" in table
+    # The training recipe comes from the run's own config, beside the report.
+    opt = json.loads((tmp_path / "train" / "config.json").read_text())["optimizer"]
+    assert report["settings"]["learning_rate"] == opt["lr"]
+    training = _table().recipe(str(tmp_path / "report.json"))
+    assert f"lr {opt['lr']:g}, {opt['warmup_steps']} warm-up steps, cosine decay" in training
+    assert training in _table().render(report, "r", training)
+    assert _table().recipe(str(tmp_path / "missing" / "report.json")) == ""
 
 
 def test_video_demo_bad_input_is_one_line(tmp_path, capsys):
     for flag, message in [
         ("--task=audio", "unknown demo task 'audio'; expected one of: image, video"),
-        ("--minutes=1", "--minutes 1.0 leaves no time to train; give at least 5"),  # checked before any work
+        ("--minutes=1", "--minutes 1.0 leaves no time to train; give at least 4"),  # checked before any work
     ]:
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["skipdit", "demo", "--task=video", flag, f"--out={tmp_path}"])

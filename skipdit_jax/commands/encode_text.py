@@ -73,6 +73,21 @@ def _read_prompts(fv: flags.FlagValues) -> list[str]:
     return prompts
 
 
+def _previous_output(fv: flags.FlagValues, load):
+    """Checks --out, --overwrite and --append; returns `load(out)` when appending to an
+    existing file, else None (OUT absent, or --overwrite)."""
+    if not fv.out.endswith((".safetensors", ".npz")):
+        raise UserError(f"--out must end in .safetensors or .npz, got {fv.out}")
+    if fv.overwrite and fv.append:
+        raise UserError("--overwrite and --append exclude each other")
+    out = paths.as_path(fv.out)
+    if not out.exists():
+        return None
+    if not (fv.overwrite or fv.append):
+        raise UserError(f"{out} already exists (pass --overwrite to replace it or --append to add prompts)")
+    return load(out) if fv.append else None
+
+
 def main(args: list[str], fv: flags.FlagValues) -> int:
     from skipdit_jax.encoders.t5 import load_t5
     from skipdit_jax.encoders.text import encode_prompts, load_text_embeddings, load_tokenizer, save_text_embeddings
@@ -84,22 +99,13 @@ def main(args: list[str], fv: flags.FlagValues) -> int:
     for name in ("t5", "tokenizer", "out"):
         if not getattr(fv, name):
             raise UserError(f"--{name} is required; usage: skipdit encode-text {USAGE}")
-    if not fv.out.endswith((".safetensors", ".npz")):
-        raise UserError(f"--out must end in .safetensors or .npz, got {fv.out}")
     if fv.max_length < 1 or fv.batch_size < 1:
         raise UserError("--max_length and --batch_size must be positive")
-    if fv.overwrite and fv.append:
-        raise UserError("--overwrite and --append exclude each other")
     requested = _read_prompts(fv)
+    old = _previous_output(fv, load_text_embeddings)
     out = paths.as_path(fv.out)
-    old = None
-    if out.exists():
-        if not (fv.overwrite or fv.append):
-            raise UserError(f"{out} already exists (pass --overwrite to replace it or --append to add prompts)")
-        if fv.append:
-            old = load_text_embeddings(out)
-            if old.text_emb.shape[1] != fv.max_length:
-                raise UserError(f"{out} holds {old.text_emb.shape[1]}-token embeddings, not --max_length {fv.max_length}")
+    if old is not None and old.text_emb.shape[1] != fv.max_length:
+        raise UserError(f"{out} holds {old.text_emb.shape[1]}-token embeddings, not --max_length {fv.max_length}")
     prompts = list(dict.fromkeys(requested + [fv.negative_prompt]))
     if old is not None:
         prompts = [p for p in prompts if p not in old]
@@ -148,23 +154,15 @@ def _main_hunyuan(fv: flags.FlagValues) -> int:
             raise UserError(f"--{name} is required; usage: skipdit encode-text {usage}")
     if fv.t5 or fv.tokenizer:
         raise UserError("--family hunyuan reads both encoders and tokenizers from --pipeline: drop --t5 / --tokenizer")
-    if not fv.out.endswith((".safetensors", ".npz")):
-        raise UserError(f"--out must end in .safetensors or .npz, got {fv.out}")
     if fv.batch_size < 1:
         raise UserError("--batch_size must be positive")
-    if fv.overwrite and fv.append:
-        raise UserError("--overwrite and --append exclude each other")
     negative = fv.negative_prompt or DEFAULT_NEGATIVE_PROMPT
     # Stored as the encoder saw them: prompts stripped (as the official sampler), the negative verbatim.
     prompts = list(dict.fromkeys([p.strip() for p in _read_prompts(fv)] + [negative]))
+    old = _previous_output(fv, load_hunyuan_embeddings)
     out = paths.as_path(fv.out)
-    old = None
-    if out.exists():
-        if not (fv.overwrite or fv.append):
-            raise UserError(f"{out} already exists (pass --overwrite to replace it or --append to add prompts)")
-        if fv.append:
-            old = load_hunyuan_embeddings(out)
-            prompts = [p for p in prompts if p not in set(old.prompts)]
+    if old is not None:
+        prompts = [p for p in prompts if p not in set(old.prompts)]
     start = time.perf_counter()
     encoders = load_hunyuan_text_encoders(fv.pipeline, dtype=fv.dtype)
     loaded = time.perf_counter() - start

@@ -228,6 +228,7 @@ def run_video_demo(
         "motion_grid": held_src.motion_grid,
         "joint_images": config.data.images_per_video,
         "batch_size": config.train.global_batch_size,
+        "learning_rate": config.optimizer.lr,
         "model": {k: getattr(mc, k) for k in ("depth", "hidden_size", "num_heads", "patch_size", "long_skip", "learn_sigma")},
         "pairs": family.depth_units,
         "sampler": respacing,
