@@ -162,7 +162,8 @@ def _main_hunyuan(fv: flags.FlagValues) -> int:
     old = _previous_output(fv, load_hunyuan_embeddings)
     out = paths.as_path(fv.out)
     if old is not None:
-        prompts = [p for p in prompts if p not in set(old.prompts)]
+        stored = set(old.prompts)
+        prompts = [p for p in prompts if p not in stored]
     start = time.perf_counter()
     encoders = load_hunyuan_text_encoders(fv.pipeline, dtype=fv.dtype)
     loaded = time.perf_counter() - start

@@ -19,7 +19,7 @@ demo's own code, width 128, 6 pairs, guided DDIM-25):
     patch-aligned motion of 16 px digits on 24 px frames: 0.158. Patch-aligned motion of
     12 px digits on 16 px frames, 4 frames + 8 joint images, batch 16: 0.300 after 1,500
     steps, 0.692 after 3,000: the data this config ships.
-  * The batch and the learning rate: five variants of that setting side by side, each with
+  * The batch and the learning rate: six runs of that setting side by side, each with
     the demo's time limit (three at a time on 2 cores, 39 minutes each: ~2,100 s of
     training, about the 700 s of an idle machine), guidance 6, 10 clips per class:
         batch 16 + 8 joint images, lr 1e-3     2,650 steps   0.733
